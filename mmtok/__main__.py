@@ -1,0 +1,5 @@
+import sys
+
+from mmtok.cli.main import main
+
+sys.exit(main())
