@@ -1,0 +1,43 @@
+"""mmtok's data layer: WebDataset shard writing and reading, decoding with an error policy, transforms,
+per-node/per-worker splitting, exactly resumable loaders, and the built-in sources.
+
+Public API (imported lazily, so ``import mmtok.data`` stays cheap)::
+
+    write_shards(samples, out_dir, prefix="shard", maxcount=1000, maxsize=256 << 20) -> list[str]
+    ShardDataset(pattern, *, transform=None, shuffle_buffer=0, seed=0, resampled=False, epoch_length=0,
+                 on_error="skip", rank=0, world_size=1)          # IterableDataset of decoded samples
+    build_loader(data_cfg, split, *, transform, collate, rank, world_size, seed) -> ShardLoader
+    DataConfig, DataError, ShardPatternError
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from mmtok.data.config import DataConfig
+
+_LAZY = {
+    "write_shards": "mmtok.data.writer",
+    "encode_image": "mmtok.data.writer",
+    "brace_pattern": "mmtok.data.writer",
+    "ShardDataset": "mmtok.data.reader",
+    "expand_pattern": "mmtok.data.reader",
+    "read_index": "mmtok.data.reader",
+    "DataError": "mmtok.data.decode",
+    "ShardPatternError": "mmtok.data.decode",
+    "decode_sample": "mmtok.data.decode",
+    "build_loader": "mmtok.data.loader",
+    "ShardLoader": "mmtok.data.loader",
+    "default_collate": "mmtok.data.loader",
+}
+
+__all__ = ["DataConfig", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mmtok.data' has no attribute {name!r}")
