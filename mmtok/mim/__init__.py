@@ -3,6 +3,7 @@
 Importing the package registers every MIM model in ``registries.MIM_MODELS``.
 """
 
+from mmtok.mim.mae import MAE, MAEConfig, MAEOutput
 from mmtok.mim.vit import ViTConfig, ViTEncoder, cls_attention
 
-__all__ = ["ViTConfig", "ViTEncoder", "cls_attention"]
+__all__ = ["MAE", "MAEConfig", "MAEOutput", "ViTConfig", "ViTEncoder", "cls_attention"]
