@@ -10,10 +10,11 @@ class OptimConfig:
     name: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
     weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # sgd uses betas[0] as momentum
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
-    schedule: str = "cosine"  # cosine | constant
+    schedule: str = "cosine"  # cosine | constant (both after the linear warm-up)
+    eps: float = 1e-8  # Adam epsilon
 
 
 @dataclass
@@ -29,6 +30,10 @@ class TrainConfig:
     ckpt_every: int = 0  # 0 = only at the end
     keep_last: int = 2  # checkpoints kept
     progress: bool = True  # tqdm on rank 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise-reproducible on CPU)
+    eval_batches: int = 0  # cap on validation batches per evaluation (0 = the whole val set)
+    tensorboard: bool = True  # write TensorBoard scalars beside metrics.jsonl
+    export: bool = True  # call task.export(output_dir/"export") at the end
 
 
 @dataclass

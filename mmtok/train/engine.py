@@ -1,0 +1,650 @@
+"""The training engine: one loop around a :class:`~mmtok.train.task.Task`, single process or distributed.
+
+``train(cfg)`` builds the task from its registry entry, reads WebDataset shards through
+:func:`mmtok.data.build_loader`, and runs ``train.steps`` optimizer steps of ``train.grad_accum``
+micro-batches each. It never looks inside a batch or a model: the task returns ``{"loss": ...}``
+and the engine minimises it, clips gradients, steps the warm-up + cosine schedule, logs, evaluates,
+checkpoints and finally calls ``task.export``.
+
+Back-ends (chosen from the config and the launcher's environment):
+
+* one process: plain PyTorch (``TorchBackend``);
+* ``torchrun`` with several processes: PyTorch DistributedDataParallel, gloo on CPU, NCCL on CUDA;
+* ``deepspeed`` launcher, or ``deepspeed.enabled=true``: a DeepSpeed engine with ZeRO stage 1/2/3
+  from ``deepspeed.config`` (``"auto"`` values resolved, the result written to ``ds_config.json``).
+
+Exact resume: a checkpoint holds the model, optimizer and scheduler states, every rank's RNG states
+and data-stream position, and the step/epoch counters. On CPU in fp32 with
+``train.deterministic=true``, a run killed and resumed ends bitwise equal to an uninterrupted one
+(tested); DeepSpeed runs match within floating-point tolerance.
+
+Where this differs from the usual trainers (HF Trainer, LLaVA's scripts): the schedule is ours on
+every back-end (a pure function of the step), evaluation runs with the RNG forked so that turning it
+on or off does not change training, and nothing in a checkpoint is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmtok.config import ConfigError, RunConfig, to_yaml
+from mmtok.hub import CheckpointError
+from mmtok.registry import RegistryError
+from mmtok.train import checkpoint as ckpt
+from mmtok.train import distributed as dist_utils
+from mmtok.train.distributed import DistInfo
+from mmtok.train.metrics import MetricsWriter
+from mmtok.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    check_optim_config,
+    load_scheduler_state,
+    scheduler_state,
+)
+
+logger = logging.getLogger(__name__)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device) with the same value on every rank."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor inside nested dicts/lists/tuples to ``device`` (other values untouched)."""
+    if torch.is_tensor(obj):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def batch_size_of(batch: Any, default: int) -> int:
+    """Leading dimension of the first tensor found in ``batch`` (for samples/s)."""
+    if torch.is_tensor(batch):
+        return int(batch.shape[0]) if batch.ndim else default
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for v in values:
+        if torch.is_tensor(v) and v.ndim:
+            return int(v.shape[0])
+    return default
+
+
+def create_task(cfg: RunConfig) -> Any:
+    """Build the task named in ``cfg.task`` through the task registry (unknown keys rejected)."""
+    from mmtok import registries
+
+    spec = dict(cfg.task)
+    name = spec.pop("name", None)
+    if not name:
+        raise ConfigError("the config has no task.name; set e.g. `task: {name: toy_classifier}`")
+    try:
+        return registries.get("task").create(name, **spec)
+    except RegistryError as e:
+        raise ConfigError(f"task block: {e}") from e
+
+
+def resolve_precision(precision: str, device: torch.device) -> bool:
+    """True if bf16 autocast is used: ``auto`` means bf16 on CUDA and fp32 elsewhere."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"train.precision must be auto, bf16 or fp32, not {precision!r}")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def environment_info(info: DistInfo, bf16: bool) -> dict[str, Any]:
+    """Versions, git state and hardware, written to ``env.json`` in the run folder."""
+
+    def version(pkg: str) -> str | None:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    src = Path(__file__).resolve().parents[2]
+    git: dict[str, Any] = {"sha": None, "dirty": None}
+    try:
+        sha = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if sha.returncode == 0:
+            git["sha"] = sha.stdout.strip()
+            status = subprocess.run(
+                ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            git["dirty"] = bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):  # no git binary or not a checkout: record nothing
+        pass
+    return {
+        "mmtok": version("mmtok"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "packages": {p: version(p) for p in ("torch", "deepspeed", "numpy", "webdataset", "timm", "transformers")},
+        "cuda": torch.version.cuda,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else [],
+        "git": git,
+        "argv": sys.argv,
+        "world_size": info.world_size,
+        "backend": "deepspeed" if info.deepspeed else "ddp" if info.ddp else "single",
+        "device": str(info.device),
+        "precision": "bf16" if bf16 else "fp32",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+# -- back-ends -------------------------------------------------------------------------------------
+class TorchBackend:
+    """Plain PyTorch: one process, or DistributedDataParallel under torchrun."""
+
+    name = "torch"
+
+    def __init__(self, task: torch.nn.Module, cfg: RunConfig, info: DistInfo, bf16: bool):
+        self.task = task
+        self.info = info
+        self.grad_accum = cfg.train.grad_accum
+        self.grad_clip = cfg.train.grad_clip
+        self.bf16 = bf16
+        self.optimizer = build_optimizer(task.param_groups(cfg.optim.weight_decay), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.model: torch.nn.Module = task
+        if info.ddp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [info.device.index] if info.device.type == "cuda" else None
+            self.model = DistributedDataParallel(task, device_ids=ids)
+
+    def micro_step(self, batch: Any, last: bool) -> dict[str, Any]:
+        """Forward + backward of one micro-batch; DDP syncs gradients only on the ``last`` one."""
+        sync = contextlib.nullcontext() if last or not self.info.ddp else self.model.no_sync()
+        with sync:
+            with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                out = self.model(batch)
+            loss = _loss_of(out)
+            # mean over the micro-batches of one step, like one big batch
+            (loss / self.grad_accum).backward()
+        return out
+
+    def optimizer_step(self) -> float:
+        """Clip, step, advance the schedule, clear gradients; returns the gradient norm before clipping."""
+        grads = [p for p in self.task.parameters() if p.grad is not None]
+        if self.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(grads, self.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in grads]) if grads else torch.zeros(())
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def save(self, root: Path, tmp: Path) -> dict[str, Any]:
+        """Write model + optimizer into ``tmp`` (rank 0; DDP replicas are identical)."""
+        if self.info.is_main:
+            ckpt.save_model_state(self.task, tmp)
+            ckpt.save_optimizer_state(self.optimizer, tmp)
+        return {"scheduler": scheduler_state(self.scheduler)}
+
+    def load(self, folder: Path, state: dict[str, Any]) -> None:
+        if state.get("backend") == "deepspeed":
+            raise CheckpointError(f"{folder} was written by a DeepSpeed run; resume it with DeepSpeed enabled")
+        ckpt.load_model_state(self.task, folder)
+        ckpt.load_optimizer_state(self.optimizer, folder)
+        load_scheduler_state(self.scheduler, state["scheduler"])
+
+    def gathered(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @property
+    def zero3(self) -> bool:
+        return False
+
+
+class DeepSpeedBackend:
+    """A DeepSpeed engine (ZeRO 0-3) around the task; DeepSpeed owns accumulation, clipping and stepping."""
+
+    name = "deepspeed"
+
+    def __init__(self, task: torch.nn.Module, cfg: RunConfig, info: DistInfo, bf16: bool, out_dir: Path):
+        import deepspeed
+
+        self.task = task
+        self.info = info
+        self.bf16 = bf16
+        raw = dist_utils.load_ds_json(cfg.deepspeed.config)
+        self.ds_config = dist_utils.resolve_ds_config(
+            raw,
+            micro_batch=cfg.data.batch_size,
+            grad_accum=cfg.train.grad_accum,
+            world_size=info.world_size,
+            grad_clip=cfg.train.grad_clip,
+            optim=cfg.optim,
+            total_steps=cfg.train.steps,
+            bf16=bf16,
+            hidden_size=dist_utils.model_width(task),
+            stage=cfg.deepspeed.stage,
+        )
+        if info.is_main:
+            from mmtok.hub import atomic_write_text
+
+            atomic_write_text(out_dir / "ds_config.json", json.dumps(self.ds_config, indent=2) + "\n")
+        groups = [g for g in task.param_groups(cfg.optim.weight_decay) if len(g["params"])]
+        # Optimizer/scheduler: from the JSON if it names them, else ours (the same as single process).
+        optimizer = None if "optimizer" in self.ds_config else build_optimizer(groups, cfg.optim)
+        steps, optim_cfg = cfg.train.steps, cfg.optim
+        scheduler = None if "scheduler" in self.ds_config else (lambda opt: build_scheduler(opt, optim_cfg, steps))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=task,
+            model_parameters=groups if optimizer is None else None,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.ds_config,
+            dist_init_required=False,
+        )
+        self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    def micro_step(self, batch: Any, last: bool) -> dict[str, Any]:
+        with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.engine(batch)
+        self.engine.backward(_loss_of(out))  # DeepSpeed divides by gradient_accumulation_steps itself
+        self.engine.step()  # only steps the optimizer on accumulation boundaries
+        return out
+
+    def optimizer_step(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def save(self, root: Path, tmp: Path) -> dict[str, Any]:
+        # Collective: every rank writes its ZeRO partition into the same temporary tag folder.
+        self.engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
+        return {}
+
+    def load(self, folder: Path, state: dict[str, Any]) -> None:
+        if state.get("backend") != "deepspeed":
+            raise CheckpointError(f"{folder} was written without DeepSpeed; resume it without DeepSpeed")
+        path, _ = self.engine.load_checkpoint(
+            str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint in {folder}")
+
+    def gathered(self) -> contextlib.AbstractContextManager:
+        """Full parameters on every rank (ZeRO-3 partitions them) for export."""
+        if self.stage < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.task.parameters()), modifier_rank=None)
+
+    @property
+    def zero3(self) -> bool:
+        return self.stage == 3
+
+
+def _loss_of(out: Any) -> torch.Tensor:
+    if not isinstance(out, dict) or "loss" not in out:
+        raise TypeError(f"a Task must return a dict with a 'loss' tensor, got {type(out).__name__}")
+    loss = out["loss"]
+    if not torch.is_tensor(loss) or loss.numel() != 1:
+        raise TypeError("task output 'loss' must be a scalar tensor")
+    return loss
+
+
+# -- data ------------------------------------------------------------------------------------------
+class _Stream:
+    """Endless iteration over a re-iterable loader, advancing its epoch at every pass."""
+
+    def __init__(self, loader: Iterable[Any], epoch: int = 0):
+        self.loader = loader
+        self.epoch = epoch
+        self._it: Iterator[Any] | None = None
+
+    def start(self) -> None:
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(self.epoch)
+        self._it = iter(self.loader)
+
+    def next(self) -> Any:
+        assert self._it is not None, "call start() first"
+        for _ in range(2):
+            try:
+                return next(self._it)
+            except StopIteration:
+                self.epoch += 1
+                if hasattr(self.loader, "set_epoch"):
+                    self.loader.set_epoch(self.epoch)
+                self._it = iter(self.loader)
+        raise ConfigError("the training data yields no batches; check data.train (pattern, batch_size, world size)")
+
+    def state_dict(self) -> Any:
+        return self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
+
+
+def _build_loader(cfg: RunConfig, split: str, task: Any, rank: int, world: int) -> Any:
+    from mmtok.data import build_loader
+
+    return build_loader(
+        cfg.data,
+        split,
+        transform=task.sample_transform(split),
+        collate=task.collate,
+        rank=rank,
+        world_size=world,
+        seed=cfg.train.seed,
+    )
+
+
+# -- the loop --------------------------------------------------------------------------------------
+def _check(cfg: RunConfig) -> None:
+    t = cfg.train
+    if t.steps < 1 or t.grad_accum < 1 or cfg.data.batch_size < 1:
+        raise ConfigError("train.steps, train.grad_accum and data.batch_size must be >= 1")
+    if t.grad_clip < 0:
+        raise ConfigError("train.grad_clip must be >= 0 (0 = off)")
+    if min(t.log_every, t.eval_every, t.ckpt_every, t.keep_last) < 0:
+        raise ConfigError("train.log_every/eval_every/ckpt_every/keep_last must be >= 0")
+    try:
+        check_optim_config(cfg.optim)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def train(
+    cfg: RunConfig,
+    resume: str = "auto",
+    *,
+    train_data: Iterable[Any] | None = None,
+    val_data: Iterable[Any] | None = None,
+) -> dict[str, Any] | None:
+    """Train ``cfg.task`` for ``cfg.train.steps`` optimizer steps.
+
+    Args:
+        cfg: The run config (see :mod:`mmtok.config`).
+        resume: ``"auto"`` (newest checkpoint in ``output_dir/checkpoints`` if any), ``"never"``, or a
+            checkpoint/run folder.
+        train_data: Programmatic use: any re-iterable of collated batches instead of ``data.train``
+            (exact resume needs ``state_dict()``/``load_state_dict()``; ``set_epoch(e)`` is called if present).
+        val_data: Likewise for ``data.val``.
+
+    Returns:
+        On rank 0: ``{"output_dir", "steps", "resumed_from", "train": last logged metrics,
+        "eval": last evaluation, "export": folder or None}``; None on other ranks.
+    """
+    _check(cfg)
+    if cfg.deepspeed.enabled and cfg.train.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    owns_group = not torch.distributed.is_initialized()
+    info = dist_utils.setup(cfg.train.device, cfg.deepspeed.enabled)
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    try:
+        if cfg.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        return _Run(cfg, info, train_data, val_data).run(resume)
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+        if owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class _Run:
+    """State of one training run (split from :func:`train` to keep each piece readable)."""
+
+    def __init__(self, cfg: RunConfig, info: DistInfo, train_data: Any, val_data: Any):
+        self.cfg, self.info = cfg, info
+        self.out = Path(cfg.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.bf16 = resolve_precision(cfg.train.precision, info.device)
+        seed_everything(cfg.train.seed)  # identical initial weights on every rank
+        if info.is_main:
+            from mmtok.hub import atomic_write_text
+
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.yaml", to_yaml(cfg))
+            atomic_write_text(self.out / "env.json", json.dumps(environment_info(info, self.bf16), indent=2) + "\n")
+        self.task = create_task(cfg).to(info.device)
+        self.task.train()
+        if train_data is None:
+            if not cfg.data.train:
+                raise ConfigError("data.train is empty: set it to a shard pattern, e.g. data/fashion-mnist/train-*.tar")
+            train_data = _build_loader(cfg, "train", self.task, info.rank, info.world_size)
+        self.stream = _Stream(train_data)
+        self._val_data = val_data
+        if info.deepspeed:
+            self.backend: TorchBackend | DeepSpeedBackend = DeepSpeedBackend(self.task, cfg, info, self.bf16, self.out)
+        else:
+            self.backend = TorchBackend(self.task, cfg, info, self.bf16)
+        self.step = 0
+        self.last_train: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
+
+    # -- resume ------------------------------------------------------------------------------
+    def _resume(self, resume: str) -> tuple[Path | None, dict[str, Any] | None]:
+        if self.info.is_main:
+            ckpt.clean_stale(self.ckpt_root)
+        found = ckpt.resolve_resume(resume, self.ckpt_root) if self.info.is_main else None
+        found = dist_utils.broadcast_object(str(found) if found else None)
+        if found is None:
+            return None, None
+        folder = Path(found)
+        state = ckpt.read_state(folder)
+        if state["world_size"] != self.info.world_size:
+            raise CheckpointError(
+                f"{folder} was written by {state['world_size']} processes, this run has {self.info.world_size}: "
+                "each rank's data position cannot be mapped. Resume with the same number of processes."
+            )
+        self.backend.load(folder, state)
+        self.step = int(state["step"])
+        self.stream.epoch = int(state["epoch"])
+        data_state = state["ranks"][self.info.rank]["data"]
+        if data_state is not None and hasattr(self.stream.loader, "load_state_dict"):
+            self.stream.loader.load_state_dict(data_state)
+        elif self.step:
+            logger.warning("the data loader has no saved position; the resumed run restarts its data stream")
+        logger.info("resumed from %s (step %d, epoch %d)", folder, self.step, self.stream.epoch)
+        return folder, state
+
+    def _save(self) -> None:
+        per_rank = dist_utils.all_gather_objects(
+            {"rng": ckpt.capture_rng_state(), "data": self.stream.state_dict(), "rank": self.info.rank}
+        )
+        tmp = self.ckpt_root / ckpt.tmp_dir_name(self.step)
+        if self.info.is_main:
+            ckpt.prepare_tmp(self.ckpt_root, self.step)
+        dist_utils.barrier()
+        extra = self.backend.save(self.ckpt_root, tmp)
+        if self.info.is_main:
+            state = {
+                "step": self.step,
+                "epoch": self.stream.epoch,
+                "world_size": self.info.world_size,
+                "backend": self.backend.name,
+                "ranks": per_rank,
+                "metrics": self.last_train,
+                **extra,
+            }
+            ckpt.write_state(tmp, state)
+        dist_utils.barrier()
+        if self.info.is_main:
+            final = ckpt.finalize(self.ckpt_root, self.step, self.cfg.train.keep_last)
+            logger.info("checkpoint %s", final)
+        dist_utils.barrier()
+
+    # -- evaluation --------------------------------------------------------------------------
+    def _val_loader(self) -> Any:
+        if self._val_data is not None:
+            return self._val_data
+        if not self.cfg.data.val:
+            return None
+        # ZeRO-3 gathers parameters inside every forward, so all ranks must run the same number of
+        # forwards: each reads the whole validation set. Otherwise each rank reads its own shard of it.
+        rank, world = (0, 1) if self.backend.zero3 else (self.info.rank, self.info.world_size)
+        self._val_data = _build_loader(self.cfg, "val", self.task, rank, world)
+        return self._val_data
+
+    def _evaluate(self, writer: MetricsWriter) -> dict[str, float]:
+        loader = self._val_loader()
+        if loader is None:
+            return {}
+        count = [0]
+        limit = self.cfg.train.eval_batches
+
+        def batches() -> Iterator[Any]:
+            for i, batch in enumerate(loader):
+                if limit and i >= limit:
+                    break
+                count[0] += 1
+                yield to_device(batch, self.info.device)
+
+        rng = ckpt.capture_rng_state()  # evaluation must not change the training trajectory
+        self.task.eval()
+        try:
+            with torch.no_grad(), torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                metrics = self.task.evaluate(batches())
+        finally:
+            self.task.train()
+            ckpt.restore_rng_state(rng)
+        # Weighted by batches read, gathered as objects: a rank that read no batch may return no keys.
+        gathered = dist_utils.all_gather_objects(({k: float(v) for k, v in metrics.items()}, count[0]))
+        total = sum(n for m, n in gathered if m) or 1
+        keys = sorted({k for m, _ in gathered for k in m})
+        metrics = {k: sum(m.get(k, 0.0) * n for m, n in gathered if m) / total for k in keys}
+        writer.log(self.step, metrics, prefix="eval")
+        logger.info("step %d eval %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        self.last_eval = metrics
+        return metrics
+
+    # -- main loop ---------------------------------------------------------------------------
+    def run(self, resume: str) -> dict[str, Any] | None:
+        cfg, info = self.cfg, self.info
+        folder, state = self._resume(resume)
+        writer = MetricsWriter(
+            self.out, enabled=info.is_main, tensorboard=cfg.train.tensorboard, resume_step=self.step if folder else None
+        )
+        # The iterator is created before the RNG is restored: creating it may draw from the global RNG
+        # (DataLoader base seeds), which the uninterrupted run did long ago.
+        self.stream.start()
+        if state is not None:
+            ckpt.restore_rng_state(state["ranks"][info.rank]["rng"])
+        total = cfg.train.steps
+        if info.is_main:
+            logger.info(
+                "training %s for %d steps on %s (%s, world size %d, %s)%s",
+                cfg.task.get("name"),
+                total,
+                info.device,
+                self.backend.name,
+                info.world_size,
+                "bf16" if self.bf16 else "fp32",
+                f", resumed at step {self.step}" if folder else "",
+            )
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=total,
+            initial=self.step,
+            disable=not (info.is_main and cfg.train.progress),
+            desc="train",
+            dynamic_ncols=True,
+        )
+        sums: dict[str, torch.Tensor] = {}
+        n_micro = samples = 0
+        busy = 0.0  # seconds spent in training steps since the last log line (not eval/checkpoints)
+        try:
+            while self.step < total:
+                t0 = time.perf_counter()
+                for micro in range(cfg.train.grad_accum):
+                    batch = to_device(self.stream.next(), info.device)
+                    samples += batch_size_of(batch, cfg.data.batch_size)
+                    out = self.backend.micro_step(batch, last=micro == cfg.train.grad_accum - 1)
+                    for k, v in out.items():
+                        if torch.is_tensor(v) and v.numel() == 1:
+                            sums[k] = sums.get(k, 0.0) + v.detach().float()
+                    n_micro += 1
+                grad_norm = self.backend.optimizer_step()
+                lr_used = _lr_of_step(self.backend, self.step, cfg)
+                self.step += 1
+                busy += time.perf_counter() - t0
+                bar.update(1)
+                last = self.step == total
+                if (cfg.train.log_every and self.step % cfg.train.log_every == 0) or last or self.step == 1:
+                    values = {k: float(v) / n_micro for k, v in sums.items()}
+                    values = dist_utils.all_reduce_mean(values)
+                    values |= {
+                        "lr": lr_used,
+                        "grad_norm": grad_norm,
+                        "samples_per_s": samples * info.world_size / max(busy, 1e-9),
+                        "epoch": self.stream.epoch,
+                    }
+                    writer.log(self.step, values)
+                    self.last_train = values
+                    bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4g}", lr=f"{lr_used:.2e}")
+                    sums, n_micro, samples, busy = {}, 0, 0, 0.0
+                if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last:
+                    self._evaluate(writer)
+                if (cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0) or last:
+                    self._save()
+            if folder is not None and self.step == total and not self.last_eval:
+                self._evaluate(writer)  # a finished run started again: report its evaluation
+        finally:
+            bar.close()
+            writer.close()
+        export = self._export()
+        if not info.is_main:
+            return None
+        return {
+            "output_dir": str(self.out),
+            "steps": self.step,
+            "resumed_from": str(folder) if folder else None,
+            "train": self.last_train,
+            "eval": self.last_eval,
+            "export": export,
+        }
+
+    def _export(self) -> str | None:
+        if not self.cfg.train.export:
+            return None
+        target = self.out / "export"
+        with self.backend.gathered():
+            if self.info.is_main:
+                self.task.export(target)
+        dist_utils.barrier()
+        return str(target) if target.exists() else None
+
+
+def _lr_of_step(backend: Any, step: int, cfg: RunConfig) -> float:
+    """The learning rate the step just taken used (the scheduler has already moved to the next one)."""
+    if isinstance(backend, TorchBackend) or "scheduler" not in getattr(backend, "ds_config", {}):
+        from mmtok.train.optim import lr_factor
+
+        return cfg.optim.lr * lr_factor(step, cfg.optim, cfg.train.steps)
+    return backend.lr()
