@@ -1,0 +1,79 @@
+"""Load a transformers ``llava`` checkpoint folder (e.g. a downloaded llava-hf model) as an mmtok MLLM.
+
+transformers itself reads the folder (every historical weight-name layout, sharded files, tied weights);
+we then move its parts into an :class:`~mmtok.mllm.modeling.MLLM`: the HF vision model becomes an ``hf_clip`` /
+``hf_siglip`` tower, ``multi_modal_projector`` the ``mlp2x_gelu`` projector (same parameter names), and the
+language model + ``lm_head`` a causal LM of the text config's family. Nothing is copied by name guessing, so a
+mismatch fails loudly in ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmtok import hub
+
+
+def load_hf_llava(path: str | Path, **overrides: Any):
+    """Build an mmtok MLLM from a local transformers LLaVA folder.
+
+    Args:
+        path: Folder with ``config.json`` (``model_type: llava``) and safetensors weights.
+        overrides: MLLMConfig fields to override (e.g. ``attn_implementation``).
+    """
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from mmtok.mllm.modeling import MLLM, MLLMConfig, _llm_dict
+    from mmtok.mllm.towers import CLIP_MEAN, CLIP_STD, _hf_dict
+
+    path = Path(path)
+    attn = overrides.get("attn_implementation", "sdpa")
+    hf = LlavaForConditionalGeneration.from_pretrained(
+        path, local_files_only=True, dtype=torch.float32, attn_implementation=attn
+    )
+    cfg = hf.config
+    layer = cfg.vision_feature_layer
+    if not isinstance(layer, int):
+        raise hub.CheckpointError(f"{path}: multi-layer vision features {layer} are not supported; use one layer")
+    vcfg = cfg.vision_config
+    siglip = vcfg.model_type.startswith("siglip")
+    mean, std = ([0.5] * 3, [0.5] * 3) if siglip else (list(CLIP_MEAN), list(CLIP_STD))
+    proc_cfg = path / "preprocessor_config.json"
+    if proc_cfg.is_file():  # the checkpoint's own normalisation wins
+        import json
+
+        pc = json.loads(proc_cfg.read_text())
+        mean, std = pc.get("image_mean", mean), pc.get("image_std", std)
+    text = cfg.text_config
+    spec = {
+        "tower": {
+            "name": "hf_siglip" if siglip else "hf_clip",
+            "model_type": vcfg.model_type,
+            "config": _hf_dict(vcfg),
+            "mean": list(mean),
+            "std": list(std),
+        },
+        "feature_layer": layer,
+        "feature_select": "patch" if cfg.vision_feature_select_strategy == "default" else "cls_patch",
+        "projector": "mlp2x_gelu",
+        "projector_act": cfg.projector_hidden_act,
+        "projector_bias": bool(getattr(cfg, "multimodal_projector_bias", True)),
+        "llm": {**_llm_dict(text), "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False))},
+        "image_token_id": int(cfg.image_token_id),
+        "attn_implementation": attn,
+    }
+    spec.update({k: v for k, v in overrides.items() if k != "tokenizer"})
+    model = MLLM(MLLMConfig(**spec))
+    model.hub_name = "llava"
+    model.tower.model.load_state_dict(hf.model.vision_tower.state_dict())
+    model.projector.load_state_dict(hf.model.multi_modal_projector.state_dict())
+    model.llm.model.load_state_dict(hf.model.language_model.state_dict())
+    model.llm.lm_head.load_state_dict(hf.lm_head.state_dict())
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file():
+        model.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model.config.tokenizer = str(path)
+    del hf
+    return model

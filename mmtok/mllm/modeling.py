@@ -1,0 +1,731 @@
+"""The MLLM: vision tower + feature-layer selection + projector + any HF causal LM (Llama / Qwen2 / Mistral).
+
+LLaVA-1.5 (Liu et al., "Improved Baselines with Visual Instruction Tuning", arXiv:2310.03744; reference code
+haotian-liu/LLaVA and transformers' ``LlavaForConditionalGeneration``): patch features of the penultimate
+vision layer ([CLS] dropped) go through a 2-layer GELU MLP into the LLM's embedding space and replace the
+``<image>`` placeholder tokens of the prompt.
+
+What we do differently:
+
+* The decoder layers run through mmtok's own generic loop (:mod:`mmtok.mllm.decoder`), never a fork of
+  ``LlamaModel.forward``, so visual tokens can be pruned before the LLM or between two LLM layers with the
+  same keep indices applied to hidden states, mask, position ids, labels and the KV cache.
+* ``from_pretrained(dir)`` reads mmtok folders and transformers ``llava`` checkpoint folders; with pruning off
+  the logits equal transformers' (tests/test_mllm_hf_conformance.py).
+* One ``<image>`` placeholder per prompt is expanded to the tower's ``N`` tokens here (HF processors expand
+  it beforehand; prompts with ``N`` placeholders are accepted as they are).
+* Extra heads/losses (e.g. text-as-mask segmentation) get the final normed hidden states and the image token
+  positions from :class:`MLLMOutput` and add their own terms.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmtok import hub
+from mmtok.mllm import decoder as dec
+from mmtok.mllm.pruning.base import PruneContext, Pruner
+from mmtok.registries import MLLMS, PROJECTORS, VISION_TOWERS
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------------------------------------------
+# projectors
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class ProjectorConfig:
+    in_dim: int = 32
+    out_dim: int = 64
+    act: str = "gelu"
+    bias: bool = True
+
+
+class MLPProjector(nn.Module):
+    """LLaVA-1.5's ``mlp2x_gelu``: Linear -> GELU -> Linear (names match transformers' projector)."""
+
+    def __init__(self, config: ProjectorConfig):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.config = config
+        self.linear_1 = nn.Linear(config.in_dim, config.out_dim, bias=config.bias)
+        self.act = ACT2FN[config.act]
+        self.linear_2 = nn.Linear(config.out_dim, config.out_dim, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class LinearProjector(nn.Module):
+    """LLaVA-1's single linear projection."""
+
+    def __init__(self, config: ProjectorConfig):
+        super().__init__()
+        self.config = config
+        self.linear_1 = nn.Linear(config.in_dim, config.out_dim, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_1(x)
+
+
+PROJECTORS.add("mlp2x_gelu", MLPProjector, config=ProjectorConfig, help="Linear-GELU-Linear (LLaVA-1.5)")
+PROJECTORS.add("linear", LinearProjector, config=ProjectorConfig, help="one Linear (LLaVA-1)")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# config and outputs
+# --------------------------------------------------------------------------------------------------------------
+def _tiny_clip() -> dict[str, Any]:
+    return {
+        "name": "hf_clip",
+        "config": {
+            "image_size": 32,
+            "patch_size": 4,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
+    }
+
+
+def _tiny_llama() -> dict[str, Any]:
+    return {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 128,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+    }
+
+
+@dataclass
+class MLLMConfig:
+    """Everything needed to rebuild an MLLM (saved in the folder's config.json)."""
+
+    tower: dict[str, Any] = field(default_factory=_tiny_clip)  # {"name": <vision tower>, ...its config}
+    feature_layer: int = -2  # index into the tower's hidden states (-2 = penultimate block output)
+    feature_select: str = "patch"  # "patch" (drop [CLS], LLaVA "default") | "cls_patch" (LLaVA "full")
+    projector: str = "mlp2x_gelu"  # linear | mlp2x_gelu
+    projector_act: str = "gelu"
+    projector_bias: bool = True
+    llm: dict[str, Any] = field(default_factory=_tiny_llama)  # transformers text config (with model_type)
+    llm_path: str = ""  # local HF folder of the LLM (weights loaded at build time)
+    llm_gguf_file: str = ""  # a GGUF file (inside llm_path, or an absolute path) to load the LLM from
+    image_token_id: int = -1  # -1: the tokenizer's "<image>" token
+    tokenizer: str = ""  # "" | "builtin:fashion" | a local tokenizer folder
+    attn_implementation: str = "sdpa"
+    freeze_tower: bool = True
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class MLLMOutput:
+    loss: torch.Tensor | None  # mean next-token cross-entropy over labelled tokens
+    logits: torch.Tensor  # [B, L', V] (L' = sequence length after pruning)
+    hidden_states: torch.Tensor  # [B, L', D] final-norm output (for extra heads)
+    key_valid: torch.Tensor  # [B, L'] real (non-pad) tokens
+    image_mask: torch.Tensor  # [B, L'] True at (kept) image tokens
+    keep_index: torch.Tensor | None  # [B, L'] positions kept from the unpruned sequence (None = no pruning)
+    labels: torch.Tensor | None = None  # [B, L'] labels after expansion/pruning
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor  # [B, T] new tokens (pad after EOS)
+    prefill_seconds: float
+    total_seconds: float
+    image_tokens_kept: int  # per sample
+    prefill_length: int  # sequence length reaching the last LLM layer
+
+
+@dataclass
+class PreparedInputs:
+    embeds: torch.Tensor  # [B, L, D]
+    key_valid: torch.Tensor  # [B, L] bool
+    position_ids: torch.Tensor  # [B, L]
+    image_mask: torch.Tensor  # [B, L] bool
+    image_positions: torch.Tensor | None  # [B, N]
+    labels: torch.Tensor | None
+    input_ids: torch.Tensor  # [B, L] after placeholder expansion
+    ctx: PruneContext | None = None  # pre_llm context (features, tower states)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------------------------------------------
+def build_llm(config: MLLMConfig) -> nn.Module:
+    """A transformers causal LM from a local folder / GGUF file or from the config dict (random init)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if config.llm_path or config.llm_gguf_file:
+        kwargs: dict[str, Any] = {"local_files_only": True, "attn_implementation": config.attn_implementation}
+        path = config.llm_path
+        if config.llm_gguf_file:
+            gguf = Path(config.llm_gguf_file)
+            if not path:
+                path, gguf = str(gguf.parent), Path(gguf.name)
+            kwargs["gguf_file"] = str(gguf)
+        if not Path(path).exists():
+            raise FileNotFoundError(f"LLM folder {path} does not exist; weights load from local paths only")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    else:
+        spec = dict(config.llm)
+        model_type = spec.pop("model_type", None)
+        if not model_type:
+            raise ValueError("MLLMConfig.llm needs a model_type (llama, qwen2, mistral, ...)")
+        hf_cfg = AutoConfig.for_model(model_type, **spec)
+        hf_cfg._attn_implementation = config.attn_implementation
+        model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=config.attn_implementation)
+    dec.decoder_parts(model)  # fail now, with a clear message, for unsupported families
+    return model
+
+
+class MLLM(nn.Module, hub.HubMixin):
+    """Vision tower + projector + causal LM, with pruning-aware prefill and cached generation."""
+
+    hub_kind = "mllm"
+
+    def __init__(self, config: MLLMConfig):
+        super().__init__()
+        from mmtok.mllm.towers import VisionTower
+
+        self.config = config
+        spec = dict(config.tower)
+        name = spec.pop("name", None)
+        if not name:
+            raise ValueError("MLLMConfig.tower needs a name, e.g. {'name': 'hf_clip', ...}")
+        self.tower: VisionTower = VISION_TOWERS.create(name, **spec)
+        self.llm = build_llm(config)
+        self.tokenizer = None
+        if config.tokenizer:
+            from mmtok.mllm.text import load_tokenizer
+
+            self.tokenizer = load_tokenizer(config.tokenizer)
+        if config.llm_path or config.llm_gguf_file:  # resolved: the saved folder holds the weights
+            config.llm = _llm_dict(self.llm.config)
+            config.llm_path = config.llm_gguf_file = ""
+        self.config.tower = {"name": name, **hub._to_jsonable(self.tower.config)}
+        if config.feature_select not in ("patch", "cls_patch"):
+            raise ValueError(f"feature_select must be 'patch' or 'cls_patch', not {config.feature_select!r}")
+        n_layers = self.tower.num_layers + 1
+        if not -n_layers <= config.feature_layer < n_layers:
+            raise ValueError(f"feature_layer {config.feature_layer} is outside the tower's {n_layers} hidden states")
+        self.projector = PROJECTORS.create(
+            config.projector,
+            in_dim=self.tower.hidden_size,
+            out_dim=self.llm.config.hidden_size,
+            act=config.projector_act,
+            bias=config.projector_bias,
+        )
+        if config.image_token_id < 0 and self.tokenizer is not None:
+            tok_id = self.tokenizer.convert_tokens_to_ids("<image>")
+            if tok_id is None or tok_id == self.tokenizer.unk_token_id:
+                self.tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+                tok_id = self.tokenizer.convert_tokens_to_ids("<image>")
+            config.image_token_id = int(tok_id)
+        if self.tokenizer is not None and len(self.tokenizer) > self.llm.get_input_embeddings().num_embeddings:
+            self.llm.resize_token_embeddings(len(self.tokenizer))
+            config.llm = _llm_dict(self.llm.config)
+        if config.freeze_tower:
+            self.tower.requires_grad_(False)
+
+    # -- geometry -------------------------------------------------------------------------------------------
+    @property
+    def feature_index(self) -> int:
+        return self.config.feature_layer % (self.tower.num_layers + 1)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.tower.num_patches + (
+            self.tower.num_prefix_tokens if self.config.feature_select == "cls_patch" else 0
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.llm.parameters()).device
+
+    # -- images ---------------------------------------------------------------------------------------------
+    def encode_images(
+        self, images: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Projected image features ``[B, N, D_llm]`` and the tower's hidden states.
+
+        Args:
+            images: ``[B, C, H, W]`` in [0, 1] (normalised and resized by the tower), or
+            pixel_values: already normalised tower input (as a transformers processor gives).
+        """
+        if pixel_values is None:
+            if images is None:
+                raise ValueError("pass images ([B, C, H, W] in [0, 1]) or pixel_values")
+            pixel_values = self.tower.preprocess(images.to(self.device))
+        hs = self.tower.hidden_states(pixel_values.to(self.device))
+        feats = hs[self.feature_index]
+        if self.config.feature_select == "patch":
+            feats = feats[:, self.tower.num_prefix_tokens :]
+        proj_dtype = self.projector.linear_1.weight.dtype
+        return self.projector(feats.to(proj_dtype)), hs
+
+    # -- inputs ---------------------------------------------------------------------------------------------
+    def prepare(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> PreparedInputs:
+        """Token ids (+ images) -> embeddings with image features in place of the placeholders."""
+        dev = self.device
+        input_ids = input_ids.to(dev)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev)
+        labels = labels.to(dev) if labels is not None else None
+        has_images = images is not None or pixel_values is not None
+        ctx = None
+        image_positions = None
+        embed = self.llm.get_input_embeddings()
+        if has_images:
+            if self.config.image_token_id < 0:
+                raise ValueError("the model has no image_token_id; set MLLMConfig.image_token_id or a tokenizer")
+            n = self.num_image_tokens
+            input_ids, attention_mask, labels = expand_image_tokens(
+                input_ids, attention_mask, labels, self.config.image_token_id, n, pad_id=self._pad_id()
+            )
+            image_mask = input_ids == self.config.image_token_id
+            feats, hs = self.encode_images(images, pixel_values)
+            if feats.shape[0] != input_ids.shape[0]:
+                raise ValueError(f"{feats.shape[0]} images for {input_ids.shape[0]} prompts; give one image per prompt")
+            image_positions = image_mask.nonzero()[:, 1].view(input_ids.shape[0], n)  # [B, N]
+            embeds = embed(input_ids.masked_fill(image_mask, 0))
+            embeds = embeds.scatter(1, image_positions[..., None].expand(-1, -1, embeds.shape[-1]), feats.to(embeds))
+            g = int(round(self.tower.num_patches**0.5))
+            ctx = PruneContext(
+                num_image_tokens=n,
+                image_features=feats,
+                grid=(g, g) if n == g * g else None,
+                tower=self.tower,
+                tower_hidden=hs,
+                feature_block=self.feature_index - 1,
+            )
+        else:
+            image_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+            if (input_ids == self.config.image_token_id).any():
+                raise ValueError("the prompt has <image> tokens but no images were given")
+            embeds = embed(input_ids)
+        key_valid = attention_mask.bool()
+        # left padding: real tokens get positions 0..n-1, as transformers' generate() does
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if labels is not None:
+            labels = labels.masked_fill(image_mask | ~key_valid, IGNORE_INDEX)
+        return PreparedInputs(embeds, key_valid, position_ids, image_mask, image_positions, labels, input_ids, ctx)
+
+    def _pad_id(self) -> int:
+        pad = getattr(self.llm.config, "pad_token_id", None)
+        if pad is None and self.tokenizer is not None:
+            pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None else 0
+
+    # -- the decoder run ------------------------------------------------------------------------------------
+    def _run(
+        self, prep: PreparedInputs, pruner: Pruner | None, use_cache: bool, fixed_keep: torch.Tensor | None = None
+    ):
+        """Run the LLM layers with optional pruning; returns (LayerRunOutput, image keep [B, K] or None)."""
+        image_keep: dict[str, torch.Tensor] = {}
+        if fixed_keep is not None:  # a keep set chosen earlier (no-cache recomputation in generate)
+            layer = pruner.layer if pruner is not None and pruner.stage == "in_llm" else 0
+            hook = lambda i, h, v, p, saved, cache: _extend_keep(fixed_keep, h.shape[1])  # noqa: E731
+            out = dec.run_layers(
+                self.llm,
+                prep.embeds,
+                prep.key_valid,
+                prep.position_ids,
+                use_cache=use_cache,
+                prune_layer=layer,
+                prune_hook=hook,
+                grad_checkpointing=self.config.grad_checkpointing,
+            )
+            return out, None
+        if pruner is None or prep.ctx is None:
+            out = dec.run_layers(
+                self.llm,
+                prep.embeds,
+                prep.key_valid,
+                prep.position_ids,
+                use_cache=use_cache,
+                grad_checkpointing=self.config.grad_checkpointing,
+            )
+            return out, None
+        n = prep.ctx.num_image_tokens
+        if pruner.stage == "pre_llm":
+            keep = _check_keep(pruner.select(prep.ctx), pruner.budget(n), n, pruner)
+            feats = prep.ctx.image_features
+            kept_feats = pruner.gather_features(feats, keep)
+            slots = prep.image_positions.gather(1, keep)  # sequence positions of the kept image tokens
+            embeds = prep.embeds.scatter(
+                1, slots[..., None].expand(-1, -1, feats.shape[-1]), kept_feats.to(prep.embeds)
+            )
+            seq_keep = sequence_keep(keep, prep.image_positions, prep.embeds.shape[1])
+            prep.embeds = embeds  # generate(use_cache=False) re-runs from these (pooled features in place)
+            hook = lambda i, h, v, p, saved, cache: seq_keep  # noqa: E731
+            out = dec.run_layers(
+                self.llm,
+                embeds,
+                prep.key_valid,
+                prep.position_ids,
+                use_cache=use_cache,
+                prune_layer=0,
+                prune_hook=hook,
+                grad_checkpointing=self.config.grad_checkpointing,
+            )
+            return out, keep
+        if pruner.stage != "in_llm":
+            raise ValueError(f"pruner stage must be 'pre_llm' or 'in_llm', not {pruner.stage!r}")
+        k_layer = pruner.layer
+        n_layers = self.llm.config.num_hidden_layers
+        if not 1 <= k_layer < n_layers:
+            raise ValueError(f"in_llm pruning layer must be in [1, {n_layers - 1}] for this LLM, got {k_layer}")
+
+        def hook(i, hidden, valid, pos, saved, cache):
+            ctx = PruneContext(
+                num_image_tokens=n,
+                grid=prep.ctx.grid,
+                llm=self.llm,
+                layer=i,
+                hidden=hidden,
+                image_positions=prep.image_positions,
+                key_valid=valid,
+                position_ids=pos,
+            )
+            prev_in = saved[i - 1]
+            ctx.lazy["prev_keys"] = lambda: _prev_keys(self.llm, cache, i - 1, prev_in, pos)
+            ctx.lazy["last_attention"] = lambda: dec.attention_rows(
+                self.llm,
+                i - 1,
+                dec.layer_query_rows(self.llm, i - 1, prev_in[:, -1:], pos[:, -1:]),
+                ctx.get("prev_keys"),
+                valid,
+            )[:, :, 0]
+            keep = _check_keep(pruner.select(ctx), pruner.budget(n), n, pruner)
+            image_keep["keep"] = keep
+            return sequence_keep(keep, prep.image_positions, hidden.shape[1])
+
+        out = dec.run_layers(
+            self.llm,
+            prep.embeds,
+            prep.key_valid,
+            prep.position_ids,
+            use_cache=use_cache,
+            prune_layer=k_layer,
+            prune_hook=hook,
+            keep_inputs_of=(k_layer - 1,),
+            grad_checkpointing=self.config.grad_checkpointing,
+        )
+        return out, image_keep.get("keep")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        images: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pruner: Pruner | None = None,
+        pixel_values: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> MLLMOutput:
+        """Full-sequence forward (training / scoring).
+
+        Args:
+            input_ids: ``[B, L]`` with one ``<image>`` placeholder (or ``N`` of them) per sample; left padded.
+            images: ``[B, C, H, W]`` in [0, 1] (or ``pixel_values``, already normalised).
+            attention_mask: ``[B, L]`` 1 = token, 0 = padding.
+            labels: ``[B, L]`` target ids (``-100`` = ignored); shifted inside.
+            pruner: Optional visual-token pruner (see :mod:`mmtok.mllm.pruning`).
+            logits_to_keep: Only compute logits for the last this many positions (0 = all).
+        """
+        prep = self.prepare(input_ids, attention_mask, images, pixel_values, labels)
+        out, _ = self._run(prep, pruner, use_cache=False)
+        hidden = out.hidden
+        idx = out.keep_index
+        image_mask = prep.image_mask if idx is None else prep.image_mask.gather(1, idx)
+        labels = prep.labels
+        if labels is not None and idx is not None:
+            labels = labels.gather(1, idx)
+        head = self.llm.get_output_embeddings()
+        logits = head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].float()
+            shift_labels = labels[:, 1:]
+            loss = F.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
+            )
+        return MLLMOutput(loss, logits, hidden, out.key_valid, image_mask, idx, labels)
+
+    # -- generation -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        images: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        pruner: Pruner | None = None,
+        max_new_tokens: int = 32,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+        pixel_values: torch.Tensor | None = None,
+        min_new_tokens: int = 0,
+    ) -> GenerateOutput:
+        """Greedy (or sampled) decoding with a KV cache, after optional pruning.
+
+        ``use_cache=False`` recomputes the whole (pruned) sequence every step with the keep set chosen at
+        prefill: the reference the cached path is tested against.
+        """
+        t0 = time.perf_counter()
+        prep = self.prepare(input_ids, attention_mask, images, pixel_values)
+        out, keep = self._run(prep, pruner, use_cache=use_cache)
+        head = self.llm.get_output_embeddings()
+        logits = head(out.hidden[:, -1]).float()
+        _sync(logits)
+        t_prefill = time.perf_counter() - t0
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        if eos_token_id is None and getattr(self.llm.config, "eos_token_id", None) is not None:
+            e = self.llm.config.eos_token_id
+            eos = set(e if isinstance(e, list) else [e])
+        pad = self._pad_id() if pad_token_id is None else pad_token_id
+        b = prep.embeds.shape[0]
+        done = torch.zeros(b, dtype=torch.bool, device=logits.device)
+        new_tokens: list[torch.Tensor] = []
+        embed = self.llm.get_input_embeddings()
+        seq_embeds, seq_valid, seq_pos = prep.embeds, prep.key_valid, prep.position_ids
+        fixed = out.keep_index
+        for step in range(max_new_tokens):
+            if step < min_new_tokens and eos:
+                logits[:, list(eos)] = float("-inf")
+            tok = _pick(logits, do_sample, temperature, generator)
+            tok = torch.where(done, torch.full_like(tok, pad), tok)
+            new_tokens.append(tok)
+            done = done | torch.isin(tok, torch.tensor(sorted(eos), device=tok.device, dtype=tok.dtype))
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            tok_emb = embed(tok[:, None])
+            if use_cache:
+                hidden = dec.decode_step(self.llm, tok_emb, out.state)
+                logits = head(hidden[:, -1]).float()
+            else:
+                next_pos = seq_pos.masked_fill(~seq_valid, -1).max(dim=1).values + 1
+                seq_embeds = torch.cat([seq_embeds, tok_emb], dim=1)
+                seq_valid = torch.cat([seq_valid, torch.ones(b, 1, dtype=torch.bool, device=tok.device)], dim=1)
+                seq_pos = torch.cat([seq_pos, next_pos[:, None]], dim=1)
+                step_prep = PreparedInputs(
+                    seq_embeds, seq_valid, seq_pos, prep.image_mask, prep.image_positions, None, prep.input_ids
+                )
+                step_out, _ = self._run(step_prep, pruner, use_cache=False, fixed_keep=fixed)
+                logits = head(step_out.hidden[:, -1]).float()
+        seqs = torch.stack(new_tokens, dim=1) if new_tokens else torch.zeros(b, 0, dtype=torch.long)
+        _sync(seqs)
+        kept = keep.shape[1] if keep is not None else (prep.ctx.num_image_tokens if prep.ctx is not None else 0)
+        return GenerateOutput(seqs, t_prefill, time.perf_counter() - t0, kept, out.hidden.shape[1])
+
+    # -- saving / loading -----------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, **kwargs: Any) -> Path:
+        """config.json + model.safetensors (+ the tokenizer's files, if any) in one atomic folder write."""
+        files: dict[str, str] = {}
+        if self.tokenizer is not None:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                self.tokenizer.save_pretrained(tmp)
+                for f in Path(tmp).iterdir():
+                    if f.is_file():
+                        files[f.name] = f.read_text()
+        cfg = self.config
+        if cfg.tokenizer and files:
+            cfg.tokenizer = "."  # the tokenizer now lives beside the weights
+        return hub.save_pretrained(
+            self,
+            path,
+            kind=self.hub_kind,
+            name=self.hub_name or "llava",
+            config=cfg,
+            extra_files={k: v for k, v in files.items() if k not in (hub.CONFIG_NAME,)},
+            **kwargs,
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **overrides: Any) -> MLLM:
+        """Load an mmtok MLLM folder or a transformers ``llava`` checkpoint folder (local)."""
+        import json
+
+        path = Path(path)
+        cfg_file = path / hub.CONFIG_NAME
+        if not cfg_file.is_file():
+            raise hub.CheckpointError(f"{path} has no config.json: pass an mmtok MLLM folder or an HF LLaVA folder")
+        meta = json.loads(cfg_file.read_text())
+        if "mmtok_format" in meta:
+            if meta.get("config", {}).get("tokenizer") == ".":
+                overrides.setdefault("tokenizer", str(path))
+            return hub.from_pretrained(path, kind=cls.hub_kind, **overrides)
+        if meta.get("model_type") == "llava":
+            from mmtok.mllm.hf_llava import load_hf_llava
+
+            return load_hf_llava(path, **overrides)
+        raise hub.CheckpointError(
+            f"{path}: config.json is neither an mmtok folder nor a transformers llava checkpoint "
+            f"(model_type={meta.get('model_type')!r})"
+        )
+
+
+def _llm_dict(cfg: Any) -> dict[str, Any]:
+    d = cfg.to_dict()
+    for key in (
+        "transformers_version",
+        "architectures",
+        "_name_or_path",
+        "torch_dtype",
+        "dtype",
+        "_attn_implementation",
+    ):
+        d.pop(key, None)
+    d["model_type"] = cfg.model_type
+    return d
+
+
+def _prev_keys(llm: nn.Module, cache: Any, layer: int, hidden_in: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Post-RoPE keys of ``layer``: read from the KV cache when there is one, else recomputed from its input."""
+    keys = getattr(cache.layers[layer], "keys", None) if cache is not None and len(cache.layers) > layer else None
+    return keys if keys is not None else dec.layer_keys(llm, layer, hidden_in, pos)
+
+
+def _check_keep(keep: torch.Tensor, k: int, n: int, pruner: Pruner) -> torch.Tensor:
+    """The interface invariant every pruner promises: [B, K] sorted, unique, in range."""
+    if keep.ndim != 2 or keep.shape[1] != k:
+        raise AssertionError(f"{pruner!r} returned keep indices of shape {tuple(keep.shape)}, expected [B, {k}]")
+    if keep.numel() and (keep.min() < 0 or keep.max() >= n or (keep[:, 1:] <= keep[:, :-1]).any()):
+        raise AssertionError(f"{pruner!r} returned unsorted, repeated or out-of-range indices")
+    return keep.long()
+
+
+def sequence_keep(image_keep: torch.Tensor, image_positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Sequence positions to keep ``[B, L - N + K]``: every non-image token plus the kept image tokens."""
+    b = image_keep.shape[0]
+    mask = torch.ones(b, seq_len, dtype=torch.bool, device=image_keep.device)
+    mask.scatter_(1, image_positions, False)
+    mask.scatter_(1, image_positions.gather(1, image_keep), True)
+    return mask.nonzero()[:, 1].view(b, -1)
+
+
+def _extend_keep(keep: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """A prefill keep set extended with the positions of tokens generated since (all kept)."""
+    start = int(keep.max()) + 1 if keep.numel() else 0
+    extra = torch.arange(start, seq_len, device=keep.device).expand(keep.shape[0], -1)
+    return torch.cat([keep, extra], dim=1)
+
+
+def expand_image_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor | None,
+    image_token_id: int,
+    n: int,
+    pad_id: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Expand one ``<image>`` placeholder per sample to ``n`` copies (left-padding again); ``n`` copies pass."""
+    counts = (input_ids == image_token_id).sum(1)
+    if bool((counts == n).all()):
+        return input_ids, attention_mask, labels
+    if not bool((counts == 1).all()):
+        raise ValueError(
+            f"image tokens and features differ: each prompt needs exactly one <image> placeholder (or {n}); "
+            f"got counts {counts.tolist()}"
+        )
+    rows, labs = [], []
+    for i in range(input_ids.shape[0]):
+        valid = attention_mask[i].bool()
+        ids = input_ids[i][valid]
+        at = int((ids == image_token_id).nonzero()[0])
+        rows.append(torch.cat([ids[:at], ids.new_full((n,), image_token_id), ids[at + 1 :]]))
+        if labels is not None:
+            lab = labels[i][valid]
+            labs.append(torch.cat([lab[:at], lab.new_full((n,), IGNORE_INDEX), lab[at + 1 :]]))
+    length = max(len(r) for r in rows)
+    out = input_ids.new_full((len(rows), length), pad_id)
+    att = attention_mask.new_zeros((len(rows), length))
+    lab_out = labels.new_full((len(rows), length), IGNORE_INDEX) if labels is not None else None
+    for i, r in enumerate(rows):
+        out[i, length - len(r) :] = r
+        att[i, length - len(r) :] = 1
+        if lab_out is not None:
+            lab_out[i, length - len(r) :] = labs[i]
+    return out, att, lab_out
+
+
+def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / max(temperature, 1e-5), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _sync(t: torch.Tensor) -> None:
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# registered models
+# --------------------------------------------------------------------------------------------------------------
+MLLMS.add("llava", MLLM, config=MLLMConfig, help="LLaVA-style MLLM from a config (tiny CLIP + tiny Llama default)")
+MLLMS.add(
+    "llava_tiny_qwen2",
+    MLLM,
+    config=MLLMConfig,
+    defaults={"llm": {**_tiny_llama(), "model_type": "qwen2"}},
+    help="tiny CLIP + tiny Qwen2 (tests)",
+)
+MLLMS.add(
+    "llava_fashion_small",
+    MLLM,
+    config=MLLMConfig,
+    defaults={
+        # 96x96 canvases with patch 4 -> 24x24 = 576 image tokens, LLaVA-1.5's count
+        "tower": {
+            "name": "timm_vit",
+            "model_name": "vit_tiny_patch16_224",
+            "kwargs": {"img_size": 96, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3},
+        },
+        "llm": {
+            "model_type": "llama",
+            "hidden_size": 128,
+            "intermediate_size": 352,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 160,
+            "max_position_embeddings": 1024,
+            "tie_word_embeddings": True,
+        },
+        "tokenizer": "builtin:fashion",
+        "freeze_tower": False,
+    },
+    help="fashion-vqa model: timm ViT (96 px, patch 4, 576 tokens) + 4-layer Llama, word tokenizer",
+)

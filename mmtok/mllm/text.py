@@ -1,0 +1,136 @@
+"""Tokenizers and chat prompts for the MLLM.
+
+* ``builtin:fashion``: a word-level tokenizer (HF ``tokenizers`` WordLevel) over the closed vocabulary of the
+  fashion-vqa questions and answers, with a LLaVA-1.5-style chat template ("USER: <image> q ASSISTANT: a </s>").
+  Tiny MLLMs trained from scratch on CPU use it: every word is one token, so answers are short.
+* a local tokenizer folder (``tokenizer.json`` ...), or a ``.gguf`` file (SmolLM2's tokenizer comes inside it).
+
+Prompts go through the tokenizer's chat template when it has one; otherwise the LLaVA-1.5 format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}user : {{ m['content'] }} "
+    "{% else %}assistant : {{ m['content'] }} </s> {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
+LLAVA_FORMAT = "USER: {content} ASSISTANT:"
+
+
+def fashion_words() -> list[str]:
+    """The closed vocabulary of fashion-vqa (question/answer words, class names, colours, positions)."""
+    from mmtok.data.sources.fashion_mnist import CLASS_NAMES
+    from mmtok.data.sources.scenes import PALETTE
+
+    words = (
+        "user assistant : ? . , - how many items are is there in on at of the a an image picture which what item "
+        "furthest to left right top bottom center colour color yes no zero one two three four five six seven eight "
+        "nine ten answer with word and or describe"
+    ).split()
+    for name in CLASS_NAMES:
+        words += name.replace("-", " - ").split()
+    words += list(PALETTE)
+    words += [str(i) for i in range(10)]
+    seen: dict[str, None] = {}
+    for w in words:
+        seen.setdefault(w.lower(), None)
+    return list(seen)
+
+
+def build_fashion_tokenizer():
+    """Word-level ``PreTrainedTokenizerFast`` over :func:`fashion_words` (lower-cased, punctuation split)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + fashion_words())}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=["<image>"],
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    tok.padding_side = "left"
+    return tok
+
+
+def load_tokenizer(spec: str):
+    """``builtin:fashion`` | a tokenizer folder | a ``.gguf`` file -> a transformers tokenizer (left padding)."""
+    from transformers import AutoTokenizer
+
+    if spec == "builtin:fashion":
+        return build_fashion_tokenizer()
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    elif path.is_dir():
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    else:
+        raise FileNotFoundError(f"tokenizer {spec!r}: use 'builtin:fashion', a local folder or a .gguf file")
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def chat_prompt(tokenizer: Any, question: str, answer: str | None = None, image: bool = True) -> str:
+    """The prompt text for one turn: ``<image>`` then the question, plus the answer (training) if given."""
+    content = f"<image>\n{question}" if image else question
+    messages = [{"role": "user", "content": content}]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        text = LLAVA_FORMAT.format(content=content)
+    if answer is not None:
+        eos = tokenizer.eos_token or ""
+        text = f"{text} {answer} {eos}".rstrip()
+    return text
+
+
+def encode_prompts(
+    tokenizer: Any, prompts: list[str], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``input_ids, attention_mask [B, L]`` for a batch of prompt strings."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def encode_training_pair(tokenizer: Any, question: str, answer: str) -> tuple[list[int], list[int]]:
+    """Token ids of prompt+answer and labels with the prompt masked (-100): only the answer (+EOS) is learnt."""
+    prompt = chat_prompt(tokenizer, question)
+    full = chat_prompt(tokenizer, question, answer)
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    if ids[: len(p_ids)] != p_ids:  # a tokenizer that merges across the boundary: fall back to concatenation
+        a_ids = tokenizer(f" {answer} {tokenizer.eos_token or ''}".rstrip(), add_special_tokens=False)["input_ids"]
+        ids = p_ids + a_ids
+    labels = [-100] * len(p_ids) + ids[len(p_ids) :]
+    return ids, labels
+
+
+def decode_answers(tokenizer: Any, sequences: torch.Tensor) -> list[str]:
+    """Generated ids ``[B, T]`` -> answer strings (cut at EOS, special tokens dropped, whitespace normalised)."""
+    out = []
+    eos = tokenizer.eos_token_id
+    for row in sequences.tolist():
+        if eos is not None and eos in row:
+            row = row[: row.index(eos)]
+        text = tokenizer.decode(row, skip_special_tokens=True)
+        out.append(" ".join(text.replace(" - ", "-").split()))
+    return out

@@ -1,0 +1,383 @@
+"""Vision towers of the MLLM: one small interface over mmtok's ViT, timm ViTs, open_clip and HF CLIP/SigLIP.
+
+LLaVA (Liu et al., "Improved Baselines with Visual Instruction Tuning", arXiv:2310.03744; reference code
+haotian-liu/LLaVA and transformers' ``llava``) feeds the LLM with the patch features of one encoder layer
+(the penultimate CLIP layer, [CLS] dropped). Every tower here exposes:
+
+* ``hidden_states(pixel_values) -> list[Tensor]`` with index 0 = embeddings and ``i`` = output of block ``i``
+  (the ``output_hidden_states`` convention of transformers), each ``[B, P + N, D]`` with ``P`` prefix tokens
+  ([CLS]) first;
+* ``layer_qk(block, hidden_in) -> (q, k)``: the block's queries (already multiplied by the softmax scale) and
+  keys ``[B, H, T, dh]`` recomputed from the block's input. Pruners use it to get one attention row per head
+  (FasterVLM's [CLS] row) without turning off SDPA in the tower: the tower itself always runs fused attention.
+
+Weights come from local paths only (``path``/``checkpoint``); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from mmtok.registries import VISION_TOWERS
+
+logger = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class TowerError(ValueError):
+    """A vision tower that cannot be built from its config."""
+
+
+def load_local_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from a local ``.safetensors`` file (or a ``torch.save`` file, without unpickling code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TowerError(f"checkpoint {path} does not exist; weights load from local files only")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):  # common wrappers of training checkpoints
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return state
+
+
+class VisionTower(nn.Module):
+    """Base class: normalisation + hidden states + per-block q/k for attention rows.
+
+    Subclasses set ``num_layers``, ``hidden_size``, ``num_prefix_tokens``, ``image_size``, ``patch_size`` and
+    implement :meth:`hidden_states` and :meth:`layer_qk`.
+    """
+
+    num_layers: int
+    hidden_size: int
+    num_prefix_tokens: int
+    image_size: int
+    patch_size: int
+
+    def _set_norm(self, mean: list[float] | tuple[float, ...], std: list[float] | tuple[float, ...]) -> None:
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` in [0, 1] -> normalised pixels at the tower's resolution."""
+        if images.ndim != 4:
+            raise ValueError(f"images must be [B, C, H, W] in [0, 1], got shape {tuple(images.shape)}")
+        if images.shape[1] == 1:  # grayscale sources (Fashion-MNIST) go to every channel
+            images = images.expand(-1, 3, -1, -1)
+        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+        return (images - self.pixel_mean.to(images)) / self.pixel_std.to(images)
+
+    def hidden_states(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def layer_qk(self, block: int, hidden_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+
+def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return rearrange(x, "b t (h d) -> b h t d", h=num_heads)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# transformers CLIP / SigLIP
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class HFVisionTowerConfig:
+    """A transformers vision model (``clip_vision_model`` or ``siglip_vision_model``)."""
+
+    path: str = ""  # local folder with config.json + weights ("" = random init from `config`)
+    model_type: str = "clip_vision_model"  # clip_vision_model | siglip_vision_model
+    config: dict[str, Any] = field(default_factory=dict)  # fields of the HF vision config
+    mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
+    std: list[float] = field(default_factory=lambda: list(CLIP_STD))
+
+
+class HFVisionTower(VisionTower):
+    """``CLIPVisionModel`` / ``SiglipVisionModel`` from transformers (SDPA attention)."""
+
+    def __init__(self, config: HFVisionTowerConfig, model: nn.Module | None = None):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        self.config = config
+        if model is None:
+            if config.path:
+                model = AutoModel.from_pretrained(config.path, local_files_only=True)
+            else:
+                hf_cfg = AutoConfig.for_model(config.model_type, **config.config)
+                model = AutoModel.from_config(hf_cfg)
+        self.model = model
+        cfg = model.config
+        # resolved config, so a saved MLLM rebuilds the tower without the original folder
+        self.config.model_type, self.config.config, self.config.path = cfg.model_type, _hf_dict(cfg), ""
+        self.num_layers = cfg.num_hidden_layers
+        self.hidden_size = cfg.hidden_size
+        self.image_size, self.patch_size = cfg.image_size, cfg.patch_size
+        self.num_prefix_tokens = 1 if cfg.model_type.startswith("clip") else 0
+        self._set_norm(config.mean, config.std)
+
+    def hidden_states(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        out = self.model(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
+        return list(out.hidden_states)
+
+    def layer_qk(self, block: int, hidden_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.model.vision_model.encoder.layers[block]
+        attn = layer.self_attn
+        x = layer.layer_norm1(hidden_in)
+        q = _heads(attn.q_proj(x), attn.num_heads) * attn.scale
+        k = _heads(attn.k_proj(x), attn.num_heads)
+        return q, k
+
+
+def _hf_dict(cfg: Any) -> dict[str, Any]:
+    """A transformers config as a JSON-able dict without the bookkeeping keys."""
+    d = cfg.to_dict()
+    for key in ("model_type", "transformers_version", "architectures", "_name_or_path", "torch_dtype", "dtype"):
+        d.pop(key, None)
+    return d
+
+
+@VISION_TOWERS.register("hf_clip", config=HFVisionTowerConfig, help="transformers CLIPVisionModel (local path)")
+def _hf_clip(config: HFVisionTowerConfig) -> HFVisionTower:
+    return HFVisionTower(config)
+
+
+@VISION_TOWERS.register(
+    "hf_siglip",
+    config=HFVisionTowerConfig,
+    defaults={"model_type": "siglip_vision_model", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+    help="transformers SiglipVisionModel (no [CLS]; local path)",
+)
+def _hf_siglip(config: HFVisionTowerConfig) -> HFVisionTower:
+    return HFVisionTower(config)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# timm ViT (and mmtok's own ViT, built from timm Blocks)
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class TimmViTConfig:
+    """A timm VisionTransformer by name, random init or weights from a local file."""
+
+    model_name: str = "vit_tiny_patch16_224"
+    kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. img_size, patch_size, embed_dim, depth, num_heads
+    checkpoint: str = ""  # local .safetensors / .pth state dict ("" = random init)
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+
+def _block_qk(blk: nn.Module, hidden_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (scaled) and k of a timm ``Block`` from its input ``[B, T, D]`` -> ``[B, H, T, dh]`` each."""
+    attn = blk.attn
+    qkv = attn.qkv(blk.norm1(hidden_in))
+    q, k, _ = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=attn.num_heads)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    return q * attn.scale, k
+
+
+class TimmViTTower(VisionTower):
+    """A ``timm.models.vision_transformer.VisionTransformer`` (blocks keep ``fused_attn``)."""
+
+    def __init__(self, config: TimmViTConfig):
+        super().__init__()
+        import timm
+
+        self.config = config
+        try:
+            model = timm.create_model(config.model_name, pretrained=False, num_classes=0, **config.kwargs)
+        except RuntimeError as e:
+            raise TowerError(f"timm cannot build {config.model_name!r}: {e}") from e
+        if not hasattr(model, "blocks") or not hasattr(model, "_pos_embed"):
+            raise TowerError(f"{config.model_name!r} is not a timm VisionTransformer; pick a vit_* model")
+        if config.checkpoint:
+            state = load_local_state_dict(config.checkpoint)
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            bad = [k for k in missing if not k.startswith("head")]
+            if bad:
+                raise TowerError(f"{config.checkpoint} lacks {bad[:5]} for {config.model_name}")
+            logger.info("loaded %s (ignored %d unexpected keys)", config.checkpoint, len(unexpected))
+        self.model = model
+        self.num_layers = len(model.blocks)
+        self.hidden_size = model.embed_dim
+        self.num_prefix_tokens = model.num_prefix_tokens
+        self.patch_size = model.patch_embed.patch_size[0]
+        self.image_size = model.patch_embed.img_size[0]
+        self._set_norm(config.mean, config.std)
+
+    def hidden_states(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        m = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(pixel_values))))
+        out = [x]
+        for blk in m.blocks:
+            x = blk(x)
+            out.append(x)
+        return out
+
+    def layer_qk(self, block: int, hidden_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _block_qk(self.model.blocks[block], hidden_in)
+
+
+VISION_TOWERS.add("timm_vit", TimmViTTower, config=TimmViTConfig, help="timm ViT by name (local weights)")
+
+
+@dataclass
+class MmtokViTConfig:
+    """mmtok's own ViT encoder (from MAE), loaded from a hub folder written by ``mmtok train`` (kind "mim model")."""
+
+    path: str = ""
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    # filled on first build so a saved MLLM rebuilds the encoder without the original folder
+    mim_name: str = ""
+    mim_config: dict[str, Any] = field(default_factory=dict)
+
+
+class MmtokViTTower(VisionTower):
+    """Wraps the MIM area's encoder (timm ``Block`` s, ``forward_features(x, output_hidden_states=True)``)."""
+
+    def __init__(self, config: MmtokViTConfig):
+        super().__init__()
+        from mmtok import hub, registries
+
+        self.config = config
+        if config.mim_name:  # rebuilt from a saved MLLM: its weights come with the MLLM's state dict
+            model = registries.get("mim model").create(config.mim_name, **config.mim_config)
+        elif config.path:
+            model = hub.from_pretrained(config.path, kind="mim model")
+            meta = hub.read_config(config.path)
+            config.mim_name, config.mim_config = meta["name"], meta["config"]
+        else:
+            raise TowerError("mmtok_vit needs `path`: a folder saved by an mmtok MIM training run (export/)")
+        encoder = getattr(model, "encoder", model)
+        for attr in ("patch_embed", "blocks", "forward_features", "embed_dim", "patch_size", "img_size"):
+            if not hasattr(encoder, attr):
+                raise TowerError(f"{config.path or config.mim_name} has no ViT encoder attribute {attr!r}")
+        self.model = encoder
+        self.num_layers = len(encoder.blocks)
+        self.hidden_size = encoder.embed_dim
+        self.num_prefix_tokens = 1 if getattr(encoder, "cls_token", None) is not None else 0
+        self.patch_size = _first(encoder.patch_size)
+        self.image_size = _first(encoder.img_size)
+        self._set_norm(config.mean, config.std)
+
+    def hidden_states(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.model.forward_features(pixel_values, output_hidden_states=True))
+
+    def layer_qk(self, block: int, hidden_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _block_qk(self.model.blocks[block], hidden_in)
+
+
+def _first(v: Any) -> int:
+    return int(v[0]) if isinstance(v, (tuple, list)) else int(v)
+
+
+VISION_TOWERS.add("mmtok_vit", MmtokViTTower, config=MmtokViTConfig, help="mmtok's MAE ViT encoder (hub folder)")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# open_clip
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class OpenClipConfig:
+    """An open_clip vision transformer: by model name, or by a ``vision_cfg`` dict (tiny test towers)."""
+
+    model_name: str = "ViT-B-32"
+    vision_cfg: dict[str, Any] = field(default_factory=dict)  # if set, build only the visual tower from it
+    embed_dim: int = 512  # output projection width of the CLIP model (unused by the MLLM, needed to build)
+    checkpoint: str = ""  # local state dict of the CLIP model or of its `visual` part
+    mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
+    std: list[float] = field(default_factory=lambda: list(CLIP_STD))
+
+
+class OpenClipTower(VisionTower):
+    """``open_clip.transformer.VisionTransformer`` run block by block (its attention stays fused)."""
+
+    def __init__(self, config: OpenClipConfig):
+        super().__init__()
+        import open_clip
+        from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+        self.config = config
+        if config.vision_cfg:
+            visual = _build_vision_tower(config.embed_dim, CLIPVisionCfg(**config.vision_cfg))
+        else:
+            visual = open_clip.create_model(config.model_name, pretrained=None).visual
+        if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
+            raise TowerError(f"open_clip model {config.model_name!r} has no ViT visual tower")
+        if config.checkpoint:
+            state = load_local_state_dict(config.checkpoint)
+            if any(k.startswith("visual.") for k in state):
+                state = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
+            visual.load_state_dict(state, strict=True)
+        self.model = visual
+        blocks = visual.transformer.resblocks
+        self.num_layers = len(blocks)
+        self.hidden_size = visual.transformer.width
+        self.num_prefix_tokens = 1
+        self.image_size = _first(visual.image_size)
+        self.patch_size = _first(visual.patch_size)
+        self._set_norm(config.mean, config.std)
+
+    def hidden_states(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        v = self.model
+        x = v._embeds(pixel_values)  # [B, 1 + N, D]
+        out = [x]
+        batch_first = getattr(v.transformer, "batch_first", True)
+        for blk in v.transformer.resblocks:
+            x = blk(x) if batch_first else blk(x.transpose(0, 1)).transpose(0, 1)
+            out.append(x)
+        return out
+
+    def layer_qk(self, block: int, hidden_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        blk = self.model.transformer.resblocks[block]
+        mha = blk.attn
+        x = blk.ln_1(hidden_in)
+        d = x.shape[-1]
+        w, b = mha.in_proj_weight, mha.in_proj_bias
+        q = F.linear(x, w[:d], b[:d] if b is not None else None)
+        k = F.linear(x, w[d : 2 * d], b[d : 2 * d] if b is not None else None)
+        h = mha.num_heads
+        return _heads(q, h) * (d // h) ** -0.5, _heads(k, h)
+
+
+VISION_TOWERS.add("open_clip", OpenClipTower, config=OpenClipConfig, help="open_clip ViT by name (local weights)")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# attention rows from q/k (used by the [CLS]-attention pruners)
+# --------------------------------------------------------------------------------------------------------------
+def cls_attention_row(tower: VisionTower, hidden_states: list[torch.Tensor], block: int) -> torch.Tensor:
+    """Head-mean attention of the [CLS] query to every patch in ``block``: ``[B, N]`` (not renormalised).
+
+    Only the [CLS] row is computed (one query per head: ``O(T d)``), from the block's input
+    ``hidden_states[block]``. For towers without a [CLS] token, returns the mean attention each patch
+    *receives* from all patches (column mean of the full attention map, computed in query chunks).
+    """
+    q, k = tower.layer_qk(block, hidden_states[block])  # [B, H, T, dh]
+    p = tower.num_prefix_tokens
+    if p > 0:
+        probs = torch.softmax(q[:, :, :1].float() @ k.float().transpose(-1, -2), dim=-1)  # [B, H, 1, T]
+        return probs[:, :, 0, p:].mean(dim=1)  # [B, N]
+    received = torch.zeros(k.shape[0], k.shape[2], device=k.device, dtype=torch.float32)
+    for s in range(0, q.shape[2], 256):  # chunks keep the memory at O(256 T) per head
+        probs = torch.softmax(q[:, :, s : s + 256].float() @ k.float().transpose(-1, -2), dim=-1)
+        received += probs.sum(dim=2).mean(dim=1)  # sum over queries, mean over heads -> [B, T]
+    return received / q.shape[2]
