@@ -22,3 +22,5 @@ class DataConfig:
     epoch_length: int = 0  # samples per epoch and process in resampled mode (0 = one pass)
     on_error: str = "skip"  # "skip" (drop, count and log the key) or "raise"
     image_size: int = 0  # resize images to this square size (0 = keep)
+    image_mode: str = "keep"  # "keep" (grey stays 1 channel), "RGB" or "L"
+    drop_last: bool = False  # drop each worker's last partial batch of a training epoch

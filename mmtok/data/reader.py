@@ -1,0 +1,527 @@
+"""Reading WebDataset shards: splitting, deterministic shuffling, exact resume and an error policy.
+
+WebDataset (arXiv:2001.01858, github.com/webdataset/webdataset) streams samples from tar shards split
+by node and DataLoader worker, shuffled by a buffer. We keep its on-disk format and use its tar member
+iterator (``webdataset.tariterators``), but write the pipeline ourselves because a training run here must
+resume *exactly*: wds's shuffle uses unseeded state and its position cannot be saved.
+
+The stream of one consumer (``c = rank * num_workers + worker`` of ``C = world_size * num_workers``) is a
+pure function of ``(seed, epoch, rank, world_size, num_workers, worker)``:
+
+1. Segments. Not resampled: the shard order is shuffled with ``Random(seed, epoch, pass)`` (if the
+   shuffle buffer is on) and consumer ``c`` takes shards ``c, c + C, ...``. With fewer shards than
+   consumers, every consumer reads every shard and keeps samples ``i`` with ``i % C == c`` (sample-level
+   splitting, so nobody is left idle; each reads all bytes but decodes only its own). Resampled: the
+   consumer draws shards with replacement from ``Random(seed, epoch, c, C)`` forever.
+2. Positions. Concatenating segments numbers the consumer's samples 0, 1, 2, ... using the counts of
+   the index file (``<prefix>.json`` written by :func:`mmtok.data.write_shards`; shards without an index
+   are counted once by scanning their tar headers). A shard that turns out shorter than its count
+   (truncated) fills its missing positions with holes, so positions never shift.
+3. Shuffle buffer of ``shuffle_buffer`` raw (undecoded) samples driven by ``Random(seed, epoch, c, C)``.
+4. Each buffer output increments the consumer's *position*; it is then decoded (errors go to the error
+   policy), transformed and yielded.
+
+Resuming at position ``n`` re-runs the buffer on integer positions only (no I/O) to learn which source
+positions sit in the buffer and where the source stands, skips whole shards before the earliest needed
+position by their counts, reads (without decoding) up to the source position, and continues: the rest of
+the stream is identical to an uninterrupted one. :class:`mmtok.data.loader.ShardLoader` records per-worker
+positions of the batches it hands out and restores them (see there for the worker interleaving).
+
+Error policy: ``on_error="skip"`` drops the sample, counts it in ``stats[reason]`` and logs its key and
+shard (the first ``log_limit`` per reason, then every 1000th); ``"raise"`` raises :class:`DataError`.
+A pattern that matches nothing always raises :class:`ShardPatternError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import hashlib
+import itertools
+import json
+import logging
+import os
+import random
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mmtok.data.decode import KNOWN_COMPOUND_PREFIXES, DataError, ShardPatternError, decode_sample
+
+logger = logging.getLogger(__name__)
+
+
+# -- pattern expansion and the index ------------------------------------------------------------------
+
+
+def expand_pattern(pattern: str | os.PathLike | list) -> list[str]:
+    """Shard paths of a pattern: brace ranges, globs, ``::``-joined patterns, a folder or an index file.
+
+    A folder means every ``*.tar`` in it; an index ``.json`` means the shards it lists.
+
+    Raises:
+        ShardPatternError: a part matches no file, or a brace-expanded file does not exist.
+    """
+    parts = [str(p) for p in pattern] if isinstance(pattern, (list, tuple)) else str(pattern).split("::")
+    if not any(p.strip() for p in parts):
+        raise ShardPatternError("empty shard pattern: set it to e.g. data/fmnist/train-{000000..000011}.tar")
+    out: list[str] = []
+    for part in (p.strip() for p in parts if p.strip()):
+        part = os.path.expanduser(part)
+        if os.path.isdir(part):
+            found = sorted(glob.glob(os.path.join(part, "*.tar")))
+        elif part.endswith(".json") and os.path.isfile(part):
+            index = json.loads(Path(part).read_text())
+            found = [os.path.join(os.path.dirname(part), s["name"]) for s in index.get("shards", [])]
+        else:
+            found = []
+            for p in braceexpand.braceexpand(part):
+                found.extend(sorted(glob.glob(p)) if glob.has_magic(p) else [p])
+            missing = [p for p in found if not os.path.isfile(p)]
+            if missing and len(missing) == len(found):
+                found = []
+            elif missing:
+                raise ShardPatternError(
+                    f"shard pattern {part!r}: {len(missing)} of {len(found)} files do not exist "
+                    f"(first: {missing[0]}); fix the range or rebuild the shards"
+                )
+        if not found:
+            raise ShardPatternError(
+                f"shard pattern {part!r} matches no files; check the path (brace ranges like "
+                "train-{000000..000009}.tar and globs like train-*.tar are supported) or build the shards with "
+                "`mmtok shards NAME --out DIR`"
+            )
+        out.extend(found)
+    return out
+
+
+def read_index(shard_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """``{shard file name: {"count", "bytes", "fields"}}`` from every index json in a folder."""
+    entries: dict[str, dict[str, Any]] = {}
+    for path in sorted(Path(shard_dir).glob("*.json")):
+        try:
+            index = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # not ours or damaged: the shards are then counted by scanning
+        if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
+            continue
+        fields = index.get("fields", [])
+        for s in index["shards"]:
+            if isinstance(s, dict) and "name" in s and "count" in s:
+                entries[s["name"]] = {"count": int(s["count"]), "bytes": s.get("bytes"), "fields": fields}
+    return entries
+
+
+def split_member(fname: str) -> tuple[str, str]:
+    """``dir/key.ext.more`` -> (``dir/key``, ``ext.more``): the key ends at the first dot of the basename."""
+    head, _, base = fname.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), (ext.lower() if dot else "")
+
+
+def _dotted_heads(exts: list[str]) -> set[str] | None:
+    """Heads ``x`` if every extension looks like ``x.<ext>`` with an unknown ``x`` (a key containing a dot)."""
+    if not exts or not all("." in e for e in exts):
+        return None
+    heads = {e.split(".", 1)[0] for e in exts}
+    return None if heads <= KNOWN_COMPOUND_PREFIXES else heads
+
+
+def group_members(members: Iterator[tuple[str, Any]], url: str) -> Iterator[dict[str, Any]]:
+    """Group consecutive tar members ``(fname, data)`` into samples ``{"__key__", "__url__", ext: data}``.
+
+    A group whose every extension carries the same unknown prefix came from keys with dots
+    (``img.1.png`` + ``img.1.json``): it is split per prefix into samples marked ``__bad__``.
+    """
+
+    def finish(key: str, group: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        heads = _dotted_heads(list(group))
+        if heads is None:
+            yield {"__key__": key, "__url__": url, **group}
+            return
+        for h in sorted(heads):
+            sub = {e.split(".", 1)[1]: v for e, v in group.items() if e.split(".", 1)[0] == h}
+            yield {"__key__": f"{key}.{h}", "__url__": url, "__bad__": "key_with_dot", **sub}
+
+    key, group = None, {}
+    for fname, data in members:
+        k, ext = split_member(fname)
+        if not ext or (k.rpartition("/")[2].startswith("__") and k.endswith("__")):
+            continue  # metadata members and extension-less files are not sample fields
+        if k != key:
+            if key is not None:
+                yield from finish(key, group)
+            key, group = k, {}
+        if ext in group:
+            group["__bad__"] = "duplicate_member"
+        group[ext] = data
+    if key is not None:
+        yield from finish(key, group)
+
+
+def count_samples(path: str) -> int:
+    """Samples in a tar shard, from its member headers only (no data is read)."""
+    with tarfile.open(path, mode="r:") as tf:  # seekable mode: skips over member data
+        names = ((m.name, None) for m in tf if m.isreg())
+        return sum(1 for _ in group_members(names, path))
+
+
+def iter_tar(path: str) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard in order (webdataset's member iterator; errors propagate)."""
+    from webdataset.tariterators import tar_file_iterator
+
+    with open(path, "rb") as f:
+        # skip_meta=None: we filter metadata ourselves; handler re-raises so we see every error.
+        members = ((m["fname"], m["data"]) for m in tar_file_iterator(f, skip_meta=None))
+        yield from group_members(members, path)
+
+
+class _Hole:
+    """A position whose sample could not be read (truncated shard); keeps later positions in place."""
+
+    __slots__ = ("key", "url")
+
+    def __init__(self, url: str, key: str):
+        self.url, self.key = url, key
+
+
+def _shuffle(src: Iterator, size: int, rng: random.Random, buf: list) -> Iterator:
+    """Deterministic shuffle buffer; ``buf`` is mutated in place so its state can be inspected.
+
+    Steady state: each incoming item replaces a random slot whose item is emitted. Drain: random slots
+    are emitted until empty. The RNG calls depend only on buffer sizes, so running this on integers
+    reproduces the exact state of a run on real samples.
+    """
+    for item in src:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = rng.randrange(size)
+        out, buf[j] = buf[j], item
+        yield out
+    while buf:
+        j = rng.randrange(len(buf))
+        buf[j], buf[-1] = buf[-1], buf[j]
+        yield buf.pop()
+
+
+class _Counted:
+    def __init__(self, it: Iterator):
+        self.it, self.n = it, 0
+
+    def __iter__(self) -> _Counted:
+        return self
+
+    def __next__(self) -> Any:
+        v = next(self.it)
+        self.n += 1
+        return v
+
+
+# -- the dataset ----------------------------------------------------------------------------------------
+
+
+class ShardDataset(IterableDataset):
+    """Decoded samples from WebDataset shards (see the module docstring for the stream definition).
+
+    Args:
+        pattern: Shard pattern (brace ranges, globs, ``::``-joined, a folder or an index json).
+        transform: ``transform(sample) -> sample`` applied after decoding. It may raise
+            :class:`DataError` for bad data (then the policy applies); any other exception propagates.
+            Random transforms should draw from ``mmtok.data.transforms.sample_generator(sample)``, seeded
+            by the sample's stream position, so a resumed run augments identically.
+        shuffle_buffer: Raw samples held for shuffling (0 = stream order, shards in order).
+        seed: Seed of every shuffle and draw.
+        resampled: Draw shards with replacement forever (then set ``epoch_length``).
+        epoch_length: Samples per epoch for this process (all its workers together); in non-resampled mode
+            the shards repeat (reshuffled each pass) until reached. 0 = one pass over the consumer's shards.
+        on_error: "skip" or "raise".
+        rank, world_size: This process among the data-parallel ones.
+        image_mode: "keep" (grey stays 1 channel), "RGB" or "L".
+        required: Extensions every sample must have; default: the index's ``fields`` (what every sample was
+            written with), so e.g. a missing ``mask.png`` is caught.
+        log_limit: Skipped samples logged per reason before logging only every 1000th.
+
+    Attributes:
+        stats: ``Counter`` of skipped samples by reason (in this process; see ``ShardLoader.stats`` for the
+            totals over workers).
+        skipped: The last 100 ``(reason, key, shard)`` skipped.
+    """
+
+    def __init__(
+        self,
+        pattern: str | list,
+        *,
+        transform: Callable[[dict], dict] | None = None,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        resampled: bool = False,
+        epoch_length: int = 0,
+        on_error: str = "skip",
+        rank: int = 0,
+        world_size: int = 1,
+        image_mode: str = "keep",
+        required: tuple[str, ...] | None = None,
+        log_limit: int = 20,
+    ):
+        if on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if resampled and epoch_length <= 0:
+            raise ValueError("resampled=True streams forever: set epoch_length (samples per epoch and process)")
+        if shuffle_buffer < 0 or epoch_length < 0:
+            raise ValueError("shuffle_buffer and epoch_length must be >= 0")
+        self.pattern = pattern
+        self.shards = expand_pattern(pattern)
+        self.transform, self.shuffle_buffer, self.seed = transform, int(shuffle_buffer), int(seed)
+        self.resampled, self.epoch_length, self.on_error = bool(resampled), int(epoch_length), on_error
+        self.rank, self.world_size, self.image_mode, self.log_limit = rank, world_size, image_mode, log_limit
+        self.counts, fields = self._counts()
+        self.required = tuple(fields) if required is None else tuple(required)
+        if sum(self.counts) == 0:
+            raise DataError("no_samples", f"shard pattern {pattern!r} has {len(self.shards)} shards but no samples")
+        self.epoch = 0
+        self.stats: collections.Counter = collections.Counter()
+        self.skipped: collections.deque = collections.deque(maxlen=100)
+        self.position = 0  # outputs of the last in-process iteration (num_workers=0)
+        # Set by ShardLoader before each pass (copied into workers when they start):
+        self._skip: dict[int, int] = {}  # logical worker -> positions already consumed
+        self._rotation = 0  # physical worker p plays logical worker (p + rotation) % num_workers
+        self._emit_meta = False
+
+    # -- static facts ---------------------------------------------------------------------------
+    def _counts(self) -> tuple[list[int], list[str]]:
+        counts, fields_sets = [], []
+        indices: dict[str, dict] = {}
+        for path in self.shards:
+            d = os.path.dirname(os.path.abspath(path))
+            if d not in indices:
+                indices[d] = read_index(d)
+            entry = indices[d].get(os.path.basename(path))
+            if entry is None:
+                try:
+                    counts.append(count_samples(path))
+                except (tarfile.TarError, OSError) as e:
+                    self._error(DataError("unreadable_shard", f"cannot scan {e}", url=path))
+                    counts.append(0)
+                fields_sets.append(None)
+            else:
+                counts.append(entry["count"])
+                fields_sets.append(set(entry["fields"]))
+        known = [f for f in fields_sets if f is not None]
+        fields = sorted(set.intersection(*known)) if known and len(known) == len(fields_sets) else []
+        return counts, fields
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of everything that defines the stream except the epoch and position."""
+        spec = [
+            [os.path.basename(s) for s in self.shards],
+            self.counts,
+            self.shuffle_buffer,
+            self.seed,
+            self.resampled,
+            self.epoch_length,
+        ]
+        return hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:16]
+
+    def quota(self, logical: int, num_workers: int) -> int | None:
+        """Positions per epoch of a worker in ``epoch_length`` mode (the process's length split evenly)."""
+        if self.epoch_length <= 0:
+            return None
+        return self.epoch_length // num_workers + (1 if logical < self.epoch_length % num_workers else 0)
+
+    def consumer_length(self, epoch: int, c: int, num_consumers: int) -> int:
+        """Positions of consumer ``c`` in one non-resampled pass of ``epoch``."""
+        return sum(seg[1] for seg in self._segments(epoch, c, num_consumers, passes=1))
+
+    # -- the stream ------------------------------------------------------------------------------
+    def _rng(self, *parts: Any) -> random.Random:
+        return random.Random("-".join(str(p) for p in ("mmtok", self.seed, *parts)))  # str seeds hash stably
+
+    def _segments(self, epoch: int, c: int, n: int, passes: int | None = None) -> Iterator[tuple[int, int, int, int]]:
+        """``(shard, kept, first, stride)``: consumer ``c`` of ``n`` keeps samples first, first+stride, ..."""
+        s = len(self.shards)
+        if self.resampled:
+            rng = self._rng("resample", epoch, c, n)
+            while True:
+                i = rng.randrange(s)
+                yield i, self.counts[i], 0, 1
+        if passes is None:
+            passes = None if self.epoch_length > 0 else 1
+        for p in itertools.count() if passes is None else range(passes):
+            order = list(range(s))
+            if self.shuffle_buffer > 0:
+                self._rng("shards", epoch, p).shuffle(order)
+            kept_in_pass = 0
+            if s >= n:
+                for i in order[c::n]:
+                    kept_in_pass += self.counts[i]
+                    yield i, self.counts[i], 0, 1
+            else:  # sample-level split: every consumer walks every shard, keeps global index % n == c
+                g = 0
+                for i in order:
+                    cnt = self.counts[i]
+                    first = (c - g) % n
+                    kept = 0 if first >= cnt else (cnt - first + n - 1) // n
+                    kept_in_pass += kept
+                    yield i, kept, first, n
+                    g += cnt
+            if kept_in_pass == 0 and passes is None:
+                raise DataError(
+                    "no_samples",
+                    f"consumer {c} of {n} gets no samples from {self.pattern!r} (fewer samples than "
+                    "ranks x workers); use fewer workers or more data",
+                )
+
+    def _read_segment(self, seg: tuple[int, int, int, int], start: int) -> Iterator[Any]:
+        """Raw samples (or holes) of kept indices ``start..kept-1`` of one segment."""
+        i, kept, first, stride = seg
+        url = self.shards[i]
+        if kept <= start:
+            return
+        produced = 0
+        try:
+            for j, raw in enumerate(iter_tar(url)):
+                if j < first or (j - first) % stride:
+                    continue
+                k = (j - first) // stride
+                if k >= kept:
+                    logger.warning("shard %s has more samples than its index says (%d); rebuild the index", url, kept)
+                    break
+                produced = k + 1
+                if k >= start:
+                    yield raw
+        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+            reason = "truncated_shard" if "end of" in str(e) or isinstance(e, EOFError) else "unreadable_shard"
+            self._error(DataError(reason, f"{type(e).__name__}: {e} after {produced} kept samples", url=url))
+        for k in range(max(produced, start), kept):  # positions the shard failed to deliver
+            yield _Hole(url, f"#{first + k * stride}")
+
+    def _source(self, epoch: int, c: int, n: int, start: int) -> Iterator[Any]:
+        """Raw samples of consumer ``c`` from position ``start`` on (earlier shards skipped by count)."""
+        pos = 0
+        for seg in self._segments(epoch, c, n):
+            kept = seg[1]
+            if self.counts[seg[0]] == 0:
+                if pos >= start:  # reported once per pass, not again when a resumed stream skips past it
+                    self._error(DataError("empty_shard", "the shard has no samples", url=self.shards[seg[0]]))
+                continue
+            if pos + kept <= start:  # whole segment already consumed: skip it without opening the file
+                pos += kept
+                continue
+            yield from self._read_segment(seg, max(0, start - pos))
+            pos += kept
+
+    def _outputs(self, epoch: int, c: int, n: int, skip: int, quota: int | None) -> Iterator[tuple[int, Any]]:
+        """``(position after this output, raw)`` from position ``skip`` on, at most ``quota`` positions."""
+        size = self.shuffle_buffer
+        if size <= 0:
+            live: Iterator = self._source(epoch, c, n, skip)
+        else:
+            rng = self._rng("buffer", epoch, c, n)
+            buf: list = []
+            if skip > 0:
+                # Replay the buffer on integer positions (no I/O), then fetch what it holds.
+                infinite = self.resampled or self.epoch_length > 0
+                total = None if infinite else self.consumer_length(epoch, c, n)
+                sim_src = _Counted(itertools.count() if total is None else iter(range(total)))
+                sim = _shuffle(sim_src, size, rng, buf)
+                for _ in itertools.islice(sim, skip):
+                    pass
+                next_pos, slots = sim_src.n, list(buf)
+                lo = min([next_pos, *slots])
+                src = self._source(epoch, c, n, lo)
+                wanted, got = set(slots), {}
+                for p in range(lo, next_pos):
+                    raw = next(src)
+                    if p in wanted:
+                        got[p] = raw
+                buf = [got[p] for p in slots]
+            else:
+                src = self._source(epoch, c, n, 0)
+            live = _shuffle(src, size, rng, buf)
+        pos = skip
+        while quota is None or pos < quota:
+            raw = next(live, None)
+            if raw is None:
+                return
+            pos += 1
+            yield pos, raw
+
+    # -- errors and decoding ---------------------------------------------------------------------
+    def _error(self, err: DataError) -> None:
+        if self.on_error == "raise":
+            raise err
+        self.stats[err.reason] += 1
+        self.skipped.append((err.reason, err.key, err.url))
+        k = self.stats[err.reason]
+        if k <= self.log_limit or k % 1000 == 0:
+            more = " (further ones logged every 1000th)" if k == self.log_limit else ""
+            logger.warning("skipped [%s #%d]: %s%s", err.reason, k, err, more)
+
+    def _decode(self, raw: Any) -> dict | None:
+        if isinstance(raw, _Hole):
+            self._error(DataError("missing_sample", "lost with its shard", raw.key, raw.url))
+            return None
+        try:
+            if "__bad__" in raw:
+                raise DataError(raw["__bad__"], "malformed tar members", raw.get("__key__", ""), raw.get("__url__", ""))
+            return decode_sample(raw, image_mode=self.image_mode, required=self.required)
+        except DataError as e:
+            self._error(e)
+            return None
+
+    # -- iteration -------------------------------------------------------------------------------
+    def worker_identity(self) -> tuple[int, int]:
+        """``(logical worker, num_workers)`` of the calling process."""
+        info = get_worker_info()
+        nw, phys = (info.num_workers, info.id) if info is not None else (1, 0)
+        return (phys + self._rotation) % nw, nw
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        logical, nw = self.worker_identity()
+        c, n = self.rank * nw + logical, self.world_size * nw
+        skip = self._skip.get(logical, 0)
+        epoch = self.epoch
+        for pos, raw in self._outputs(epoch, c, n, skip, self.quota(logical, nw)):
+            self.position = pos
+            sample = self._decode(raw)
+            if sample is None:
+                continue
+            if self.transform is not None:
+                sample["__seed__"] = int(self._rng("aug", epoch, c, n, pos).getrandbits(63))
+                try:
+                    sample = self.transform(sample)
+                except DataError as e:
+                    self._error(e)
+                    continue
+                sample.pop("__seed__", None)
+                sample.pop("__rng__", None)
+            if self._emit_meta:
+                sample["__pos__"], sample["__worker__"], sample["__stats__"] = pos, logical, dict(self.stats)
+            yield sample
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` from its beginning (direct iteration; ShardLoader manages its own)."""
+        self.epoch, self._skip = int(epoch), {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position of direct, in-process iteration (for DataLoader workers use ShardLoader)."""
+        return {"epoch": self.epoch, "position": self.position, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("fingerprint") != self.fingerprint:
+            raise ValueError("the saved data state belongs to other shards or settings (fingerprint differs)")
+        self.epoch, self._skip, self.position = int(state["epoch"]), {0: int(state["position"])}, int(state["position"])
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardDataset({self.pattern!r}, shards={len(self.shards)}, samples={sum(self.counts)}, "
+            f"shuffle_buffer={self.shuffle_buffer}, resampled={self.resampled}, epoch_length={self.epoch_length})"
+        )
