@@ -252,6 +252,9 @@ def _resolve_optimizer(section: dict[str, Any], optim: Any) -> None:
             'set "type": "auto" in the JSON'
         )
     params = section.setdefault("params", {})
+    if "adam" not in section["type"].lower():
+        for key in ("torch_adam", "adam_w_mode"):  # Adam-only switches would reach SGD's constructor
+            params.pop(key, None)
     values: dict[str, Any] = {"lr": optim.lr, "weight_decay": optim.weight_decay}
     if optim.name == "adamw":
         values |= {"betas": list(optim.betas), "eps": optim.eps}

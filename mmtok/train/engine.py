@@ -286,6 +286,11 @@ class DeepSpeedBackend:
     def save(self, root: Path, tmp: Path) -> dict[str, Any]:
         # Collective: every rank writes its ZeRO partition into the same temporary tag folder.
         self.engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
+        # Plus the full weights as safetensors, so `mmtok eval run` and exports never need DeepSpeed's
+        # pickled files (ZeRO-3 gathers the partitions for this; every rank takes part).
+        with self.gathered():
+            if self.info.is_main:
+                ckpt.save_model_state(self.task, tmp)
         return {}
 
     def load(self, folder: Path, state: dict[str, Any]) -> None:
@@ -539,7 +544,8 @@ class _Run:
         keys = sorted({k for m, _ in gathered for k in m})
         metrics = {k: sum(m.get(k, 0.0) * n for m, n in gathered if m) / total for k in keys}
         writer.log(self.step, metrics, prefix="eval")
-        logger.info("step %d eval %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        if self.info.is_main:
+            logger.info("step %d eval %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         self.last_eval = metrics
         return metrics
 

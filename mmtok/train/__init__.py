@@ -1,0 +1,32 @@
+"""mmtok's training engine: one loop around a Task, single process, DDP or DeepSpeed ZeRO 1/2/3.
+
+Public API (imported lazily so ``import mmtok.train`` stays cheap)::
+
+    train(cfg: RunConfig, resume="auto") -> dict        # mmtok.train.engine
+    Task                                               # mmtok.train.task (the contract)
+    evaluate_run(run_dir, ...) -> dict                 # mmtok.train.evaluate (`mmtok eval run`)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "train": "mmtok.train.engine",
+    "Task": "mmtok.train.task",
+    "evaluate_run": "mmtok.train.evaluate",
+    "OptimConfig": "mmtok.train.config",
+    "TrainConfig": "mmtok.train.config",
+    "DeepSpeedConfig": "mmtok.train.config",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mmtok.train' has no attribute {name!r}")

@@ -1,0 +1,308 @@
+"""Training engine: schedule, accumulation, clipping, checkpoints, RNG, logs, DeepSpeed config resolution.
+
+These tests drive ``train()`` with a small in-memory loader (exact ``state_dict``), so they run in
+seconds; the shard-based kill-and-resume and DeepSpeed runs live in test_train_resume.py and
+test_train_deepspeed.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmtok import hub
+from mmtok.config import ConfigError, load_run_config
+from mmtok.hub import CheckpointError
+from mmtok.train import checkpoint as ckpt
+from mmtok.train.config import OptimConfig
+from mmtok.train.distributed import DistributedSetupError, resolve_ds_config
+from mmtok.train.engine import create_task, seed_everything, train
+from mmtok.train.metrics import read_metrics
+from mmtok.train.optim import build_optimizer, build_scheduler, lr_factor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ListLoader:
+    """Batches of a fixed tensor dataset; reshuffled per epoch; exact position in ``state_dict``."""
+
+    def __init__(self, n: int = 48, batch_size: int = 8, seed: int = 0, shuffle: bool = True):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(n, 1, 28, 28, generator=g) * 2 - 1
+        self.labels = torch.randint(0, 10, (n,), generator=g)
+        self.batch_size, self.shuffle = batch_size, shuffle
+        self.epoch = self.pos = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        n = len(self.labels)
+        order = (
+            torch.randperm(n, generator=torch.Generator().manual_seed(self.epoch)) if self.shuffle else torch.arange(n)
+        )
+        while self.pos + self.batch_size <= n:
+            idx = order[self.pos : self.pos + self.batch_size]
+            self.pos += self.batch_size
+            yield {"image": self.images[idx], "label": self.labels[idx]}
+        self.pos = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+
+
+def _cfg(out: Path, *overrides: str):
+    base = [
+        "task.name=toy_classifier",
+        "task.width=8",
+        f"output_dir={out}",
+        "train.steps=8",
+        "train.log_every=2",
+        "train.progress=false",
+        "train.deterministic=true",
+        "optim.warmup_steps=2",
+        "data.batch_size=8",
+    ]
+    return load_run_config([], [*base, *overrides])
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+# -- schedule and optimizer -------------------------------------------------------------------------
+def test_warmup_cosine_schedule_values():
+    cfg = OptimConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    factors = [lr_factor(s, cfg, 14) for s in range(14)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]  # linear warm-up, never 0
+    assert factors[4] == pytest.approx(1.0)  # cosine starts at the peak
+    assert factors[-1] == pytest.approx(0.1)  # and ends at min_lr_ratio on the last step
+    mid = 4 + (14 - 4 - 1) / 2  # half-way through the cosine: (1 + 0.1) / 2
+    assert lr_factor(mid, cfg, 14) == pytest.approx(0.55)
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    assert [lr_factor(s, OptimConfig(schedule="constant", warmup_steps=2), 10) for s in (0, 1, 5, 9)] == [0.5, 1, 1, 1]
+
+
+def test_scheduler_drives_optimizer_lr():
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    cfg = OptimConfig(lr=0.1, warmup_steps=2)
+    opt = build_optimizer([{"params": [p], "weight_decay": 0.0}], cfg)
+    sched = build_scheduler(opt, cfg, 5)
+    seen = []
+    for _ in range(5):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0.1 * lr_factor(s, cfg, 5) for s in range(5)])
+
+
+# -- the loop ----------------------------------------------------------------------------------------
+def test_train_writes_run_folder(tmp_path):
+    out = tmp_path / "run"
+    summary = train(
+        _cfg(out, "train.ckpt_every=4", "train.eval_every=4"),
+        train_data=ListLoader(),
+        val_data=ListLoader(16, 8, seed=1),
+    )
+    assert summary["steps"] == 8 and summary["resumed_from"] is None
+    for name in ("config.yaml", "env.json", "metrics.jsonl", "export/model.safetensors", "export/config.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    env = json.loads((out / "env.json").read_text())
+    assert env["packages"]["torch"] and env["packages"]["deepspeed"]
+    assert "sha" in env["git"] and env["backend"] == "single" and env["precision"] == "fp32"
+    assert load_run_config([out / "config.yaml"]).train.steps == 8  # the resolved config reloads
+    rows = read_metrics(out)
+    train_rows = [r for r in rows if "split" not in r]
+    eval_rows = [r for r in rows if r.get("split") == "eval"]
+    assert [r["step"] for r in train_rows] == [1, 2, 4, 6, 8]
+    assert {"loss", "accuracy", "lr", "grad_norm", "samples_per_s", "epoch"} <= set(train_rows[0])
+    assert [r["step"] for r in eval_rows] == [4, 8] and 0.0 <= eval_rows[-1]["accuracy"] <= 1.0
+    assert train_rows[0]["lr"] == pytest.approx(1e-3 * 0.5)  # first warm-up step
+    # checkpoints: steps 4 and 8 kept (keep_last=2), latest points to 8
+    names = [p.name for p in ckpt.list_checkpoints(out / "checkpoints")]
+    assert names == ["step-00000004", "step-00000008"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000008"
+    # the export rebuilds the task from its own folder and holds the final weights
+    task = hub.from_pretrained(out / "export", kind="task")
+    final = _weights(out / "checkpoints" / "step-00000008")
+    assert all(torch.equal(task.state_dict()[k], v) for k, v in final.items())
+
+
+def test_resume_from_checkpoint_is_bitwise_exact(tmp_path):
+    full = tmp_path / "full"
+    cfg = ["train.ckpt_every=3", "train.keep_last=0", "task.dropout=0.3"]
+    train(_cfg(full, *cfg), train_data=ListLoader())  # 48 samples / 8 = 6 batches: crosses an epoch at step 6
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
+    summary = train(_cfg(resumed, *cfg), train_data=ListLoader())
+    assert summary["resumed_from"].endswith("step-00000003")
+    a, b = _weights(full / "export"), _weights(resumed / "export")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # metrics.jsonl of the resumed run starts after the checkpoint
+    assert [r["step"] for r in read_metrics(resumed)] == [4, 6, 8]
+
+
+def test_resume_auto_never_and_explicit(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(out, "train.ckpt_every=4"), train_data=ListLoader())
+    again = train(_cfg(out, "train.ckpt_every=4"), train_data=ListLoader())  # finished run: nothing to do
+    assert again["steps"] == 8 and again["resumed_from"].endswith("step-00000008")
+    fresh = train(_cfg(out, "train.ckpt_every=4"), resume="never", train_data=ListLoader())
+    assert fresh["resumed_from"] is None
+    explicit = train(_cfg(out, "train.steps=8"), resume=str(out), train_data=ListLoader())
+    assert explicit["resumed_from"].endswith("step-00000008")
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        train(_cfg(out), resume=str(tmp_path / "nothing"), train_data=ListLoader())
+
+
+def test_grad_accumulation_matches_big_batch(tmp_path):
+    common = ["task.dropout=0.0", "train.steps=3", "optim.warmup_steps=0", "train.grad_clip=0"]
+    train(
+        _cfg(tmp_path / "accum", *common, "train.grad_accum=2", "data.batch_size=4"),
+        train_data=ListLoader(batch_size=4, shuffle=False),
+    )
+    train(_cfg(tmp_path / "big", *common, "data.batch_size=8"), train_data=ListLoader(batch_size=8, shuffle=False))
+    a, b = _weights(tmp_path / "accum" / "export"), _weights(tmp_path / "big" / "export")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_grad_clipping_bounds_the_update(tmp_path):
+    # Plain SGD (no momentum, no decay, lr 1): the update of one step is exactly the clipped gradient.
+    clip = 1e-3
+    opts = ["optim.name=sgd", "optim.betas=[0.0,0.0]", "optim.weight_decay=0", "optim.lr=1.0", "optim.warmup_steps=0"]
+    out = tmp_path / "clip"
+    cfg = _cfg(out, *opts, "train.steps=1", f"train.grad_clip={clip}", "optim.schedule=constant")
+    train(cfg, train_data=ListLoader())
+    seed_everything(cfg.train.seed)  # the engine seeds, then builds the task: the same initial weights
+    b = create_task(cfg).state_dict()
+    a = _weights(out / "export")
+    delta = math.sqrt(sum(float(((a[k] - b[k]).double() ** 2).sum()) for k in a))
+    assert delta == pytest.approx(clip, rel=1e-3)
+    logged = read_metrics(out)[0]["grad_norm"]
+    assert logged > 100 * clip  # the pre-clip norm is what is logged
+
+
+# -- checkpoint mechanics ----------------------------------------------------------------------------
+def test_rng_state_roundtrip():
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    random.random(), np.random.rand(), torch.rand(1), np.random.randn()  # leave a cached gaussian
+    state = json.loads(json.dumps(ckpt.capture_rng_state()))  # must survive JSON
+    expected = (random.random(), np.random.randn(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    ckpt.restore_rng_state(state)
+    got = (random.random(), np.random.randn(), torch.rand(3))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_checkpoint_folder_atomic_latest_and_pruning(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        tmp = ckpt.prepare_tmp(root, step)
+        ckpt.write_state(tmp, {"step": step})
+        ckpt.finalize(root, step, keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000002", "step-00000003"]
+    # a process killed mid-write leaves only a .tmp folder, which is never taken for a checkpoint
+    half = ckpt.prepare_tmp(root, 4)
+    (half / "model.safetensors").write_bytes(b"partial")
+    assert ckpt.find_latest(root).name == "step-00000003"
+    ckpt.clean_stale(root)
+    assert not half.exists()
+    # a dangling latest pointer falls back to the newest complete folder
+    (root / "latest").write_text("step-00000099\n")
+    assert ckpt.find_latest(root).name == "step-00000003"
+    assert ckpt.resolve_resume("never", root) is None
+    assert ckpt.resolve_resume(str(tmp_path), root).name == "step-00000003"  # a run folder works too
+
+
+def test_metrics_jsonl_is_truncated_on_resume(tmp_path):
+    from mmtok.train.metrics import MetricsWriter
+
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    for s in (1, 2, 3, 4):
+        w.log(s, {"loss": float(s)})
+    w.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # torn line of a killed process
+    MetricsWriter(tmp_path, tensorboard=False, resume_step=2).close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+# -- config errors -----------------------------------------------------------------------------------
+def test_clear_errors_for_bad_configs(tmp_path):
+    with pytest.raises(ConfigError, match="task.name"):
+        train(load_run_config([], [f"output_dir={tmp_path}"], validate_task=False), train_data=ListLoader())
+    with pytest.raises(ConfigError, match="data.train is empty"):
+        train(_cfg(tmp_path / "a"))
+    with pytest.raises(ConfigError, match="optim.name"):
+        train(_cfg(tmp_path / "b", "optim.name=lamb"), train_data=ListLoader())
+    with pytest.raises(ConfigError, match="precision"):
+        train(_cfg(tmp_path / "c", "train.precision=fp8"), train_data=ListLoader())
+    with pytest.raises(ConfigError, match="unknown key 'widht'"):
+        train(load_run_config([], ["task.name=toy_classifier", "task.widht=3"], validate_task=False))
+
+
+# -- DeepSpeed config resolution ---------------------------------------------------------------------
+def _resolve(raw, **kw):
+    args = dict(
+        micro_batch=8,
+        grad_accum=2,
+        world_size=4,
+        grad_clip=0.5,
+        optim=OptimConfig(lr=3e-4, betas=[0.9, 0.95], weight_decay=0.1, warmup_steps=10),
+        total_steps=100,
+        bf16=False,
+        hidden_size=64,
+    )
+    return resolve_ds_config(raw, **{**args, **kw})
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_shipped_ds_configs_resolve_every_auto(stage):
+    raw = json.loads((REPO / "configs" / "ds" / f"zero{stage}.json").read_text())
+    cfg = _resolve(raw, bf16=True)
+    text = json.dumps(cfg)
+    assert '"auto"' not in text
+    assert cfg["train_batch_size"] == 8 * 2 * 4 and cfg["train_micro_batch_size_per_gpu"] == 8
+    assert cfg["gradient_accumulation_steps"] == 2 and cfg["gradient_clipping"] == 0.5
+    assert cfg["zero_optimization"]["stage"] == stage and cfg["bf16"]["enabled"] is True
+    params = cfg["optimizer"]["params"]
+    assert cfg["optimizer"]["type"] == "AdamW" and params["lr"] == 3e-4 and params["betas"] == [0.9, 0.95]
+    assert params["weight_decay"] == 0.1 and params["torch_adam"] is True
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert raw["train_batch_size"] == "auto"  # the input is not modified
+    assert _resolve(raw, bf16=False)["bf16"]["enabled"] is False  # CPU: fp32
+    assert _resolve(raw, stage=3)["zero_optimization"]["stage"] == 3  # deepspeed.stage override
+
+
+def test_ds_config_contradictions_are_rejected():
+    with pytest.raises(DistributedSetupError, match="train_micro_batch_size_per_gpu=16"):
+        _resolve({"train_micro_batch_size_per_gpu": 16})
+    with pytest.raises(DistributedSetupError, match='"auto" at zero_optimization.foo'):
+        _resolve({"zero_optimization": {"stage": 2, "foo": "auto"}})
+    with pytest.raises(DistributedSetupError, match="contradicts optim.name"):
+        _resolve({"optimizer": {"type": "SGD", "params": {}}})
+    sgd = _resolve(
+        {"optimizer": {"type": "auto", "params": {"lr": "auto", "torch_adam": True}}},
+        optim=OptimConfig(name="sgd", betas=[0.8, 0.0]),
+    )
+    assert sgd["optimizer"] == {"type": "SGD", "params": {"lr": 1e-3, "weight_decay": 0.05, "momentum": 0.8}}
+    sched = _resolve(
+        {"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto", "warmup_num_steps": "auto"}}}
+    )
+    assert sched["scheduler"]["params"] == {"total_num_steps": 100, "warmup_num_steps": 10}
