@@ -5,8 +5,9 @@ builds whole batches from its own stream, and torch hands batches out round-robi
 (``in_order=True``; a worker that runs dry is dropped from the cycle). So the loader's output is the
 round-robin merge of the workers' batch streams, and it is fully described by (a) how many samples each
 worker's consumed batches covered and (b) which worker is next in the cycle. Every batch carries its
-worker id and position (added in the worker, stripped before the task's collate sees the samples); the
-loader records them as batches are *handed out* (batches prefetched but not consumed do not count).
+worker id and position (batches are made in the worker, see ``_Batches``); the loader records them as
+batches are *handed out* (batches prefetched but not consumed do not count). Each worker ends with a
+batch-less report of its final position and skip counts.
 To resume, each worker skips its consumed positions (cheaply, see :mod:`mmtok.data.reader`) and the
 worker ids are rotated so that physical worker 0, which torch asks first, plays the worker that was
 next. The remaining batches then equal those of an uninterrupted run (tested with 0 and 2 workers,
@@ -24,7 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data import default_collate as torch_default_collate
 
 from mmtok.data.config import DataConfig
@@ -32,7 +33,6 @@ from mmtok.data.reader import ShardDataset
 
 logger = logging.getLogger(__name__)
 
-_META = ("__pos__", "__worker__", "__stats__")
 STATE_VERSION = 1
 
 
@@ -48,19 +48,34 @@ def default_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-class _CollateWithMeta:
-    """Runs in the worker: strips position metadata, collates, returns ``(batch, meta)``."""
+def _passthrough(item: Any) -> Any:
+    return item
 
-    def __init__(self, collate: Callable[[list], Any]):
-        self.collate = collate
 
-    def __call__(self, samples: list[dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
-        last = samples[-1]
-        meta = {"worker": last["__worker__"], "pos": last["__pos__"], "stats": last["__stats__"]}
-        for s in samples:
-            for k in _META:
-                s.pop(k, None)
-        return self.collate(samples), meta
+class _Batches(IterableDataset):
+    """Runs in each worker: batches its samples, tags each batch with ``(worker, position, stats)``.
+
+    After the last batch it sends one ``(None, meta)`` item, so the main process learns the worker's final
+    position and skip counts even when the samples after its last batch were all skipped or dropped.
+    """
+
+    def __init__(self, dataset: ShardDataset, batch_size: int, collate: Callable[[list], Any], drop_last: bool):
+        self.dataset, self.batch_size, self.collate, self.drop_last = dataset, batch_size, collate, drop_last
+
+    def _meta(self) -> dict[str, Any]:
+        ds = self.dataset
+        return {"worker": ds.worker_identity()[0], "pos": ds.position, "stats": dict(ds.stats)}
+
+    def __iter__(self) -> Iterator[tuple[Any, dict[str, Any]]]:
+        chunk: list = []
+        for sample in self.dataset:
+            chunk.append(sample)
+            if len(chunk) == self.batch_size:
+                yield self.collate(chunk), self._meta()
+                chunk = []
+        if chunk and not self.drop_last:
+            yield self.collate(chunk), self._meta()
+        yield None, self._meta()
 
 
 class ShardLoader:
@@ -115,17 +130,16 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[Any]:
         ds = self.dataset
-        ds.epoch, ds._skip, ds._rotation, ds._emit_meta = self.epoch, dict(self._positions), self._next_worker, True
+        ds.epoch, ds._skip, ds._rotation = self.epoch, dict(self._positions), self._next_worker
         # Fold the last pass's counts into the base; workers start counting from zero again.
         self._base_stats.update(self.stats_since_start())
         self._worker_stats, ds.stats = {}, collections.Counter()
         gen = torch.Generator().manual_seed(hash((ds.seed, self.epoch, self.batches)) & (2**62 - 1))
         loader = DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            collate_fn=_CollateWithMeta(self.collate),
+            _Batches(ds, self.batch_size, self.collate, self.drop_last),
+            batch_size=None,  # batches are made in the worker by _Batches
+            collate_fn=_passthrough,
             num_workers=self.num_workers,
-            drop_last=self.drop_last,
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             persistent_workers=False,  # each pass must see the positions and rotation set above
@@ -135,8 +149,10 @@ class ShardLoader:
         for batch, meta in loader:
             w = meta["worker"]
             self._positions[w] = meta["pos"]
-            self._next_worker = (w + 1) % self._nw
             self._worker_stats[w] = meta["stats"]
+            if batch is None:  # the worker's end-of-stream report (no batch to hand out)
+                continue
+            self._next_worker = (w + 1) % self._nw
             self.batches += 1
             yield batch
         self.epoch, self.batches, self._positions, self._next_worker = self.epoch + 1, 0, {}, 0

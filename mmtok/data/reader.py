@@ -292,7 +292,6 @@ class ShardDataset(IterableDataset):
         # Set by ShardLoader before each pass (copied into workers when they start):
         self._skip: dict[int, int] = {}  # logical worker -> positions already consumed
         self._rotation = 0  # physical worker p plays logical worker (p + rotation) % num_workers
-        self._emit_meta = False
 
     # -- static facts ---------------------------------------------------------------------------
     def _counts(self) -> tuple[list[int], list[str]]:
@@ -385,7 +384,7 @@ class ShardDataset(IterableDataset):
         url = self.shards[i]
         if kept <= start:
             return
-        produced = 0
+        produced, failed = 0, False
         try:
             for j, raw in enumerate(iter_tar(url)):
                 if j < first or (j - first) % stride:
@@ -398,8 +397,12 @@ class ShardDataset(IterableDataset):
                 if k >= start:
                     yield raw
         except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+            failed = True
             reason = "truncated_shard" if "end of" in str(e) or isinstance(e, EOFError) else "unreadable_shard"
             self._error(DataError(reason, f"{type(e).__name__}: {e} after {produced} kept samples", url=url))
+        if not failed and produced < kept:
+            # tarfile's stream mode ends quietly when a header is cut off: the index count tells us.
+            self._error(DataError("truncated_shard", f"ended after {produced} of {kept} kept samples", url=url))
         for k in range(max(produced, start), kept):  # positions the shard failed to deliver
             yield _Hole(url, f"#{first + k * stride}")
 
@@ -489,6 +492,7 @@ class ShardDataset(IterableDataset):
         c, n = self.rank * nw + logical, self.world_size * nw
         skip = self._skip.get(logical, 0)
         epoch = self.epoch
+        self.position = skip
         for pos, raw in self._outputs(epoch, c, n, skip, self.quota(logical, nw)):
             self.position = pos
             sample = self._decode(raw)
@@ -503,8 +507,6 @@ class ShardDataset(IterableDataset):
                     continue
                 sample.pop("__seed__", None)
                 sample.pop("__rng__", None)
-            if self._emit_meta:
-                sample["__pos__"], sample["__worker__"], sample["__stats__"] = pos, logical, dict(self.stats)
             yield sample
 
     def set_epoch(self, epoch: int) -> None:

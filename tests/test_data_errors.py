@@ -1,0 +1,174 @@
+"""Error policy: every kind of bad data is skipped (counted, key logged) or raised, never silent."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from mmtok.data import DataError, ShardDataset, ShardPatternError, write_shards
+from mmtok.data.loader import ShardLoader
+
+
+def _png(seed: int, size: int = 8) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpg(seed: int, size: int = 32) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _good(i: int) -> dict:
+    return {"__key__": f"k{i:03d}", "png": _png(i), "mask.png": np.ones((8, 8), np.uint8), "json": {"i": i}}
+
+
+def _write(tmp_path, samples, name="s"):
+    paths = write_shards(samples, tmp_path, prefix=name, maxcount=1000)
+    return paths[0]
+
+
+def _run(path, on_error, **kw):
+    ds = ShardDataset(path, on_error=on_error, **kw)
+    return ds, [s["__key__"] for s in ds]
+
+
+BAD_CASES = {
+    "decode_image": lambda s: s.update(png=b"\x89PNG\r\n\x1a\n" + b"garbage" * 10),
+    "bad_json": lambda s: s.update(json=b'{"i": 3, oops'),
+    "decode_mask": lambda s: s.update({"mask.png": b"not a png"}),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_CASES))
+def test_bad_member_skip_and_raise(tmp_path, caplog, reason):
+    samples = [_good(i) for i in range(5)]
+    BAD_CASES[reason](samples[2])
+    path = _write(tmp_path, samples)
+    with caplog.at_level(logging.WARNING, logger="mmtok.data.reader"):
+        ds, keys = _run(path, "skip")
+    assert keys == ["k000", "k001", "k003", "k004"]
+    assert ds.stats == {reason: 1} and ds.skipped[-1][1] == "k002"
+    assert "k002" in caplog.text and "s-000000.tar" in caplog.text
+    with pytest.raises(DataError, match=f"{reason}.*k002"):
+        _run(path, "raise")
+
+
+def test_corrupt_jpeg(tmp_path):
+    good = _jpg(0)
+    samples = [
+        {"__key__": "a", "jpg": good, "json": {}},
+        {"__key__": "b", "jpg": good[: len(good) // 2], "json": {}},  # truncated JPEG data
+        {"__key__": "c", "jpg": b"\xff\xd8\xff\xe0 not a jpeg", "json": {}},
+    ]
+    path = _write(tmp_path, samples)
+    ds, keys = _run(path, "skip")
+    assert keys == ["a"] and ds.stats == {"decode_image": 2}
+    with pytest.raises(DataError, match="decode_image.*'b'"):
+        _run(path, "raise")
+
+
+def test_missing_mask_from_index_and_from_required(tmp_path):
+    # Index says every sample has mask.png, but one tar member was lost afterwards.
+    path = _write(tmp_path, [_good(i) for i in range(4)])
+    with tarfile.open(path) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(path, "w") as tf:
+        for m, data in members:
+            if m.name != "k001.mask.png":
+                tf.addfile(m, io.BytesIO(data))
+    ds, keys = _run(path, "skip")
+    assert keys == ["k000", "k002", "k003"] and ds.stats == {"missing_field": 1}
+    with pytest.raises(DataError, match="missing_field.*mask.png.*k001"):
+        _run(path, "raise")
+    # Written without a mask: the index cannot know, the consumer says what it needs.
+    samples = [_good(i) for i in range(3)]
+    del samples[1]["mask.png"]
+    path2 = _write(tmp_path / "b", samples)
+    assert [s["__key__"] for s in ShardDataset(path2)] == ["k000", "k001", "k002"]
+    ds, keys = _run(path2, "skip", required=("png", "mask.png"))
+    assert keys == ["k000", "k002"] and ds.stats == {"missing_field": 1}
+
+
+def test_truncated_tar_member(tmp_path, caplog):
+    path = _write(tmp_path, [_good(i) for i in range(6)])
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size * 3 // 5)  # cuts inside a member of a later sample
+    with caplog.at_level(logging.WARNING):
+        ds, keys = _run(path, "skip")
+    assert 1 <= len(keys) < 6 and keys == [f"k{i:03d}" for i in range(len(keys))]
+    assert ds.stats["truncated_shard"] == 1 and ds.stats["missing_sample"] == 6 - len(keys)
+    assert "s-000000.tar" in caplog.text
+    with pytest.raises(DataError, match="truncated_shard"):
+        _run(path, "raise")
+
+
+def test_key_with_dot(tmp_path):
+    with pytest.raises(ValueError, match="contains a dot"):
+        write_shards([{"__key__": "img.1", "png": _png(0)}], tmp_path / "w")
+    # A shard from another tool with dotted keys: detected, not silently merged into one sample.
+    path = str(tmp_path / "foreign.tar")
+    with wds.TarWriter(path, encoder=False) as w:
+        w.write({"__key__": "ok", "png": _png(0), "json": b"{}"})
+        w.write({"__key__": "img.1", "png": _png(1), "json": b"{}"})
+        w.write({"__key__": "img.2", "png": _png(2), "json": b"{}"})
+    ds, keys = _run(path, "skip")
+    assert keys == ["ok"] and ds.stats == {"key_with_dot": 2}
+    assert {k for _, k, _ in ds.skipped} == {"img.1", "img.2"}
+    with pytest.raises(DataError, match="key_with_dot.*img.1"):
+        _run(path, "raise")
+
+
+def test_empty_shard(tmp_path):
+    write_shards([_good(i) for i in range(3)], tmp_path, prefix="a")
+    with tarfile.open(tmp_path / "b-000000.tar", "w"):
+        pass  # an empty tar, no index entry: counted by scanning
+    pattern = f"{tmp_path}/a-000000.tar::{tmp_path}/b-000000.tar"
+    ds, keys = _run(pattern, "skip")
+    assert keys == ["k000", "k001", "k002"] and ds.stats == {"empty_shard": 1}
+    with pytest.raises(DataError, match="empty_shard.*b-000000.tar"):
+        _run(pattern, "raise")
+    with pytest.raises(DataError, match="no samples"):
+        ShardDataset(str(tmp_path / "b-000000.tar"))
+
+
+def test_pattern_that_matches_nothing(tmp_path):
+    for pattern in (f"{tmp_path}/nope-{{000000..000003}}.tar", f"{tmp_path}/*.tar", ""):
+        with pytest.raises(ShardPatternError, match="matches no files|empty shard pattern") as e:
+            ShardDataset(pattern, on_error="skip")
+        assert pattern in str(e.value)
+    write_shards([_good(0)], tmp_path, prefix="x")
+    with pytest.raises(ShardPatternError, match="1 of 2 files do not exist"):
+        ShardDataset(f"{tmp_path}/x-{{000000..000001}}.tar")
+
+
+def test_training_stream_survives_all_errors_with_workers(tmp_path):
+    """Every kind of bad data at once under skip, with 2 workers: the run completes and counts them."""
+    samples = [_good(i) for i in range(12)]
+    samples[1]["png"] = b"junk"
+    samples[4]["json"] = b"{bad"
+    del samples[7]["mask.png"]
+    write_shards(samples[:6], tmp_path, prefix="p")
+    write_shards(samples[6:], tmp_path, prefix="q")
+    with tarfile.open(tmp_path / "r-000000.tar", "w"):
+        pass
+    pattern = f"{tmp_path}/p-000000.tar::{tmp_path}/q-000000.tar::{tmp_path}/r-000000.tar"
+    loader = ShardLoader(ShardDataset(pattern, required=("png", "mask.png")), batch_size=2, num_workers=2)
+    keys = [k for b in loader for k in b["__key__"]]
+    assert sorted(keys) == [f"k{i:03d}" for i in range(12) if i not in (1, 4, 7)]
+    assert loader.stats == {"decode_image": 1, "bad_json": 1, "missing_field": 1, "empty_shard": 1}
+    state = json.loads(json.dumps(loader.state_dict()))  # serialisable, with the counts
+    assert state["stats"]["bad_json"] == 1
