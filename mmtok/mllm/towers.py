@@ -139,7 +139,8 @@ class HFVisionTower(VisionTower):
         return list(out.hidden_states)
 
     def layer_qk(self, block: int, hidden_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        layer = self.model.vision_model.encoder.layers[block]
+        base = getattr(self.model, "vision_model", self.model)  # transformers 5 flattened CLIPVisionModel
+        layer = base.encoder.layers[block]
         attn = layer.self_attn
         x = layer.layer_norm1(hidden_in)
         q = _heads(attn.q_proj(x), attn.num_heads) * attn.scale
