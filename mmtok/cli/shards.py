@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", required=False, help="output folder for the shards")
     p.add_argument("--help-options", action="store_true", help="list this builder's options with defaults")
     p.add_argument("options", nargs="*", help="builder options as key=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may follow --out DIR
     try:
         entry = reg.get(args.name)
         if args.help_options:
