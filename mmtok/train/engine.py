@@ -512,9 +512,10 @@ class _Run:
             return None
         # ZeRO-3 gathers parameters inside every forward, so all ranks must run the same number of
         # forwards: each reads the whole validation set. Otherwise each rank reads its own shard of it.
+        # A fresh loader per evaluation: an evaluation capped by train.eval_batches must not leave the
+        # next one starting mid-stream.
         rank, world = (0, 1) if self.backend.zero3 else (self.info.rank, self.info.world_size)
-        self._val_data = _build_loader(self.cfg, "val", self.task, rank, world)
-        return self._val_data
+        return _build_loader(self.cfg, "val", self.task, rank, world)
 
     def _evaluate(self, writer: MetricsWriter) -> dict[str, float]:
         loader = self._val_loader()

@@ -49,7 +49,7 @@ def evaluate_run(
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
-        raise CheckpointError(f"{run_dir} is not a run folder ({cfg_file.name} is missing); pass the output_dir of a run")
+        raise CheckpointError(f"{run_dir} is not a run folder (no {cfg_file.name}); pass the output_dir of a run")
     cfg = load_run_config([cfg_file], [*(overrides or []), *([f"data.val={val}"] if val else [])])
     folder = Path(checkpoint) if checkpoint else ckpt.find_latest(run_dir / "checkpoints")
     if folder is None or not (folder / ckpt.MODEL_NAME).is_file():
