@@ -1,0 +1,264 @@
+"""Visual-token pruning speed on a LLaVA-1.5-shaped workload (CPU-sized widths).
+
+Workload: 576 image tokens (96 px, patch 4 -> 24 x 24) inside ~60 text tokens, a Llama-shaped LLM whose
+per-token FLOPs are >= 20x the vision tower's (as in LLaVA-1.5-7B vs CLIP-L), random weights. For every
+method and keep in (576, 192, 128, 64): prefill latency (vision tower + LLM, last-token logits), end-to-end
+latency for 32 new tokens (KV cache), measured FLOPs of the prefill (torch.utils.flop_counter; attention added
+by formula when the counter does not see the CPU attention kernel), and the pruner's selection time.
+Timings are medians of repeated runs, interleaved across methods so outside load hits all of them alike.
+Both wall time and process CPU time are reported: on a shared machine the CPU time (work done by this
+process) is the load-robust figure, and ``cpu eff`` = CPU-time speed-up / FLOP ratio.
+
+    python tools/bench/prune.py --quick --json runs/bench/prune_quick.json
+    python tools/bench/prune.py --json runs/bench/prune.json          # the full table (~15 min on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+METHODS = ["none", "random", "pool", "cls_attention", "vtc_cls", "fastv", "dart"]
+
+
+def build_model(width: int, layers: int, tower_width: int, tower_depth: int, vocab: int):
+    from mmtok import registries
+
+    heads = max(1, width // 64)
+    llm = {
+        "model_type": "llama",
+        "hidden_size": width,
+        "intermediate_size": int(width * 2.75) // 32 * 32,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "pad_token_id": 0,
+        "eos_token_id": 2,
+    }
+    tower = {
+        "name": "timm_vit",
+        "model_name": "vit_tiny_patch16_224",
+        "kwargs": {
+            "img_size": 96,
+            "patch_size": 4,
+            "embed_dim": tower_width,
+            "depth": tower_depth,
+            "num_heads": max(1, tower_width // 64),
+        },
+    }
+    torch.manual_seed(0)
+    return registries.get("mllm").create("llava", tower=tower, llm=llm, image_token_id=vocab - 1).eval()
+
+
+def make_inputs(model, batch: int, text_before: int = 12, text_after: int = 48):
+    g = torch.Generator().manual_seed(0)
+    img = model.config.image_token_id
+    ids = torch.cat(
+        [
+            torch.randint(3, img, (batch, text_before), generator=g),
+            torch.full((batch, 1), img),
+            torch.randint(3, img, (batch, text_after), generator=g),
+        ],
+        dim=1,
+    )
+    images = torch.rand(batch, 3, 96, 96, generator=g)
+    return ids, images
+
+
+def make_pruner(name: str, keep: int):
+    from mmtok import registries
+
+    return None if name == "none" and keep >= 576 else registries.get("pruner").create(name, num_keep=keep)
+
+
+def timed_select(pruner):
+    """Wrap ``pruner.select`` to record its wall time (the selection overhead)."""
+    times: list[float] = []
+    if pruner is None:
+        return times
+    orig = pruner.select
+
+    def select(ctx):
+        t = time.process_time()
+        out = orig(ctx)
+        times.append(time.process_time() - t)
+        return out
+
+    pruner.select = select
+    return times
+
+
+def attention_counted() -> bool:
+    """Does FlopCounterMode count SDPA on this device (CPU kernels are often invisible to it)?"""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q = torch.randn(1, 2, 16, 8)
+    mask = torch.zeros(1, 1, 16, 16)
+    with FlopCounterMode(display=False) as fc:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    return fc.get_total_flops() > 0
+
+
+def prefill_flops(model, ids, images, pruner, add_attention: bool) -> tuple[float, int]:
+    """FLOPs of one prefill (vision tower + LLM, last-token logits) and the LLM sequence length after pruning."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        out = model.generate(ids, images, pruner=pruner, max_new_tokens=1)
+    flops = float(fc.get_total_flops())
+    if add_attention:  # QK^T and AV per layer: 2 * 2 * B * H * Lq * Lk * dh (the masked kernel computes all pairs)
+        b = ids.shape[0]
+        cfg = model.llm.config
+        full = ids.shape[1] - 1 + model.num_image_tokens
+        k_layer = pruner.layer if pruner is not None and pruner.stage == "in_llm" else 0
+        lens = [full if i < k_layer else out.prefill_length for i in range(cfg.num_hidden_layers)]
+        flops += sum(4.0 * b * cfg.hidden_size * n * n for n in lens)
+        tower = model.tower
+        t = tower.num_patches + tower.num_prefix_tokens
+        flops += 4.0 * b * tower.hidden_size * t * t * tower.num_layers
+    return flops, out.prefill_length
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    model = build_model(args.width, args.layers, args.tower_width, args.tower_depth, args.vocab)
+    llm_params = sum(p.numel() for p in model.llm.model.layers.parameters())
+    tower_params = sum(p.numel() for p in model.tower.model.blocks.parameters())
+    per_token_ratio = llm_params / tower_params
+    add_attn = not attention_counted()
+    configs = [("none", 576)] + [(m, k) for k in args.keeps if k < 576 for m in args.methods if m != "none"]
+    results = []
+    for batch in args.batches:
+        ids, images = make_inputs(model, batch)
+        stats = {c: {"prefill": [], "prefill_cpu": [], "e2e": [], "e2e_cpu": [], "select": []} for c in configs}
+        with torch.no_grad():
+            model.generate(ids, images, max_new_tokens=2)  # warm-up
+            for _rep in range(args.repeats):
+                for c in configs:  # interleaved: every method sees the same outside load
+                    pruner = make_pruner(*c)
+                    sel = timed_select(pruner)
+                    t = time.process_time()
+                    out = model.generate(ids, images, pruner=pruner, max_new_tokens=1)
+                    stats[c]["prefill_cpu"].append(time.process_time() - t)
+                    stats[c]["prefill"].append(out.prefill_seconds)
+                    stats[c]["select"] += sel
+                    if args.new_tokens:
+                        t = time.process_time()
+                        out = model.generate(
+                            ids,
+                            images,
+                            pruner=make_pruner(*c),
+                            max_new_tokens=args.new_tokens,
+                            min_new_tokens=args.new_tokens,
+                        )
+                        stats[c]["e2e_cpu"].append(time.process_time() - t)
+                        stats[c]["e2e"].append(out.total_seconds)
+        base = None
+        for c in configs:
+            flops, length = prefill_flops(model, ids, images, make_pruner(*c), add_attn)
+            row = {
+                "method": c[0],
+                "keep": c[1],
+                "batch": batch,
+                "llm_tokens": length,
+                "prefill_ms": 1e3 * statistics.median(stats[c]["prefill"]),
+                "prefill_cpu_ms": 1e3 * statistics.median(stats[c]["prefill_cpu"]),
+                "e2e_ms": 1e3 * statistics.median(stats[c]["e2e"]) if stats[c]["e2e"] else None,
+                "e2e_cpu_ms": 1e3 * statistics.median(stats[c]["e2e_cpu"]) if stats[c]["e2e_cpu"] else None,
+                "select_ms": 1e3 * statistics.median(stats[c]["select"]) if stats[c]["select"] else 0.0,
+                "gflops": flops / 1e9,
+            }
+            if base is None:
+                base = row
+            row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"]
+            row["prefill_cpu_speedup"] = base["prefill_cpu_ms"] / row["prefill_cpu_ms"]
+            row["e2e_speedup"] = base["e2e_ms"] / row["e2e_ms"] if row["e2e_ms"] else None
+            row["e2e_cpu_speedup"] = base["e2e_cpu_ms"] / row["e2e_cpu_ms"] if row["e2e_cpu_ms"] else None
+            row["flop_ratio"] = base["gflops"] / row["gflops"]
+            row["efficiency"] = row["prefill_speedup"] / row["flop_ratio"]
+            row["cpu_efficiency"] = row["prefill_cpu_speedup"] / row["flop_ratio"]
+            row["select_pct_of_unpruned_prefill"] = 100 * row["select_ms"] / base["prefill_cpu_ms"]
+            results.append(row)
+            print_row(row)
+    return {
+        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} threads",
+        "model": {
+            "llm_width": args.width,
+            "llm_layers": args.layers,
+            "llm_block_params": llm_params,
+            "tower_width": args.tower_width,
+            "tower_depth": args.tower_depth,
+            "tower_block_params": tower_params,
+            "llm_to_tower_per_token_flops": round(per_token_ratio, 1),
+            "image_tokens": model.num_image_tokens,
+        },
+        "attention_flops": "added by formula (4*B*D*L^2 per layer)" if add_attn else "counted by FlopCounterMode",
+        "repeats": args.repeats,
+        "new_tokens": args.new_tokens,
+        "results": results,
+    }
+
+
+HEADER = (
+    f"{'method':14s} {'keep':>4s} {'B':>2s} {'tokens':>6s} {'prefill ms':>10s} {'x':>5s} {'cpu ms':>8s} {'x':>5s} "
+    f"{'e2e ms':>8s} {'x':>5s} {'e2e cpu':>8s} {'x':>5s} {'GFLOP':>7s} {'FLOPx':>6s} {'eff':>5s} {'cpu eff':>7s} "
+    f"{'sel ms':>7s} {'sel%':>5s}"
+)
+
+
+def print_row(r: dict) -> None:
+    e2e = (
+        f"{r['e2e_ms']:8.1f} {r['e2e_speedup']:5.2f} {r['e2e_cpu_ms']:8.1f} {r['e2e_cpu_speedup']:5.2f}"
+        if r["e2e_ms"]
+        else f"{'-':>8s} {'-':>5s} {'-':>8s} {'-':>5s}"
+    )
+    print(
+        f"{r['method']:14s} {r['keep']:4d} {r['batch']:2d} {r['llm_tokens']:6d} {r['prefill_ms']:10.1f} "
+        f"{r['prefill_speedup']:5.2f} {r['prefill_cpu_ms']:8.1f} {r['prefill_cpu_speedup']:5.2f} {e2e} "
+        f"{r['gflops']:7.2f} {r['flop_ratio']:6.2f} {r['efficiency']:5.2f} {r['cpu_efficiency']:7.2f} "
+        f"{r['select_ms']:7.2f} {r['select_pct_of_unpruned_prefill']:5.2f}",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small LLM, batch 1 and 2, keep 576/64, 2 repeats")
+    p.add_argument("--json", default="", help="write the results here")
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--tower-width", type=int, default=128)
+    p.add_argument("--tower-depth", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--keeps", type=int, nargs="+", default=[576, 192, 128, 64])
+    p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps CPU-time figures free of spin-waits)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.width, args.layers, args.tower_width, args.tower_depth = 256, 4, 64, 2
+        args.batches, args.keeps, args.repeats, args.new_tokens = [1, 2], [576, 64], 2, 8
+    print(HEADER)
+    report = run(args)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
