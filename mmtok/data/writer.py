@@ -181,7 +181,7 @@ def write_shards(
                 path = out / f"{prefix}-{len(paths):06d}.tar"
                 paths.append(str(path))
                 # encoder=False: we encoded above; mtime fixed so rebuilt shards are byte-identical.
-                writer = wds.TarWriter(str(path), encoder=False, mtime=0.0)
+                writer = wds.TarWriter(str(path), encoder=False, mtime=0)  # int: a float adds a PAX header per member
                 count = size = 0
             writer.write(encoded)
             count += 1
