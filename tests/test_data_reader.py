@@ -187,3 +187,33 @@ def test_len_matches_batches(shards):
     for workers, el in [(0, 0), (2, 0), (2, 30)]:
         loader = ShardLoader(ShardDataset(shards, epoch_length=el), batch_size=4, num_workers=workers)
         assert len(loader) == len(list(loader))
+
+
+def test_fast_ustar_path_and_pax_fallback_agree(shards, tmp_path):
+    """Our shards take the fast header parser; PAX/GNU shards from other writers take webdataset's."""
+    import tarfile
+
+    import webdataset as wds
+
+    from mmtok.data import reader
+
+    src = expand_pattern(shards)[0]
+    with tarfile.open(src) as tf:
+        assert all(not m.pax_headers for m in tf.getmembers())
+        members = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+    fast = list(reader.iter_tar(src))
+    pax = str(tmp_path / "pax.tar")
+    with tarfile.open(pax, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1.5  # a float mtime forces a PAX header
+            tf.addfile(info, __import__("io").BytesIO(data))
+    with tarfile.open(pax) as tf:
+        assert all(m.pax_headers for m in tf.getmembers())
+    slow = list(reader.iter_tar(pax))
+    assert len(fast) == 10 and [{k: v for k, v in s.items() if k != "__url__"} for s in fast] == [
+        {k: v for k, v in s.items() if k != "__url__"} for s in slow
+    ]
+    with wds.TarWriter(str(tmp_path / "w.tar")) as w:  # webdataset's own writer (float mtime: PAX)
+        w.write({"__key__": "a", "txt": "hello", "json": {"x": 1}})
+    assert ShardDataset(str(tmp_path / "w.tar")).__iter__().__next__()["text"] == "hello"
