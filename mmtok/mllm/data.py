@@ -1,0 +1,132 @@
+"""``fashion-vqa``: visual question answering generated from fashion-scenes metadata.
+
+Our own synthetic set (in the spirit of CLEVR's templated questions, arXiv:1612.06890): each scene from
+:func:`mmtok.data.sources.scenes.make_scene` (96x96 canvas by default: with patch 4 that is 24 x 24 = 576 image
+tokens, LLaVA-1.5's count) gets templated questions whose answers follow from the item list:
+
+* ``count``: "how many items are there ?" -> "one" .. "four"
+* ``left``: "which item is furthest to the left ?" -> class name (asked only when the leftmost item's centre
+  is at least ``left_margin`` pixels left of the next one, so the answer is unambiguous)
+* ``colour``: "what colour is the <class> ?" -> colour name (asked only when that class occurs once)
+* ``exists``: "is there a <class> ?" -> "yes" / "no" (present and absent classes drawn half and half)
+
+Splits never share Fashion-MNIST source images (train/val/test as in fashion-scenes). One sample per
+(scene, question): ``png`` (RGB canvas) + ``json`` {source, split, scene, question, answer, qtype, items}.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from mmtok.registries import SHARD_BUILDERS
+
+logger = logging.getLogger(__name__)
+
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six"]
+QTYPES = ("count", "left", "colour", "exists")
+
+
+@dataclass
+class FashionVQAConfig:
+    """Options of ``mmtok shards fashion-vqa``."""
+
+    out: str = "data/fashion-vqa"
+    train: int = 8000  # scenes per split (0 skips the split)
+    val: int = 200
+    test: int = 500
+    canvas: int = 96
+    min_items: int = 1
+    max_items: int = 4
+    questions_per_scene: int = 2  # distinct question types per scene
+    left_margin: int = 6  # pixels between the leftmost and the next item centre for a "left" question
+    seed: int = 0
+    root: str = "/usr/share/datasets/fashion-mnist"
+    maxcount: int = 2000
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def questions_for(items: list[dict], rng: np.random.Generator, left_margin: int = 6) -> dict[str, tuple[str, str]]:
+    """Every askable question of a scene: ``{qtype: (question, answer)}`` (one draw per type)."""
+    from mmtok.data.sources.fashion_mnist import CLASS_NAMES
+
+    out: dict[str, tuple[str, str]] = {}
+    out["count"] = ("how many items are there ?", NUMBER_WORDS[len(items)])
+    centres = sorted(((it["bbox"][0] + it["bbox"][2]) / 2, it["class_name"]) for it in items)
+    if len(centres) == 1 or centres[1][0] - centres[0][0] >= left_margin:
+        out["left"] = ("which item is furthest to the left ?", centres[0][1])
+    classes = [it["class_name"] for it in items]
+    unique = [it for it in items if classes.count(it["class_name"]) == 1]
+    if unique:
+        it = unique[int(rng.integers(len(unique)))]
+        out["colour"] = (f"what colour is the {it['class_name']} ?", it["colour"])
+    present = sorted(set(classes))
+    absent = [c for c in CLASS_NAMES if c not in present]
+    if rng.random() < 0.5 or not absent:
+        c, ans = present[int(rng.integers(len(present)))], "yes"
+    else:
+        c, ans = absent[int(rng.integers(len(absent)))], "no"
+    out["exists"] = (f"is there {_article(c)} {c} ?", ans)
+    return out
+
+
+_SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+
+
+def vqa_samples(cfg: FashionVQAConfig, split: str, count: int):
+    """Yield the samples of one split (deterministic in ``cfg.seed``)."""
+    from mmtok.data.sources.scenes import make_scene, split_source
+
+    images, labels, fidx = split_source(split, cfg.root)
+    for s in range(count):
+        rng = np.random.default_rng([cfg.seed, 7, _SPLIT_IDS[split], s])
+        rgb, _, items = make_scene(rng, images, labels, cfg.canvas, cfg.min_items, cfg.max_items, indices=fidx)
+        qs = questions_for(items, rng, cfg.left_margin)
+        types = [t for t in QTYPES if t in qs]
+        chosen = rng.choice(len(types), size=min(cfg.questions_per_scene, len(types)), replace=False)
+        for j in sorted(int(c) for c in chosen):
+            qtype = types[j]
+            question, answer = qs[qtype]
+            yield {
+                "__key__": f"{split}_{s:06d}_{qtype}",
+                "png": rgb,
+                "json": {
+                    "source": "fashion-vqa",
+                    "split": split,
+                    "scene": s,
+                    "canvas": cfg.canvas,
+                    "qtype": qtype,
+                    "question": question,
+                    "answer": answer,
+                    "items": [{k: it[k] for k in ("class_name", "colour", "bbox", "position")} for it in items],
+                },
+            }
+
+
+@SHARD_BUILDERS.register("fashion-vqa", config=FashionVQAConfig)
+def build_fashion_vqa(cfg: FashionVQAConfig) -> dict:
+    """Templated VQA over fashion scenes (train/val/test shards; test is the held-out split)."""
+    from mmtok.data.writer import brace_pattern, write_shards
+
+    t0 = time.perf_counter()
+    summary: dict = {"builder": "fashion-vqa", "out": str(cfg.out), "canvas": cfg.canvas, "splits": {}}
+    for split in ("train", "val", "test"):
+        count = int(getattr(cfg, split))
+        if count <= 0:
+            continue
+        paths = write_shards(vqa_samples(cfg, split, count), cfg.out, prefix=split, maxcount=cfg.maxcount)
+        summary["splits"][split] = {"scenes": count, "shards": len(paths), "pattern": brace_pattern(paths)}
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    logger.info("fashion-vqa shards: %s", summary)
+    return summary
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, single spaces, "t - shirt" -> "t-shirt", no trailing punctuation."""
+    return " ".join(text.lower().replace(" - ", "-").replace(" ?", "").replace(" .", "").split())

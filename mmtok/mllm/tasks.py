@@ -1,0 +1,212 @@
+"""MLLM training tasks: LLaVA's two stages on conversation shards.
+
+LLaVA-1.5 (arXiv:2310.03744) trains in two stages: (1) feature alignment, where only the projector learns
+(vision tower and LLM frozen), then (2) visual instruction tuning, where projector and LLM learn (LLaVA also
+offers LoRA for stage 2). Loss: next-token cross-entropy on the answer tokens only (prompt and image masked).
+
+``mllm_stage1`` / ``mllm_stage2`` read shards whose ``json`` has ``question`` and ``answer`` (fashion-vqa, or
+any conversation shard with those fields) and an image. ``stage2`` with ``lora_rank > 0`` injects LoRA adapters
+(peft) into the LLM's attention projections; ``export`` merges them so the exported folder is a plain MLLM.
+``evaluate`` reports the mean loss and the exact-match answer accuracy of greedy generation.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmtok.mllm.data import normalise_answer
+from mmtok.mllm.modeling import IGNORE_INDEX, MLLM
+from mmtok.registries import TASKS
+from mmtok.train.task import Task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MLLMTaskConfig:
+    model: str = "llava_fashion_small"  # registered MLLM built from config (when init is empty)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # MLLMConfig fields for `model`
+    init: str = ""  # start from an mmtok MLLM folder or an HF llava folder (e.g. the stage-1 export)
+    stage: int = 1  # 1: projector only; 2: projector + LLM
+    lora_rank: int = 0  # stage 2: 0 = full fine-tuning, > 0 = LoRA adapters of this rank
+    lora_alpha: int = 16
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    train_tower: bool = False  # also train the vision tower (tiny from-scratch models)
+    eval_generate: bool = True  # answer accuracy by greedy generation in evaluate()
+    max_new_tokens: int = 6
+
+
+class MLLMTask(Task):
+    """Answer-only next-token loss of an :class:`MLLM` on (image, question, answer) samples."""
+
+    def __init__(self, config: MLLMTaskConfig):
+        super().__init__()
+        from mmtok import registries
+
+        self.config = config
+        if config.init:
+            self.model = MLLM.from_pretrained(config.init, **config.model_overrides)
+        else:
+            self.model = registries.get("mllm").create(config.model, **config.model_overrides)
+        if self.model.tokenizer is None:
+            raise ValueError(f"MLLM {config.model or config.init} has no tokenizer; set model_overrides.tokenizer")
+        if config.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 (projector) or 2 (projector + LLM), not {config.stage}")
+        self.model.requires_grad_(False)
+        self.model.projector.requires_grad_(True)
+        self._lora = None
+        if config.stage == 2:
+            if config.lora_rank > 0:
+                from peft import LoraConfig
+                from peft.tuners.lora import LoraModel
+
+                lcfg = LoraConfig(
+                    r=config.lora_rank,
+                    lora_alpha=config.lora_alpha,
+                    target_modules=list(config.lora_targets),
+                    lora_dropout=0.0,
+                )
+                # injected in place: self.model.llm keeps its class, the decoder loop is unchanged
+                object.__setattr__(self, "_lora", LoraModel(self.model.llm, lcfg, "default"))
+            else:
+                self.model.llm.requires_grad_(True)
+        if config.train_tower:
+            self.model.tower.requires_grad_(True)
+        n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        logger.info("MLLM stage %d: %.2fM trainable parameters", config.stage, n_train / 1e6)
+
+    # -- data -----------------------------------------------------------------------------------------------
+    def sample_transform(self, split: str):
+        from mmtok.mllm.text import encode_training_pair
+
+        tok = self.model.tokenizer
+
+        def transform(sample: dict[str, Any]) -> dict[str, Any]:
+            meta = sample["json"]
+            if "question" not in meta or "answer" not in meta:
+                raise ValueError(f"sample {sample.get('__key__')} has no question/answer in its json")
+            ids, labels = encode_training_pair(tok, meta["question"], meta["answer"])
+            prompt_len = labels.count(IGNORE_INDEX)  # labels = [-100] * prompt + answer ids
+            return {
+                "image": sample["image"],
+                "input_ids": ids,
+                "labels": labels,
+                "prompt_len": prompt_len,
+                "answer": meta["answer"],
+                "qtype": meta.get("qtype", ""),
+            }
+
+        return transform
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        pad = self.model.tokenizer.pad_token_id or 0
+        ids, att, labels = _left_pad([s["input_ids"] for s in samples], pad, [s["labels"] for s in samples])
+        prompts = [s["input_ids"][: s["prompt_len"]] for s in samples]
+        p_ids, p_att, _ = _left_pad(prompts, pad)
+        return {
+            "images": torch.stack([s["image"] for s in samples]),
+            "input_ids": ids,
+            "attention_mask": att,
+            "labels": labels,
+            "prompt_ids": p_ids,
+            "prompt_mask": p_att,
+            "answers": [s["answer"] for s in samples],
+            "qtypes": [s["qtype"] for s in samples],
+        }
+
+    # -- training -------------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = self.model(batch["input_ids"], batch["images"], batch["attention_mask"], labels=batch["labels"])
+        with torch.no_grad():
+            pred = out.logits[:, :-1].argmax(-1)
+            tgt = out.labels[:, 1:]
+            m = tgt != IGNORE_INDEX
+            acc = (pred[m] == tgt[m]).float().mean() if m.any() else out.loss.new_zeros(())
+        return {"loss": out.loss, "token_acc": acc}
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[Any]) -> dict[str, float]:
+        from mmtok.mllm.text import decode_answers
+
+        sums: dict[str, float] = {}
+        n_batches, correct, total = 0, 0, 0
+        for batch in batches:
+            for k, v in self(batch).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n_batches += 1
+            if self.config.eval_generate:
+                gen = self.model.generate(
+                    batch["prompt_ids"],
+                    batch["images"],
+                    batch["prompt_mask"],
+                    max_new_tokens=self.config.max_new_tokens,
+                    eos_token_id=self.model.tokenizer.eos_token_id,
+                )
+                answers = decode_answers(self.model.tokenizer, gen.sequences)
+                correct += sum(normalise_answer(a) == normalise_answer(b) for a, b in zip(answers, batch["answers"]))
+                total += len(answers)
+        out = {k: v / max(n_batches, 1) for k, v in sums.items()}
+        if total:
+            out["answer_acc"] = correct / total
+        return out
+
+    def export(self, out_dir: str | Path) -> None:
+        model = self.model
+        if self._lora is not None:  # merge LoRA into a copy so the exported folder is a plain MLLM
+            model, lora = copy.deepcopy((self.model, self._lora))  # one deepcopy keeps the two linked
+            model.llm = lora.merge_and_unload()
+        model.save_pretrained(out_dir)
+
+    def synthetic_batch(self, batch_size: int) -> dict[str, Any]:
+        """Random images and questions of the fashion-vqa form (benchmarks)."""
+        from mmtok.mllm.text import encode_training_pair
+
+        tok = self.model.tokenizer
+        ids, labels = encode_training_pair(tok, "how many items are there ?", "two")
+        samples = [
+            {
+                "image": torch.rand(3, 96, 96),
+                "input_ids": ids,
+                "labels": labels,
+                "prompt_len": labels.count(IGNORE_INDEX),
+                "answer": "two",
+                "qtype": "count",
+            }
+        ] * batch_size
+        return self.collate(samples)
+
+
+def _left_pad(seqs: list[list[int]], pad: int, labels: list[list[int]] | None = None):
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+    att = torch.zeros((len(seqs), length), dtype=torch.long)
+    lab = torch.full((len(seqs), length), IGNORE_INDEX, dtype=torch.long) if labels is not None else None
+    for i, s in enumerate(seqs):
+        ids[i, length - len(s) :] = torch.tensor(s)
+        att[i, length - len(s) :] = 1
+        if lab is not None:
+            lab[i, length - len(s) :] = torch.tensor(labels[i])
+    return ids, att, lab
+
+
+TASKS.add(
+    "mllm_stage1",
+    MLLMTask,
+    config=MLLMTaskConfig,
+    defaults={"stage": 1},
+    help="LLaVA stage 1: train the projector only",
+)
+TASKS.add(
+    "mllm_stage2",
+    MLLMTask,
+    config=MLLMTaskConfig,
+    defaults={"stage": 2},
+    help="LLaVA stage 2: projector + LLM (full or LoRA)",
+)
