@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from mmtok.data import DataError, ShardDataset, ShardPatternError, write_shards
+from mmtok.data import DataConfig, DataError, ShardDataset, ShardPatternError, build_loader, write_shards
 from mmtok.data.loader import ShardLoader
 
 
@@ -100,6 +100,8 @@ def test_missing_mask_from_index_and_from_required(tmp_path):
     assert [s["__key__"] for s in ShardDataset(path2)] == ["k000", "k001", "k002"]
     ds, keys = _run(path2, "skip", required=("png", "mask.png"))
     assert keys == ["k000", "k002"] and ds.stats == {"missing_field": 1}
+    loader = build_loader(DataConfig(train=path2, required="png,mask.png", batch_size=2, shuffle_buffer=0), "train")
+    assert [k for b in loader for k in b["__key__"]] == ["k000", "k002"] and loader.stats == {"missing_field": 1}
 
 
 def test_truncated_tar_member(tmp_path, caplog):

@@ -19,8 +19,11 @@ class DataConfig:
     num_workers: int = 0  # DataLoader workers per process
     shuffle_buffer: int = 1000  # samples held for shuffling (0 = no shuffle)
     resampled: bool = False  # draw shards with replacement forever (set epoch_length)
-    epoch_length: int = 0  # samples per epoch and process in resampled mode (0 = one pass)
+    # Samples per epoch and process: required when resampled; otherwise the shards repeat until it is
+    # reached (equal batch counts on every rank). 0 = one pass over this consumer's shards.
+    epoch_length: int = 0
     on_error: str = "skip"  # "skip" (drop, count and log the key) or "raise"
     image_size: int = 0  # resize images to this square size (0 = keep)
     image_mode: str = "keep"  # "keep" (grey stays 1 channel), "RGB" or "L"
     drop_last: bool = False  # drop each worker's last partial batch of a training epoch
+    required: str = ""  # members every sample must have, e.g. "png,mask.png" ("" = the index's fields)

@@ -259,6 +259,7 @@ def build_loader(
         rank=rank,
         world_size=world_size,
         image_mode=getattr(data_cfg, "image_mode", "keep"),
+        required=tuple(r.strip() for r in data_cfg.required.split(",") if r.strip()) or None,
     )
     return ShardLoader(
         ds,
