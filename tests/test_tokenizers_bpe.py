@@ -1,0 +1,136 @@
+"""2D BPE over code grids: lossless round trips (property tests), incremental == full recount, files, ids."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mmtok.tokenizers.bpe import DIRS, BPEError, BPEVocab, _Grids, train_bpe
+
+
+def recount_merges(grids, num_merges, num_codes, mode, min_frequency=2):
+    """Reference trainer: recount every pair of the corpus at every merge (same tie-break)."""
+    vmax = num_codes + num_merges
+    th, tw = np.ones(vmax, np.int64), np.ones(vmax, np.int64)
+    state = _Grids([np.asarray(g) for g in grids], th, tw, vmax, two_d=mode == "2d")
+    merges = []
+    for m in range(num_merges):
+        anchors, keys = state.all_pairs()
+        if keys.size == 0:
+            break
+        uk, inv = np.unique(keys, return_inverse=True)
+        counts = np.bincount(inv)
+        best = int(np.argmax(counts))
+        if counts[best] < min_frequency:
+            break
+        pair, d = divmod(int(uk[best]), 2)
+        a, b = divmod(pair, vmax)
+        p, q = state.select(anchors[inv == best], a, b, d)
+        t = num_codes + m
+        th[t], tw[t] = (th[a], tw[a] + tw[b]) if d == 0 else (th[a] + th[b], tw[a])
+        state.apply(p, q, b, t)
+        merges.append((a, b, DIRS[d]))
+    return merges
+
+
+def smooth_grids(rng, n, h, w, codes):
+    """Grids with flat regions and repeated structure, like real VQ codes."""
+    base = rng.integers(0, codes, size=(n, h // 2 + 1, w // 2 + 1))
+    g = np.repeat(np.repeat(base, 2, axis=1), 2, axis=2)[:, :h, :w]
+    noise = rng.random((n, h, w)) < 0.2
+    return np.where(noise, rng.integers(0, codes, size=(n, h, w)), g)
+
+
+@pytest.mark.parametrize("mode", ["2d", "1d"])
+def test_incremental_trainer_equals_full_recount(mode):
+    rng = np.random.default_rng(0)
+    grids = smooth_grids(rng, 40, 8, 8, 6)
+    vocab = train_bpe(grids, 60, num_codes=6, mode=mode)
+    assert vocab.merges == recount_merges(grids, 60, 6, mode)
+    assert vocab.num_merges > 20
+
+
+def test_2d_merges_include_vertical_and_identical_pairs_and_encode_reproduces_training():
+    rng = np.random.default_rng(1)
+    grids = smooth_grids(rng, 50, 12, 10, 8)
+    vocab, stats = train_bpe(grids, 80, num_codes=8, return_stats=True)
+    dirs = {d for _, _, d in vocab.merges}
+    assert dirs == {"h", "v"}
+    assert any(a == b for a, b, _ in vocab.merges)  # identical-code pairs are merged (flat regions)
+    assert any(min(vocab.token_shape(t)) > 1 for t in range(vocab.vocab_size))  # true 2D (h, w >= 2) tokens
+    enc = vocab.encode(grids)
+    assert sum(len(e) for e in enc) == stats.tokens_after < grids.size
+    for e, g in zip(enc, grids):
+        assert np.array_equal(vocab.decode(e, g.shape), g)
+    assert grids.min() >= 0  # input untouched: training never mutates its input
+    assert np.array_equal(grids, smooth_grids(np.random.default_rng(1), 50, 12, 10, 8))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+    codes=st.integers(1, 5),
+    mode=st.sampled_from(["1d", "2d"]),
+)
+def test_roundtrip_property_on_random_grids(seed, h, w, codes, mode):
+    rng = np.random.default_rng(seed)
+    train = smooth_grids(rng, 20, 8, 8, codes)
+    vocab = train_bpe(train, 40, num_codes=codes + 2, mode=mode)  # codes+2: some codes never seen in training
+    grids = [rng.integers(0, codes + 2, size=(h, w)) for _ in range(3)] + [np.full((h, w), codes + 1)]
+    for g, ids in zip(grids, vocab.encode(grids)):
+        assert np.array_equal(vocab.decode(ids, (h, w)), g)
+        assert len(ids) <= h * w
+
+
+def test_1d_sequences_variable_sizes_and_vocab_file(tmp_path):
+    rng = np.random.default_rng(2)
+    seqs = [rng.integers(0, 4, size=rng.integers(3, 30)) for _ in range(50)]
+    vocab = train_bpe(seqs, 30, num_codes=4, mode="1d")
+    assert all(d == "h" for _, _, d in vocab.merges)
+    path = vocab.save(tmp_path / "bpe.json")
+    data = json.loads(path.read_text())
+    assert data["format"] == "mmtok-bpe" and data["version"] == 1 and len(data["merges"]) == vocab.num_merges
+    back = BPEVocab.load(path)
+    assert back.merges == vocab.merges and back.mode == "1d"
+    for s, ids in zip(seqs, back.encode(seqs)):
+        assert np.array_equal(back.decode(ids, len(s)), s)
+    data["version"] = 99
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(BPEError, match="version 99"):
+        BPEVocab.load(tmp_path / "bad.json")
+
+
+def test_render_and_layout_ids():
+    vocab = BPEVocab(3, [(0, 1, "h"), (3, 3, "v"), (2, 2, "h")])
+    assert vocab.token_shape(4) == (2, 2)
+    assert vocab.render(4).tolist() == [[0, 1], [0, 1]]
+    grid = np.array([[0, 1, 2, 2], [0, 1, 0, 1]])
+    ids = vocab.encode_one(grid)
+    assert ids.tolist() == [4, 5, 3]  # raster order of anchors: (0,0) 2x2, (0,2) 1x2, (1,2) 1x2
+    layout = vocab.layout(text_vocab_size=100)
+    assert (layout.boi, layout.eoi, layout.size) == (106, 107, 8)
+    llm = layout.wrap(ids)
+    assert llm == [106, 104, 105, 103, 107]
+    assert np.array_equal(vocab.decode(layout.unwrap([1, 2, *llm, 7]), grid.shape), grid)
+
+
+def test_bad_inputs_raise_clear_errors():
+    vocab = BPEVocab(3, [(0, 1, "h")])
+    with pytest.raises(BPEError, match="base codes"):
+        vocab.encode([np.array([[0, 5]])])
+    with pytest.raises(BPEError, match="outside the vocabulary"):
+        vocab.decode([7], (1, 1))
+    with pytest.raises(BPEError, match="does not fit"):
+        vocab.decode([3, 3], (1, 3))
+    with pytest.raises(BPEError, match="uncovered"):
+        vocab.decode([0], (1, 2))
+    with pytest.raises(BPEError, match="horizontal merge"):
+        BPEVocab(3, [(0, 1, "v"), (3, 2, "h")])
+    with pytest.raises(BPEError, match=r"\[B, H, W\]"):
+        vocab.encode(np.zeros((2, 2), dtype=int))
