@@ -229,7 +229,7 @@ class BlockMasker(Masker):
         t, h, w = context.grid
         n = context.num_tokens
         k = num_visible(n, self.mask_ratio)
-        ks = _per_slice_keep(k, t, "block")
+        ks = _per_slice_keep(k, t, "block", n)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=context.generator))
         rng = random.Random(seed)
         spatial = torch.stack([self._one(h, w, h * w - ks, rng) for _ in range(batch_size)])  # [B, h*w]
@@ -237,11 +237,18 @@ class BlockMasker(Masker):
         return mask_to_output(mask)
 
 
-def _per_slice_keep(k: int, t: int, name: str) -> int:
+def _per_slice_keep(k: int, t: int, name: str, n: int | None = None) -> int:
     if k % t:
+        hint = ""
+        if n:
+            ok = [
+                r for r in (x / 1000 for x in range(500, 1000)) if int(n * (1 - r)) % t == 0 and int(n * (1 - r)) >= t
+            ]
+            near = sorted(ok, key=lambda r: abs(r - (1 - k / n)))[:2]
+            hint = f" (on this grid e.g. mask_ratio={' or '.join(f'{r:g}' for r in sorted(near))})" if near else ""
         raise ValueError(
             f"{name} masking repeats one spatial mask over {t} time slices, so the {k} visible tokens must "
-            f"be divisible by {t}; change mask_ratio slightly (visible = int(N * (1 - ratio)))"
+            f"be divisible by {t}; change mask_ratio slightly{hint}"
         )
     return k // t
 
@@ -262,7 +269,7 @@ class TubeMasker(Masker):
     def forward(self, batch_size: int, context: MaskContext) -> MaskOutput:
         t, h, w = context.grid
         k = num_visible(context.num_tokens, self.mask_ratio)
-        ks = _per_slice_keep(k, t, "tube")
+        ks = _per_slice_keep(k, t, "tube", context.num_tokens)
         noise = _rand((batch_size, h * w), context, context.resolve_device())
         keep = torch.argsort(noise, dim=1)[:, :ks]
         spatial = torch.ones(batch_size, h * w, dtype=torch.bool, device=noise.device)

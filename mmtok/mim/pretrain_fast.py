@@ -41,7 +41,10 @@ class FastPretrainConfig:
 
 
 def pretrain_in_memory(images: np.ndarray, cfg: FastPretrainConfig) -> tuple[MAETask, dict[str, Any]]:
-    """Pretrain on uint8 images ``[N, H, W]`` or ``[N, C, H, W]``; returns the task and a log dict."""
+    """Pretrain on uint8 images ``[N, H, W]`` / ``[N, C, H, W]`` or clips ``[N, C, T, H, W]``.
+
+    Returns the task (in eval mode) and a log dict (steps, epochs, images/s, first/last loss).
+    """
     torch.manual_seed(cfg.seed)
     task: MAETask = registries.get("task").create("mae", **cfg.task)
     task.train()
@@ -49,10 +52,10 @@ def pretrain_in_memory(images: np.ndarray, cfg: FastPretrainConfig) -> tuple[MAE
     if data.ndim == 3:
         data = data[:, None]  # [N, 1, H, W]
     c = task.model.config
-    if data.shape[1:] != (c.in_chans, c.img_size, c.img_size):
-        raise ValueError(
-            f"images {tuple(data.shape[1:])} do not fit the model ({c.in_chans}, {c.img_size}, {c.img_size})"
-        )
+    video = task.model.is_video
+    want = (c.in_chans, c.num_frames, c.img_size, c.img_size) if video else (c.in_chans, c.img_size, c.img_size)
+    if tuple(data.shape[1:]) != want:
+        raise ValueError(f"data {tuple(data.shape[1:])} does not fit the model {want}")
     groups = [g for g in task.param_groups(cfg.weight_decay) if g["params"]]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(cfg.seed)
@@ -72,8 +75,8 @@ def pretrain_in_memory(images: np.ndarray, cfg: FastPretrainConfig) -> tuple[MAE
         idx = perm[pos : pos + cfg.batch_size]
         pos += cfg.batch_size
         x = data[idx].float().div_(255.0)
-        flip = torch.rand(len(idx), generator=g) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        flip = (torch.rand(len(idx), generator=g) < 0.5).view(-1, *([1] * (x.ndim - 1)))
+        x = torch.where(flip, x.flip(-1), x)
         # warm-up then half-cycle cosine (MAE); the calibration steps count as warm-up
         horizon = planned if planned < 10**9 else max(cfg.calib_steps * 100, 1)
         warm = max(cfg.calib_steps, int(cfg.warmup_frac * horizon))

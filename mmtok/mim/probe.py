@@ -27,11 +27,13 @@ __all__ = ["ProbeResult", "extract_features", "finetune", "linear_probe", "to_in
 
 
 def to_input(images: np.ndarray | torch.Tensor, in_chans: int = 1) -> torch.Tensor:
-    """uint8 ``[N, H, W]`` / ``[N, C, H, W]`` (or floats in [0, 1]) -> float ``[N, C, H, W]`` in [0, 1]."""
+    """uint8 ``[N, H, W]`` / ``[N, C, H, W]`` / ``[N, C, T, H, W]`` (or floats in [0, 1]) -> floats in [0, 1]."""
     x = images if torch.is_tensor(images) else torch.from_numpy(np.array(images, copy=True))
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
     if x.ndim == 3:
         x = x[:, None]
+    if x.ndim == 5:  # clips [N, C, T, H, W] are passed through
+        return x
     if x.shape[1] != in_chans:
         x = x.mean(1, keepdim=True) if in_chans == 1 else x.expand(-1, in_chans, -1, -1)
     return x
@@ -141,7 +143,7 @@ def finetune(
     g = torch.Generator().manual_seed(seed)
     model = _Classifier(encoder, num_classes).train()
     xs = torch.from_numpy(np.array(train_images, copy=True))
-    ys = torch.as_tensor(np.asarray(train_labels)).long()
+    ys = torch.from_numpy(np.array(train_labels, copy=True)).long()
     steps_per_epoch = math.ceil(len(xs) / batch_size)
     total = max(1, int(epochs * steps_per_epoch))
     warmup = max(1, total // 20)

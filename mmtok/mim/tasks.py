@@ -93,7 +93,8 @@ class MIMSampleTransform:
                 raise ValueError(
                     f"clip {sample.get('__key__')!r} has {x.shape[1]} frames; the model needs {self.num_frames}"
                 )
-            x = x[:, : self.num_frames]
+            # num_frames evenly spaced frames over the clip (VideoMAE samples with a fixed stride)
+            x = x[:, torch.linspace(0, x.shape[1] - 1, self.num_frames).round().long()]
             if x.shape[-2:] != (self.img_size, self.img_size):
                 x = rearrange(x, "c t h w -> t c h w")
                 x = F.interpolate(x, size=(self.img_size,) * 2, mode="bilinear", antialias=True)

@@ -1,0 +1,320 @@
+"""Masked image / video modeling benchmarks.
+
+Sections (all on by default; ``--only`` picks some):
+  throughput  pretraining images/s (clips/s) and activation memory vs mask ratio (0.5, 0.75, 0.9, 0.95)
+              for MAE (Fashion-MNIST recipe) and VideoMAE (moving-fashion recipe). Memory: bytes of the
+              tensors autograd saves for backward (what the mask ratio changes); on CUDA also peak allocated.
+  maskers     masker overhead per batch for every registered strategy (the masker call alone; teacher
+              forwards for attention / hard_patch are timed separately as "teacher").
+  quality     MAE on Fashion-MNIST under a wall-clock pretraining budget (in-memory loop, same model and
+              task code), then a linear probe on mean-pooled final-norm features (standardised logistic
+              regression, C tuned on 10% of train held out) and a fine-tune under its own budget; baselines:
+              raw pixels and a random-init encoder with the same probe.
+  video       random vs tube vs adaptive masking on moving-fashion clips at the same budget, probed on
+              clip labels.
+
+  python tools/bench/mim.py --quick --json runs/bench/mim_quick.json
+  python tools/bench/mim.py --only quality --budget 1800 --finetune-budget 600 --json runs/bench/mim_quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmtok import registries
+from mmtok.mim.masking import MaskContext
+
+RATIOS = (0.5, 0.75, 0.9, 0.95)
+FMNIST_MODEL = {"model": "mae_tiny_p4", "model_args": {}}
+VIDEO_MODEL = {
+    "model": "videomae_tiny",
+    "model_args": {"img_size": 64, "patch_size": 8, "in_chans": 3, "num_frames": 8, "tubelet_size": 2, "depth": 4},
+}
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of distinct tensors autograd saves during ``fn()`` (activation memory of the step)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            ptr = t.untyped_storage().data_ptr()
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def bench_throughput(quick: bool, device: torch.device) -> list[dict]:
+    rows = []
+    for kind, spec, batch in (("mae", FMNIST_MODEL, 256), ("videomae", VIDEO_MODEL, 16)):
+        for ratio in RATIOS:
+            task = registries.get("task").create("mae", masker="random", mask_ratio=ratio, **spec).to(device)
+            opt = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-4)
+            b = {k: v.to(device) for k, v in task.synthetic_batch(batch).items()}
+
+            def step(task=task, opt=opt, b=b):
+                out = task(b)
+                opt.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                opt.step()
+
+            step()  # warm-up
+            act = saved_bytes(lambda task=task, b=b: task(b)["loss"])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            n = 2 if quick else 6
+            t0 = time.perf_counter()
+            for _ in range(n):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = (time.perf_counter() - t0) / n
+            row = {
+                "model": kind,
+                "mask_ratio": ratio,
+                "batch": batch,
+                "tokens": task.model.num_patches,
+                "visible": int(task.model.num_patches * (1 - ratio)),
+                "per_s": batch / dt,
+                "step_ms": dt * 1000,
+                "activation_MiB": act / 2**20,
+            }
+            if device.type == "cuda":
+                row["peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+            rows.append(row)
+            print(
+                f"  {kind:9s} r={ratio:<5} {row['visible']:4d}/{row['tokens']:<4d} visible  "
+                f"{row['per_s']:8.1f} {'img' if kind == 'mae' else 'clip'}/s  act {row['activation_MiB']:7.1f} MiB",
+                flush=True,
+            )
+    return rows
+
+
+def bench_maskers(quick: bool, device: torch.device) -> list[dict]:
+    rows = []
+    cases = (("image 7x7", (1, 7, 7), 256, 0.75), ("video 4x8x8", (4, 8, 8), 16, 0.875))
+    for label, grid, batch, ratio in cases:
+        n = grid[0] * grid[1] * grid[2]
+        tokens = torch.randn(batch, n, 192, device=device)
+        scores = torch.rand(batch, n, device=device)
+        for name in registries.get("masker").list():
+            extra = {"embed_dim": 192, "num_heads": 3} if name == "adaptive" else {}
+            masker = registries.get("masker").create(name, mask_ratio=ratio, **extra).to(device)
+            ctx = MaskContext(grid=grid, tokens=tokens, scores=scores, progress=1.0, device=device)
+            masker(batch, ctx)
+            reps = 3 if quick else 20
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                masker(batch, ctx)
+            ms = (time.perf_counter() - t0) / reps * 1000
+            rows.append({"grid": label, "masker": name, "batch": batch, "ms_per_batch": ms})
+            print(f"  {label:12s} {name:11s} {ms:8.2f} ms/batch of {batch}", flush=True)
+        # what the teacher-guided maskers additionally cost: one teacher forward over all tokens
+        spec = FMNIST_MODEL if grid[0] == 1 else VIDEO_MODEL
+        for name in ("attention", "hard_patch"):
+            task = registries.get("task").create("mae", masker=name, mask_ratio=ratio, **spec).to(device)
+            x = task.synthetic_batch(batch)["x"].to(device)
+            task.step.fill_(task.config.total_steps)  # hard share at its maximum
+            with torch.no_grad():
+                task.make_masks(x)
+                t0 = time.perf_counter()
+                for _ in range(2 if quick else 5):
+                    task.make_masks(x)
+            ms = (time.perf_counter() - t0) / (2 if quick else 5) * 1000
+            rows.append({"grid": label, "masker": f"{name}+teacher", "batch": batch, "ms_per_batch": ms})
+            print(f"  {label:12s} {name + '+teacher':20s} {ms:8.2f} ms/batch of {batch}", flush=True)
+    return rows
+
+
+def _probe(features_fn, xtr, ytr, xte, yte) -> dict:
+    from mmtok.mim.probe import linear_probe
+
+    t0 = time.perf_counter()
+    ftr, fte = features_fn(xtr), features_fn(xte)
+    r = linear_probe(ftr, ytr, fte, yte, Cs=(0.01, 0.1, 1.0))
+    return {
+        "accuracy": r.accuracy,
+        "C": r.C,
+        "val_accuracy": r.val_accuracy,
+        "dim": int(ftr.shape[1]),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def bench_quality(args, device: torch.device) -> dict:
+    from mmtok.data.sources.fashion_mnist import load_fashion_mnist
+    from mmtok.mim.pretrain_fast import FastPretrainConfig, pretrain_in_memory
+    from mmtok.mim.probe import extract_features, finetune
+
+    xtr, ytr = load_fashion_mnist("train")
+    xte, yte = load_fashion_mnist("test")
+    if args.quick:
+        xtr, ytr, xte, yte = xtr[:6000], ytr[:6000], xte[:2000], yte[:2000]
+    spec = json.loads(args.recipe)
+    cfg = FastPretrainConfig(task=spec["task"], time_budget_s=args.budget, **spec.get("train", {}))
+    out: dict = {"recipe": spec, "budget_s": args.budget, "train_images": len(xtr), "test_images": len(xte)}
+    if not args.no_baselines:
+        out["raw_pixels"] = _probe(lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0, xtr, ytr, xte, yte)
+        print(f"  raw pixels probe: {out['raw_pixels']['accuracy']:.4f}", flush=True)
+        init = registries.get("task").create("mae", **spec["task"]).model.encoder
+        out["random_init"] = _probe(lambda x: extract_features(init, x), xtr, ytr, xte, yte)
+        print(f"  random-init probe: {out['random_init']['accuracy']:.4f}", flush=True)
+    task, log = pretrain_in_memory(xtr, cfg)
+    out["pretrain"] = log
+    print(
+        f"  pretrained {log['steps']} steps, {log['epochs']:.2f} epochs in {log['seconds']:.0f} s "
+        f"({log['images_per_s']:.0f} img/s), loss {log['loss_first']:.3f} -> {log['loss_last']:.3f}",
+        flush=True,
+    )
+    enc = task.model.encoder
+    out["probe"] = _probe(lambda x: extract_features(enc, x), xtr, ytr, xte, yte)
+    print(f"  MAE probe (mean-pooled final-norm): {out['probe']['accuracy']:.4f} (C={out['probe']['C']})", flush=True)
+    layers = min(4, len(enc.blocks))
+    out["probe_concat_last4"] = _probe(lambda x: extract_features(enc, x, layers=layers), xtr, ytr, xte, yte)
+    print(f"  MAE probe (concat of last {layers} blocks): {out['probe_concat_last4']['accuracy']:.4f}", flush=True)
+    if args.save:
+        task.model.save_pretrained(Path(args.save) / "mae")
+        task.model.export_encoder(Path(args.save) / "encoder")
+    if args.finetune_budget > 0:
+        ft = finetune(
+            copy.deepcopy(enc),
+            xtr,
+            ytr,
+            xte,
+            yte,
+            epochs=args.finetune_epochs,
+            time_budget_s=args.finetune_budget,
+            lr=args.finetune_lr,
+        )
+        out["finetune"] = ft
+        print(
+            f"  fine-tune: {ft['accuracy']:.4f} after {ft['epochs_done']:.2f} epochs in {ft['seconds']:.0f} s",
+            flush=True,
+        )
+    return out
+
+
+def make_clips(n: int, split: str, frames: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Moving-fashion clips in memory (the shard builder's generator, without the mp4 round trip)."""
+    from mmtok.data.sources.moving import make_clip
+    from mmtok.data.sources.scenes import split_source
+
+    images, labels, fidx = split_source(split)
+    xs, ys = [], []
+    for i in range(n):
+        rng = np.random.default_rng([seed, 10 if split == "train" else 12, i])
+        video, items = make_clip(rng, images, labels, 16, 64, 1, 2, indices=fidx)
+        keep = np.linspace(0, 15, frames).round().astype(int)
+        xs.append(np.transpose(video[keep], (3, 0, 1, 2)))  # [C, T, H, W]
+        ys.append(items[0]["class_id"])
+    return np.stack(xs), np.asarray(ys)
+
+
+def bench_video(args, device: torch.device) -> list[dict]:
+    from mmtok.mim.pretrain_fast import FastPretrainConfig, pretrain_in_memory
+    from mmtok.mim.probe import extract_features, linear_probe
+
+    n_train, n_test = (256, 128) if args.quick else (args.video_clips, args.video_clips // 4)
+    frames = VIDEO_MODEL["model_args"]["num_frames"]
+    xtr, ytr = make_clips(n_train, "train", frames, 0)
+    xte, yte = make_clips(n_test, "test", frames, 0)
+    rows = []
+    for masker, ratio in (("random", 0.875), ("tube", 0.875), ("adaptive", 0.95)):
+        cfg = FastPretrainConfig(
+            task={**VIDEO_MODEL, "masker": masker, "mask_ratio": ratio},
+            batch_size=16,
+            lr=1e-3,
+            time_budget_s=args.video_budget,
+            log_every=0,
+        )
+        task, log = pretrain_in_memory(xtr, cfg)
+        enc = task.model.encoder
+        r = linear_probe(extract_features(enc, xtr, 32), ytr, extract_features(enc, xte, 32), yte, Cs=(0.01, 0.1, 1.0))
+        rows.append({"masker": masker, "mask_ratio": ratio, **log, "probe_accuracy": r.accuracy, "probe_C": r.C})
+        print(
+            f"  {masker:9s} r={ratio:<6} {log['steps']:5d} steps {log['images_per_s']:6.1f} clips/s "
+            f"loss {log['loss_last']:.3f} probe {r.accuracy:.4f}",
+            flush=True,
+        )
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny settings (a smoke run of every section)")
+    p.add_argument("--json", help="write results here")
+    p.add_argument("--only", nargs="+", choices=["throughput", "maskers", "quality", "video"])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--budget", type=float, default=1800.0, help="quality: pretraining seconds")
+    p.add_argument("--finetune-budget", type=float, default=600.0, help="quality: fine-tune seconds (0 = skip)")
+    p.add_argument("--finetune-epochs", type=float, default=6.0)
+    p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--no-baselines", action="store_true", help="quality: skip raw-pixel and random-init probes")
+    p.add_argument("--save", help="quality: save the pretrained MAE and encoder here")
+    p.add_argument(
+        "--recipe",
+        default=json.dumps(
+            {
+                "task": {"model": "mae_tiny_p4", "model_args": {"patch_size": 7}, "mask_ratio": 0.75},
+                "train": {"batch_size": 256, "lr": 2e-3, "warmup_frac": 0.05},
+            }
+        ),
+        help="quality: JSON {task: MAETaskConfig fields, train: FastPretrainConfig fields}",
+    )
+    p.add_argument("--video-budget", type=float, default=300.0, help="video: seconds per masker")
+    p.add_argument("--video-clips", type=int, default=2000)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.quick:
+        args.budget, args.finetune_budget, args.video_budget = 20.0, 10.0, 8.0
+    sections = args.only or ["throughput", "maskers", "quality", "video"]
+    results: dict = {
+        "machine": {
+            "device": str(device),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "load_avg_start": os.getloadavg(),
+        },
+        "quick": args.quick,
+    }
+    t0 = time.perf_counter()
+    for name in sections:
+        print(f"[{name}]", flush=True)
+        fn = {"throughput": bench_throughput, "maskers": bench_maskers}.get(name)
+        if fn is not None:
+            results[name] = fn(args.quick, device)
+        elif name == "quality":
+            results[name] = bench_quality(args, device)
+        else:
+            results[name] = bench_video(args, device)
+    results["machine"]["load_avg_end"] = os.getloadavg()
+    results["seconds"] = time.perf_counter() - t0
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2, default=float))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
