@@ -1,0 +1,141 @@
+"""Contract tests over every registered tokenizer and quantizer (tiny configs, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmtok import hub, registries
+from mmtok.tokenizers.quantizers import codebook_stats, nearest_code
+
+TOKENIZERS = registries.get("tokenizer")
+QUANTIZERS = registries.get("quantizer")
+
+
+def tiny(name: str) -> dict:
+    """Shrink any registered tokenizer to test size, keeping its family, quantizer and downsampling."""
+    cfg = TOKENIZERS.build_config(name)
+    over: dict = {"codebook_size": 64, "image_size": 16}
+    if hasattr(cfg, "downsample"):
+        over.update(base_channels=8, image_size=max(16, 2 * cfg.downsample), num_res_blocks=1)
+    else:
+        over.update(width=32, depth=2, num_heads=2, patch_size=4, num_latent_tokens=8, latent_dim=8)
+    if cfg.quantizer == "fsq":
+        over["levels"] = [5, 5, 3]
+    return over
+
+
+@pytest.fixture(params=TOKENIZERS.list())
+def model(request):
+    torch.manual_seed(0)
+    return TOKENIZERS.create(request.param, **tiny(request.param))
+
+
+def _images(m, b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c, s = m.config.in_channels, m.config.image_size
+    return torch.rand(b, c, s, s, generator=g) * 2 - 1
+
+
+def test_registry_names_follow_the_convention():
+    names = TOKENIZERS.list()
+    for fam in ("vq_small_f4", "vq_small_f8", "titok_tiny_k32", "pca1d_tiny_k16"):
+        assert fam in names
+    assert all(len(n.split("_")) >= 3 for n in names)
+    assert set(QUANTIZERS.list()) >= {"vq", "rvq", "fsq"}
+
+
+def test_forward_backward_shapes(model):
+    x = _images(model)
+    model.train()
+    out = model(x)
+    assert out.recon.shape == x.shape
+    assert out.indices.shape[: 1 + len(model.tokens_shape)] == (3, *model.tokens_shape)
+    assert out.indices.dtype == torch.long and 0 <= out.indices.min() and out.indices.max() < model.codebook_size
+    loss = (out.recon - x).abs().mean() + out.losses["quant"]
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "encoder" in n and p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads), "no gradient reached the encoder"
+    stats = model.codebook_stats()
+    assert 0 < stats["usage"] <= 1 and stats["perplexity"] >= 1
+
+
+def test_decode_indices_equals_decode_latents(model):
+    model.train()
+    model(_images(model))  # k-means init of the codebook
+    model.eval()
+    with torch.no_grad():
+        enc = model.encode(_images(model, seed=1))
+        assert torch.equal(model.decode_indices(enc.indices), model.decode(enc.latents))
+
+
+def test_save_load_roundtrip_and_determinism(model, tmp_path):
+    model.train()
+    model(_images(model))
+    model.eval()
+    path = model.save_pretrained(tmp_path / "tok")
+    back = hub.from_pretrained(path, kind="tokenizer").eval()
+    assert type(back) is type(model) and back.config == model.config
+    for (k, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), k
+    x = _images(model, seed=2)
+    with torch.no_grad():
+        assert torch.equal(model.encode(x).indices, back.encode(x).indices)
+        assert torch.equal(model(x).recon, back(x).recon)
+    name = model.hub_name
+    torch.manual_seed(5)
+    m1 = TOKENIZERS.create(name, **tiny(name))
+    torch.manual_seed(5)
+    m2 = TOKENIZERS.create(name, **tiny(name))
+    for (k, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_bad_input_shape_is_a_clear_error():
+    m = TOKENIZERS.create("vq_tiny_f4", **tiny("vq_tiny_f4"))
+    with pytest.raises(ValueError, match=r"expects images \[B, 1, 16, 16\]"):
+        m.encode(torch.zeros(2, 3, 16, 16))
+    with pytest.raises(Exception, match="Did you mean 'codebook_size'"):
+        TOKENIZERS.create("vq_tiny_f4", codebok_size=3)
+
+
+@pytest.mark.parametrize("kind", ["vq", "rvq", "fsq"])
+def test_quantizer_fp32_under_autocast_and_stats(kind):
+    q = QUANTIZERS.create(kind, dim=16, codebook_size=32, codebook_dim=8, usage_window=1000, levels=[5, 5, 3])
+    x = torch.randn(2, 40, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(x.bfloat16())
+    assert out.quantized.dtype == torch.float32
+    assert q.stats()["usage"] > 0
+    q.eval()
+    with torch.no_grad():
+        o = q(x)
+        assert torch.equal(q.indices_to_latents(o.indices), o.quantized)
+    q.reset_stats()
+    assert q.stats()["usage"] == 0
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_chunked_nearest_code_matches_brute_force(cosine):
+    g = torch.Generator().manual_seed(0)
+    x, cb = torch.randn(500, 8, generator=g), torch.randn(300, 8, generator=g)
+    if cosine:
+        x, cb = torch.nn.functional.normalize(x, dim=-1), torch.nn.functional.normalize(cb, dim=-1)
+        want = (x @ cb.t()).argmax(-1)
+    else:
+        want = torch.cdist(x, cb).argmin(-1)
+    got = nearest_code(x, cb, cosine, chunk_bytes=300 * 4 * 7)  # 7 rows per chunk
+    assert (got == want).float().mean() > 0.998  # ties / rounding may flip a rare near-equidistant pair
+
+
+def test_codebook_stats_hand_computed():
+    s = codebook_stats(torch.tensor([0, 0, 1, 1]), 4)
+    assert s["usage"] == 0.5 and abs(s["perplexity"] - 2.0) < 1e-9
+    s = codebook_stats(torch.tensor([3, 3, 3]), 4)
+    assert s["usage"] == 0.25 and abs(s["perplexity"] - 1.0) < 1e-9
+
+
+def test_usage_window_slides():
+    q = QUANTIZERS.create("fsq", dim=4, levels=[5, 3], usage_window=10)
+    q._record(torch.arange(15))
+    assert sorted(q._recent[:, 0].tolist()) == list(range(5, 15))
