@@ -140,3 +140,27 @@ def test_deepspeed_zero_kill_and_resume(fmnist_shards, tmp_path, launcher, stage
     # the model weights in a DeepSpeed checkpoint are plain safetensors (no DeepSpeed needed to read them)
     last = load_file(str(ckpt.find_latest(full / "checkpoints") / "model.safetensors"))
     assert all(torch.equal(last[k], a[k]) for k in a)
+
+
+def test_single_process_deepspeed_zero3_and_eval_run(fmnist_shards, tmp_path):
+    """No launcher: `mmtok train deepspeed.enabled=true` makes a world of one; `mmtok eval run` reads the
+    ZeRO-3 checkpoint's safetensors weights without DeepSpeed."""
+    out = tmp_path / "one"
+    cmd = _cmd("torchrun", 3, fmnist_shards, out)
+    cmd = [sys.executable, "-m", "mmtok.cli.main", "train", *cmd[cmd.index("--config") :], "train.steps=6"]
+    env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=400)
+    assert res.returncode == 0, res.stderr[-4000:]
+    summary = json.loads(res.stdout[res.stdout.index("{") :])
+    assert summary["steps"] == 6 and json.loads((out / "ds_config.json").read_text())["train_batch_size"] == 16
+    res = subprocess.run(
+        [sys.executable, "-m", "mmtok.cli.main", "eval", "run", "--run", str(out), "--batches", "4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    result = json.loads(res.stdout[res.stdout.index("{") :])
+    assert result["metrics"]["accuracy"] == pytest.approx(summary["eval"]["accuracy"], abs=1e-6)

@@ -96,6 +96,8 @@ def setup(device_spec: str, want_deepspeed: bool) -> DistInfo:
             # The shared-memory allreduce extension is compiled on first use (~90 s); gloo does the job.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         if not dist.is_initialized():
+            if "WORLD_SIZE" not in os.environ:
+                _single_process_env()
             deepspeed.init_distributed(
                 dist_backend="gloo" if device.type == "cpu" else "nccl",
                 auto_mpi_discovery=False,
@@ -108,6 +110,18 @@ def setup(device_spec: str, want_deepspeed: bool) -> DistInfo:
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank, world, local_rank, device, deepspeed=use_ds, ddp=world > 1 and not use_ds)
+
+
+def _single_process_env() -> None:
+    """DeepSpeed in one process without a launcher: a world of one on a free local port."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(port))
 
 
 def barrier() -> None:

@@ -232,8 +232,12 @@ class DeepSpeedBackend:
     name = "deepspeed"
 
     def __init__(self, task: torch.nn.Module, cfg: RunConfig, info: DistInfo, bf16: bool, out_dir: Path):
+        import warnings
+
         import deepspeed
 
+        # DeepSpeed calls collectives torch has renamed; one warning per call site and rank is noise.
+        warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         self.task = task
         self.info = info
         self.bf16 = bf16
