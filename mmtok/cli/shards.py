@@ -42,6 +42,11 @@ def main(argv: list[str]) -> int:
     except RegistryError as e:
         print(f"mmtok shards: {e}", file=sys.stderr)
         return 2
-    summary = entry.target(cfg)
+    try:
+        summary = entry.target(cfg)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        # builders raise these for bad options or inputs; the message says what to change
+        print(f"mmtok shards {args.name}: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2, default=str))
     return 0
