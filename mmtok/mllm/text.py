@@ -73,7 +73,9 @@ def load_tokenizer(spec: str):
 
     if spec == "builtin:fashion":
         return build_fashion_tokenizer()
-    path = Path(spec)
+    from mmtok.mllm.modeling import resolve_package_file
+
+    path = Path(resolve_package_file(spec))
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist")

@@ -232,6 +232,21 @@ def print_row(r: dict) -> None:
     )
 
 
+def accuracy(args) -> dict:
+    """Held-out answer accuracy of a trained MLLM for every method at 192/128/64 kept, as a fraction of unpruned."""
+    from mmtok.mllm.evaluate import DEFAULT_METHODS, load_eval_set, retention_table
+    from mmtok.mllm.modeling import MLLM
+
+    torch.set_num_threads(max(args.threads, 2))
+    model = MLLM.from_pretrained(args.accuracy_model).eval()
+    samples = load_eval_set(args.accuracy_data, args.accuracy_limit)
+    keeps = [k for k in args.keeps if k < model.num_image_tokens] or [64]
+    print(f"\naccuracy retention: {len(samples)} held-out samples, {model.num_image_tokens} image tokens")
+    table = retention_table(model, samples, DEFAULT_METHODS, keeps)
+    table["model"] = args.accuracy_model
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small LLM, batch 1 and 2, keep 576/64, 2 repeats")
@@ -246,13 +261,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--accuracy-model", default="", help="also measure accuracy retention of this trained MLLM folder")
+    p.add_argument("--accuracy-data", default="data/fashion-vqa/test-*.tar", help="held-out VQA shards")
+    p.add_argument("--accuracy-limit", type=int, default=0, help="first N held-out samples (0 = all)")
+    p.add_argument("--skip-speed", action="store_true", help="only the accuracy-retention table")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps CPU-time figures free of spin-waits)")
     args = p.parse_args(argv)
     if args.quick:
         args.width, args.layers, args.tower_width, args.tower_depth = 256, 4, 64, 2
         args.batches, args.keeps, args.repeats, args.new_tokens = [1, 2], [576, 64], 2, 8
-    print(HEADER)
-    report = run(args)
+    report: dict = {}
+    if not args.skip_speed:
+        print(HEADER)
+        report = run(args)
+    if args.accuracy_model:
+        report["accuracy"] = accuracy(args)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
