@@ -104,7 +104,7 @@ def _run(cmd: list[str]) -> dict:
     return json.loads(res.stdout[res.stdout.index("{") :])
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_sigkill_and_resume_is_bitwise_equal(fmnist_shards, tmp_path, workers):
     full, killed = tmp_path / "full", tmp_path / "killed"
     extra = [f"data.num_workers={workers}"]
