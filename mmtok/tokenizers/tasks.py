@@ -126,7 +126,8 @@ class TokenizerTask(Task):
             loss = loss + self.config.perceptual_weight * perc
             logs["perceptual"] = perc.detach()
         if self.discriminator is not None and self.training:
-            loss = loss + self._gan_terms(x, recon, rec_total=loss, logs=logs)
+            g_term, d_loss = self._gan_terms(x, recon, rec_total=loss, logs=logs)
+            loss = loss + g_term + d_loss
         if self.training:
             self.step += 1
             for k, v in self.tokenizer.codebook_stats().items():
@@ -136,13 +137,14 @@ class TokenizerTask(Task):
             logs["psnr"] = 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
         return {"loss": loss, **logs}
 
-    def _gan_terms(self, x: Tensor, recon: Tensor, rec_total: Tensor, logs: dict[str, Tensor]) -> Tensor:
+    def _gan_terms(self, x: Tensor, recon: Tensor, rec_total: Tensor, logs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(weighted generator term: gradient to ``recon`` only, discriminator hinge loss: gradient to D only)."""
         from mmtok.tokenizers.losses import adaptive_gan_weight, hinge_d_loss
 
         disc = self.discriminator
         if int(self.step) < self.config.disc_start:
             logs["gan_on"] = torch.tensor(0.0)
-            return recon.new_zeros(())
+            return recon.new_zeros(()), recon.new_zeros(())
         if any(hasattr(p, "ds_id") and getattr(p, "ds_status", None) is not None for p in disc.parameters()):
             raise RuntimeError("the GAN loss needs unpartitioned parameters: use DeepSpeed ZeRO stage 1 or 2")
         d_loss = hinge_d_loss(disc(x), disc(recon.detach()))
@@ -153,7 +155,7 @@ class TokenizerTask(Task):
         if self.config.adaptive_disc_weight and last is not None and torch.is_grad_enabled():
             weight = adaptive_gan_weight(rec_total, g_loss, last)
         logs.update(gan_on=torch.tensor(1.0), d_loss=d_loss.detach(), g_loss=g_loss.detach(), gan_w=weight)
-        return self.config.disc_weight * weight * g_loss + d_loss
+        return self.config.disc_weight * weight * g_loss, d_loss
 
     # -- evaluation / export --------------------------------------------------------------------
     @torch.no_grad()
