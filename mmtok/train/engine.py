@@ -458,10 +458,17 @@ class _Run:
 
     # -- resume ------------------------------------------------------------------------------
     def _resume(self, resume: str) -> tuple[Path | None, dict[str, Any] | None]:
+        found, error = None, None
         if self.info.is_main:
             ckpt.clean_stale(self.ckpt_root)
-        found = ckpt.resolve_resume(resume, self.ckpt_root) if self.info.is_main else None
-        found = dist_utils.broadcast_object(str(found) if found else None)
+            try:
+                path = ckpt.resolve_resume(resume, self.ckpt_root)
+                found = str(path) if path else None
+            except CheckpointError as e:
+                error = str(e)  # raised on every rank below, so no rank waits for the others forever
+        found, error = dist_utils.broadcast_object((found, error))
+        if error is not None:
+            raise CheckpointError(error)
         if found is None:
             return None, None
         folder = Path(found)
@@ -479,7 +486,8 @@ class _Run:
             self.stream.loader.load_state_dict(data_state)
         elif self.step:
             logger.warning("the data loader has no saved position; the resumed run restarts its data stream")
-        logger.info("resumed from %s (step %d, epoch %d)", folder, self.step, self.stream.epoch)
+        if self.info.is_main:
+            logger.info("resumed from %s (step %d, epoch %d)", folder, self.step, self.stream.epoch)
         return folder, state
 
     def _save(self) -> None:
