@@ -176,7 +176,15 @@ class MAETask(Task):
         return self.masker(x.shape[0], ctx)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        x = batch["x"] if isinstance(batch, dict) else batch
+        if isinstance(batch, dict):
+            if "x" not in batch:
+                raise KeyError(
+                    f"the mae task expects batches with 'x' (made by its sample_transform/collate); got "
+                    f"{sorted(batch)}. Pass task.collate([task.sample_transform(split)(s) for s in samples])."
+                )
+            x = batch["x"]
+        else:
+            x = batch
         training = self.training and torch.is_grad_enabled()
         if training and self.teacher is not None and int(self.step) > 0:
             self._update_teacher()  # the previous optimizer step has updated the student
