@@ -1,4 +1,12 @@
-"""``mmtok demo``: launch the Gradio demo (binds 127.0.0.1 unless --host says otherwise)."""
+"""``mmtok demo``: launch the Gradio demo over the trained models in a folder.
+
+    mmtok demo                          # models under runs/, http://127.0.0.1:7860
+    mmtok demo --models runs --port 7861
+    mmtok demo --host 0.0.0.0           # reachable from other machines (off by default)
+
+The demo lives in ``demo/app.py`` at the repository root (not inside the ``mmtok`` package, and not a package
+itself so it never shadows another ``demo`` module); it is loaded by path here.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +14,45 @@ import argparse
 import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
+
+APP = Path(__file__).resolve().parents[2] / "demo" / "app.py"
+
+
+def load_app(path: Path = APP) -> ModuleType:
+    """Import ``demo/app.py`` by path (as module ``mmtok_demo_app``)."""
+    name = "mmtok_demo_app"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mmtok demo", description="Launch the Gradio demo.")
-    p.add_argument("--host", default="127.0.0.1")
+    p = argparse.ArgumentParser(prog="mmtok demo", description="Launch the Gradio demo (CPU, offline).")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--models", default="runs", help="folder with trained models to show")
+    p.add_argument("--models", default="runs", help="folder searched for trained model folders (config.json)")
     args = p.parse_args(argv)
-    app = Path(__file__).resolve().parents[2] / "demo" / "app.py"
-    if not app.is_file():
-        print("mmtok demo: the Gradio demo is not built yet in this version of mmtok.", file=sys.stderr)
+    if not APP.is_file():
+        print(f"mmtok demo: {APP} is missing; the Gradio demo is not part of this checkout.", file=sys.stderr)
         return 2
-    spec = importlib.util.spec_from_file_location("mmtok_demo_app", app)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    demo = module.build_demo(models_dir=args.models)
-    demo.launch(server_name=args.host, server_port=args.port)
+    try:
+        import gradio  # noqa: F401
+    except ModuleNotFoundError:
+        print("mmtok demo: gradio is not installed; run `pip install -e '.[demo]'` (or `make setup`).", file=sys.stderr)
+        return 2
+    if not Path(args.models).is_dir():
+        print(f"mmtok demo: no folder {args.models!r}; the tabs will say how to train models for it.", file=sys.stderr)
+    app = load_app()
+    demo = app.build_demo(models_dir=args.models)
+    print(f"mmtok demo: serving the models under {args.models} on http://{args.host}:{args.port}", flush=True)
+    app.launch(demo, args.host, args.port, block=True)
     return 0
