@@ -1,8 +1,10 @@
 """Every registry of mmtok, in one place.
 
-Each registry is filled by the module that implements its entries. ``get(kind)`` imports those
-modules on first use, so ``mmtok.registries.get("tokenizer").list()`` is complete without the caller
-knowing where tokenizers live, and ``import mmtok`` itself stays free of heavy imports.
+Each registry is filled by the modules that implement its entries. Those modules are imported on
+demand: looking up a name imports providers in order until it is found, listing imports them all.
+So ``mmtok.registries.get("tokenizer").list()`` is complete without the caller knowing where
+tokenizers live, building the toy task does not import every MLLM module, and ``import mmtok``
+itself stays free of heavy imports.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ _BY_KIND = {
 # Modules that fill each registry. A missing module (a capability not built yet) is skipped with a
 # debug log so the rest still works.
 _PROVIDERS: dict[str, tuple[str, ...]] = {
-    "task": ("mmtok.train.toy", "mmtok.tokenizers.tasks", "mmtok.mim.tasks", "mmtok.mllm.tasks"),
+    "task": ("mmtok.train.toy", "mmtok.mim.tasks", "mmtok.tokenizers.tasks", "mmtok.mllm.tasks"),
     "shard builder": ("mmtok.data.sources", "mmtok.tokenizers.shards", "mmtok.mllm.data"),
     "tokenizer": ("mmtok.tokenizers",),
     "quantizer": ("mmtok.tokenizers.quantizers",),
@@ -61,29 +63,35 @@ _PROVIDERS: dict[str, tuple[str, ...]] = {
     "seg format": ("mmtok.mllm.seg",),
     "seg head": ("mmtok.mllm.seg",),
 }
-_loaded: set[str] = set()
 
 
-def load_providers(kind: str) -> None:
-    """Import the modules that register entries of ``kind`` (once)."""
-    if kind in _loaded:
-        return
-    _loaded.add(kind)
-    for module in _PROVIDERS.get(kind, ()):
+def _provider(kind: str, module: str):
+    def load() -> None:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:
-            # Only swallow "this capability's module does not exist yet", never a broken import inside it.
+            # Only swallow "this capability's module does not exist", never a broken import inside it.
             if e.name is None or not module.startswith(e.name):
                 raise
             logger.debug("provider %s of %s registry not available: %s", module, kind, e)
 
+    return load
+
+
+for _kind, _modules in _PROVIDERS.items():
+    for _module in _modules:
+        _BY_KIND[_kind].add_provider(_provider(_kind, _module))
+
+
+def load_providers(kind: str) -> None:
+    """Import every module that registers entries of ``kind``."""
+    get(kind).load_all()
+
 
 def get(kind: str) -> Registry:
-    """The registry of ``kind`` with all its providers imported."""
+    """The registry of ``kind``; its provider modules are imported on demand by lookups and listings."""
     if kind not in _BY_KIND:
         raise RegistryError(f"unknown registry kind {kind!r}; kinds: {', '.join(sorted(_BY_KIND))}")
-    load_providers(kind)
     return _BY_KIND[kind]
 
 

@@ -96,6 +96,25 @@ class Registry:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
         self._aliases: dict[str, str] = {}
+        # Callables that import the modules filling this registry, run lazily: a lookup of a name
+        # imports providers one at a time until it is found, so building the toy task never pays for
+        # importing every tokenizer, MIM and MLLM module. Listing imports them all.
+        self._pending: list[Callable[[], None]] = []
+
+    def add_provider(self, load: Callable[[], None]) -> None:
+        """Register a callable that imports a module adding entries here (run on demand, once)."""
+        self._pending.append(load)
+
+    def _load_next(self) -> bool:
+        if not self._pending:
+            return False
+        self._pending.pop(0)()
+        return True
+
+    def load_all(self) -> None:
+        """Import every pending provider."""
+        while self._load_next():
+            pass
 
     # -- registration -------------------------------------------------------------------------
     def register(
@@ -139,6 +158,8 @@ class Registry:
     # -- lookup -------------------------------------------------------------------------------
     def get(self, name: str) -> Entry:
         """Return the entry for ``name`` or an alias; unknown names list the valid ones."""
+        while name not in self._entries and name not in self._aliases and self._load_next():
+            pass
         name = self._aliases.get(name, name)
         if name not in self._entries:
             names = self.list()
@@ -152,16 +173,20 @@ class Registry:
         """Registered names (not aliases), sorted; ``pattern`` is an fnmatch filter."""
         import fnmatch
 
+        self.load_all()
         names = sorted(self._entries)
         return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
 
     def __contains__(self, name: str) -> bool:
+        while name not in self._entries and name not in self._aliases and self._load_next():
+            pass
         return name in self._entries or name in self._aliases
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.list())
 
     def __len__(self) -> int:
+        self.load_all()
         return len(self._entries)
 
     def __repr__(self) -> str:
