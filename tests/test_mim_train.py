@@ -221,3 +221,23 @@ def test_mmtok_train_mae_deepspeed_zero2(tmp_path):
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert (out / "ds_config.json").is_file()
     assert (out / "export" / "encoder" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_eval_mim_video_probe_on_moving_fashion_shards(tmp_path):
+    from mmtok.data.sources.moving import MovingFashionConfig, build_moving_fashion
+    from mmtok.mim.evaluate import main
+
+    build_moving_fashion(MovingFashionConfig(out=str(tmp_path / "mv"), train=24, val=0, test=12, frames=8, size=32))
+    model = registries.get("mim model").create(
+        "videomae_micro", img_size=32, patch_size=8, in_chans=3, num_frames=4, tubelet_size=2
+    )
+    model.save_pretrained(tmp_path / "vmae")
+    out = tmp_path / "m.json"
+    args = ["--model", str(tmp_path / "vmae"), "--out", str(out), "--figure", str(tmp_path / "v.png")]
+    args += ["--video-train", f"{tmp_path}/mv/train-*.tar", "--video-test", f"{tmp_path}/mv/test-*.tar"]
+    assert main(args) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["train_clips"] == 24 and metrics["test_clips"] == 12
+    assert 0.0 <= metrics["video_probe_accuracy"] <= 1.0
+    assert (tmp_path / "v.png").is_file()
