@@ -540,8 +540,8 @@ def answer_with_pruning(
 ) -> PrunedAnswer:
     """Answer ``question`` about ``image`` ([1, C, H, W] in [0, 1]) with and without pruning, timed.
 
-    Pruned and unpruned runs are interleaved ``repeats`` times and the median prefill is reported, the same
-    protocol as ``mmtok prune``.
+    After one untimed warm-up of each, pruned and unpruned runs are interleaved ``repeats`` times and the
+    median prefill is reported, the same protocol as ``mmtok prune``.
     """
     from mmtok.mllm.text import chat_prompt, decode_answers, encode_prompts
 
@@ -554,6 +554,8 @@ def answer_with_pruning(
     n = model.num_image_tokens
     pruner = make_pruner(pruner_name, budget, n)
     ids, att = encode_prompts(tok, [chat_prompt(tok, question)], model.device)
+    for pr in (None, pruner):  # untimed warm-up: first calls pay for allocations and lazy initialisation
+        model.generate(ids, image, att, pruner=pr, max_new_tokens=1, eos_token_id=tok.eos_token_id)
     runs: dict[str, list[Any]] = {"pruned": [], "unpruned": []}
     for _ in range(max(1, int(repeats))):
         for key, pr in (("unpruned", None), ("pruned", pruner)):

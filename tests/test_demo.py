@@ -1,0 +1,308 @@
+"""The Gradio demo: discovery, every tab's handler on tiny random-init models, the CLI, and a real browser run.
+
+The models are built from the registries with tiny configs and saved with ``save_pretrained`` into a
+temporary ``runs`` folder, laid out like real runs (``<run>/export``, MAE's ``export/mae`` + ``export/encoder``,
+a training checkpoint folder that must be ignored). The browser test drives Debian's headless Chromium.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mmtok import registries
+
+pytestmark = pytest.mark.demo
+gr = pytest.importorskip("gradio")
+
+MLLM_TINY = {
+    "tower": {
+        "name": "timm_vit",
+        "model_name": "vit_tiny_patch16_224",
+        "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+    },
+    "llm": {
+        "model_type": "qwen2",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "vocab_size": 96,
+        "max_position_embeddings": 256,
+    },
+}
+N_IMAGE_TOKENS = 16  # 32 px / patch 8 -> 4 x 4
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    """A runs folder with one tiny model of every kind (and folders the demo must skip)."""
+    from mmtok.tokenizers.bpe import train_bpe
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("runs")
+    vq = registries.get("tokenizer").create("vq_tiny_f4", image_size=32, codebook_size=64, kmeans_init=False)
+    vq.save_pretrained(root / "vq" / "export")
+    # a BPE vocabulary beside the VQ run's export (the demo must find and use it, not learn its own)
+    codes = np.random.default_rng(0).integers(0, 4, size=(50, 8, 8))
+    train_bpe(codes, 20, num_codes=64).save(root / "vq" / "bpe_vocab.json")
+    titok = registries.get("tokenizer").create(
+        "titok_tiny_k16", codebook_size=64, kmeans_init=False, width=32, num_heads=2
+    )
+    titok.save_pretrained(root / "titok" / "export")
+    mae = registries.get("mim model").create("mae_micro", img_size=32, patch_size=4, in_chans=1)
+    mae.save_pretrained(root / "mae" / "export" / "mae")
+    mae.export_encoder(root / "mae" / "export" / "encoder")  # a ViT encoder: no pixel decoder, not shown
+    mae.save_pretrained(root / "mae" / "checkpoints" / "step-00000010")  # training state: skipped
+    mllm = registries.get("mllm").create("llava_fashion_small", **MLLM_TINY)
+    mllm.save_pretrained(root / "mllm" / "export")
+    (root / "mllm" / "notes").mkdir()
+    (root / "mllm" / "notes" / "config.json").write_text(json.dumps({"hello": 1}))  # not a model folder
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo_app(models_dir):
+    from mmtok.cli.demo import load_app
+
+    app_module = load_app()
+    demo = app_module.build_demo(models_dir=str(models_dir))
+    return app_module, demo, demo.mmtok_app
+
+
+def _check_image(img, size=256):
+    assert isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.shape == (size, size, 3), (
+        None if not isinstance(img, np.ndarray) else (img.dtype, img.shape)
+    )
+
+
+def test_discovery_finds_each_kind_and_skips_the_rest(demo_app):
+    app_module, demo, app = demo_app
+    core = app_module.core
+    assert isinstance(demo, gr.Blocks)
+    labels = {k: [m.label for m in v] for k, v in app.models.items()}
+    assert labels[core.TOKENIZER] == ["titok/export  [titok_tiny_k16]", "vq/export  [vq_tiny_f4]"]
+    assert labels[core.MIM] == ["mae/export/mae  [mae_micro]"]  # not the encoder, not the checkpoint
+    assert labels[core.MLLM_KIND] == ["mllm/export  [llava_fashion_small]"]
+
+
+def test_tokenizer_tab(demo_app):
+    app_module, _, app = demo_app
+    core = app_module.core
+    label = app.labels(core.TOKENIZER)[1]  # the VQ tokenizer (8 x 8 ids), with bpe_vocab.json beside it
+    model = app.load(core.TOKENIZER, label)
+    upload = np.random.default_rng(1).integers(0, 256, size=(40, 50, 4), dtype=np.uint8)  # RGBA, not square
+    for source, upload_img in (("Fashion-MNIST", None), ("photo", None), ("fashion scene", None), ("upload", upload)):
+        photo = core.photo_names()[0]
+        original, recon, codes, bpe, stats = app.run_tokenizer(label, source, 3, photo, upload_img)
+        for img in (original, recon, codes, bpe):
+            _check_image(img)
+        assert "tokens per image** 64" in stats and "after BPE" in stats and "bpe_vocab.json" in stats
+        psnr = float(stats.split("**PSNR** ")[1].split(" dB")[0])
+        assert math.isfinite(psnr)
+        # the displayed images are 8x nearest upscales of 32 px: their MSE gives the same PSNR (up to rounding)
+        mse = np.mean((original.astype(np.float64) - recon.astype(np.float64)) ** 2) / 255.0**2
+        assert abs(10 * math.log10(1 / mse) - psnr) < 0.3
+    # the model's own round trip: encode -> decode_indices is what the tab shows
+    img = core.fashion_image(3)
+    r = core.run_tokenizer(model, img)
+    x = torch.nn.functional.interpolate(core.to_tensor(img), size=(32, 32), mode="bilinear", antialias=True)
+    ids = model.tokenize(x * 2 - 1)
+    assert np.array_equal(r.codes, ids[0].numpy()) and r.tokens == 64 and r.tokens_bpe is None
+    expect = core.upscale(core.to_uint8((model.decode_indices(ids).detach() + 1) / 2))
+    assert np.abs(expect.astype(int) - r.recon.astype(int)).max() <= 1
+
+
+def test_tokenizer_bpe_counts_match_the_vocabulary(demo_app):
+    app_module, _, app = demo_app
+    core = app_module.core
+    from mmtok.tokenizers.bpe import BPEVocab
+
+    vq_label, titok_label = app.labels(core.TOKENIZER)[1], app.labels(core.TOKENIZER)[0]
+    vocab = BPEVocab.load(app.models_dir / "vq" / "bpe_vocab.json")
+    model = app.load(core.TOKENIZER, vq_label)
+    r = core.run_tokenizer(model, core.fashion_image(5), vocab, "file")
+    seq = vocab.encode_one(r.codes)
+    assert r.tokens_bpe == len(seq) <= r.tokens
+    owner = core.bpe_cells(vocab, seq, r.codes.shape)
+    assert owner.min() == 0 and len(np.unique(owner)) == len(seq)  # every cell covered, one region per token
+    assert np.array_equal(vocab.decode(seq, r.codes.shape), r.codes)
+    # the 1D tokenizer has no vocabulary beside it: the demo learns 1D merges itself and says so
+    _, _, codes, bpe, stats = app.run_tokenizer(titok_label, "Fashion-MNIST", 0, "", None)
+    assert "tokens per image** 16" in stats and "1d merges learned here" in stats
+    # 16 tokens drawn as 2 rows of 8 square cells
+    assert codes.dtype == np.uint8 and codes.shape == (64, 256, 3) and bpe.shape == codes.shape
+
+
+@pytest.mark.parametrize("masker", ["random", "block", "tube", "attention", "adaptive", "hard_patch"])
+def test_mim_tab_every_masker(demo_app, masker):
+    app_module, _, app = demo_app
+    core = app_module.core
+    assert masker in registries.get("masker").list()
+    label = app.labels(core.MIM)[0]
+    original, masked, recon, info = app.run_mim(label, "Fashion-MNIST", 0, "", None, masker, 0.75, 1)
+    for img in (original, masked, recon):
+        _check_image(img)
+    assert "48 of 64" in info  # 8 x 8 patches, int(64 * 0.25) = 16 visible
+    # MAE keeps visible patches as they are: wherever the masked view is not the grey fill, recon == original
+    grey = np.all(masked == 128, axis=-1)
+    visible = ~grey
+    assert 0.15 < visible.mean() < 0.5
+    assert np.abs(recon[visible].astype(int) - original[visible].astype(int)).max() <= 1
+
+
+def test_mim_tab_bad_ratio_is_a_clear_error(demo_app):
+    app_module, _, app = demo_app
+    label = app.labels(app_module.core.MIM)[0]
+    with pytest.raises(gr.Error, match="mask_ratio"):
+        app.run_mim(label, "Fashion-MNIST", 0, "", None, "random", 0.999, 0)
+    with pytest.raises(gr.Error, match="no image uploaded"):
+        app.run_mim(label, "upload", 0, "", None, "random", 0.75, 0)
+
+
+@pytest.mark.parametrize("pruner", registries.get("pruner").list())
+def test_mllm_tab_every_pruner_keeps_the_budget(demo_app, pruner):
+    app_module, _, app = demo_app
+    core = app_module.core
+    label = app.labels(core.MLLM_KIND)[0]
+    n, canvas = app.mllm_info(label)
+    assert n == N_IMAGE_TOKENS and canvas == 32
+    budget = 5
+    answers, overlay, timing = app.run_mllm(
+        label, "fashion scene", 3, None, "how many items are there ?", pruner, budget, max_new_tokens=3, repeats=1
+    )
+    _check_image(overlay)
+    expect = n if pruner == "none" else budget
+    assert f"kept {expect} of {n}" in answers and "Answer without pruning" in answers
+    assert "prefill (ms)" in timing and "speed-up" in timing
+    # the glue's keep indices, checked against what the pruner itself selects
+    model = app.load(core.MLLM_KIND, label)
+    img = core.to_tensor(core.fashion_scene(3, canvas)[0])
+    a = core.answer_with_pruning(model, img, "how many items are there ?", pruner, budget, max_new_tokens=2, repeats=1)
+    assert a.kept == expect and np.all(np.diff(a.keep) > 0) and a.keep.min() >= 0 and a.keep.max() < n
+    assert a.prefill_ms > 0 and a.prefill_unpruned_ms > 0 and a.answer_unpruned is not None
+    if pruner == "random":  # a seeded subset: the same one the pruner's own generator gives
+        want = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:budget].sort().values.numpy()
+        assert np.array_equal(a.keep, want)
+    # the overlay dims exactly the dropped patch cells (4 x 4 grid of 64-px cells; look at cell centres)
+    centres = overlay[32::64, 32::64].reshape(n, 3).astype(int)
+    seen = core.upscale(core.to_uint8(torch.nn.functional.interpolate(img, size=(32, 32), mode="bilinear")))
+    ref = seen[32::64, 32::64].reshape(n, 3).astype(int)
+    kept = np.zeros(n, bool)
+    kept[a.keep] = True
+    assert np.abs(centres[kept] - ref[kept]).max() <= 1
+    assert np.all(centres[~kept] <= ref[~kept] * 0.25 + 21)
+
+
+def test_mllm_tab_scene_and_errors(demo_app):
+    app_module, _, app = demo_app
+    label = app.labels(app_module.core.MLLM_KIND)[0]
+    img, question_update, truth = app.scene(label, 4)
+    _check_image(img)
+    assert question_update["choices"] and "how many items are there ?" in str(question_update["choices"])
+    assert "Expected answers" in truth
+    with pytest.raises(gr.Error, match="type a question"):
+        app.run_mllm(label, "fashion scene", 0, None, "  ", "dart", 4, max_new_tokens=2, repeats=1)
+    with pytest.raises(gr.Error, match="no image uploaded"):
+        app.run_mllm(label, "upload", 0, None, "how many items are there ?", "dart", 4, max_new_tokens=2, repeats=1)
+
+
+def test_empty_models_folder_says_how_to_train(tmp_path):
+    from mmtok.cli.demo import load_app
+
+    demo = load_app().build_demo(models_dir=str(tmp_path / "nothing-here"))
+    texts = [getattr(b, "value", "") or "" for b in demo.blocks.values() if isinstance(b, gr.Markdown)]
+    joined = "\n".join(str(t) for t in texts)
+    for recipe in (
+        "configs/tokenizer/vq_fmnist.yaml",
+        "configs/mim/mae_fmnist.yaml",
+        "configs/mllm/fashion_vqa_scratch.yaml",
+    ):
+        assert f"mmtok train --config {recipe}" in joined
+
+
+def test_cli_defaults_to_localhost(models_dir, monkeypatch):
+    from mmtok.cli import demo as cli
+    from mmtok.cli.main import main
+
+    app_module = cli.load_app()
+    calls = []
+    monkeypatch.setattr(app_module, "launch", lambda demo, host, port, block: calls.append((demo, host, port, block)))
+    assert main(["demo", "--models", str(models_dir), "--port", "7999"]) == 0
+    demo, host, port, block = calls[0]
+    assert host == "127.0.0.1" and port == 7999 and block and len(demo.mmtok_app.models["mllm"]) == 1
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--help"])
+    assert e.value.code == 0
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_browser_click_through(demo_app, tmp_path):
+    """Serve the demo on 127.0.0.1, drive headless Chromium through two tabs, assert on the page, screenshot."""
+    app_module, demo, _ = demo_app
+    browser = app_module.load_sibling("browser")
+    reason = browser.missing_browser()
+    if reason:
+        pytest.skip(f"no headless browser: {reason}")
+    port = browser.free_port()
+    app_module.launch(demo, "127.0.0.1", port, block=False, quiet=True)
+    try:
+        with browser.Browser(1400, 1100, profile_dir=tmp_path / "chromium-profile") as b:
+            b.open(f"http://127.0.0.1:{port}/")
+            body = b.driver.find_element("tag name", "body").text
+            assert "Tokenizer" in body and "Masked modeling" in body and "MLLM + pruning" in body
+            # tab 1: reconstruct the default Fashion-MNIST image, wait for the output image and the stats
+            assert b.image_src("tok-recon") == ""
+            b.click("tok-run")
+            assert b.wait_image("tok-recon", timeout=120).startswith(("http", "data:"))
+            stats = b.wait_text("tok-stats", "PSNR", timeout=60)
+            assert "tokens per image" in stats and "dB" in stats
+            b.screenshot(tmp_path / "tokenizer.png")
+            # tab 3: pick the random pruner and a budget of 6, answer, check the kept count and timing table
+            b.click_tab("MLLM + pruning")
+            _set_dropdown(b, "mllm-pruner", "random")
+            _set_number(b, "mllm-budget", 6)
+            b.click("mllm-run")
+            b.wait_image("mllm-overlay", timeout=120)
+            answer = b.wait_text("mllm-answer", "kept 6 of 16", timeout=120)
+            assert "Answer with random" in answer
+            assert "prefill (ms)" in b.wait_text("mllm-timing", "prefill", timeout=30)
+            shot = b.screenshot(tmp_path / "mllm.png")
+            assert shot.stat().st_size > 10_000
+            # offline: every resource the page loaded came from the demo's own server
+            urls = b.driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+            local = (f"http://127.0.0.1:{port}", "data:", "blob:")
+            assert urls and not [u for u in urls if not u.startswith(local)]
+    finally:
+        demo.close()
+
+
+def _set_dropdown(b, elem_id: str, value: str) -> None:
+    """Choose ``value`` in a Gradio dropdown by typing it and picking the matching option."""
+    from selenium.webdriver.common.keys import Keys
+
+    box = b.wait(lambda d: d.find_element("css selector", f"#{elem_id} input"), 30, f"#{elem_id} input")
+    box.click()
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(value)
+    option = b.wait(
+        lambda d: d.find_element("css selector", f"li[role='option'][aria-label='{value}']"), 30, f"option {value!r}"
+    )
+    option.click()
+    b.wait(lambda d: box.get_attribute("value") == value, 30, f"#{elem_id} = {value!r}")
+
+
+def _set_number(b, elem_id: str, value: int) -> None:
+    """Type ``value`` into the number box of a Gradio slider (and commit it with Enter)."""
+    from selenium.webdriver.common.keys import Keys
+
+    box = b.wait(lambda d: d.find_element("css selector", f"#{elem_id} input[type='number']"), 30, f"#{elem_id}")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(value), Keys.ENTER)
+    b.wait(lambda d: box.get_attribute("value") == str(value), 30, f"#{elem_id} = {value}")
