@@ -199,3 +199,53 @@ def test_mmtok_train_end_to_end(tmp_path):
     assert model.hub_name == "pca1d_tiny_k16" and model.config.num_latent_tokens == 4
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("usage" in json.dumps(r) for r in lines) and any("psnr" in json.dumps(r) for r in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_mmtok_train_deepspeed_zero2_vq(tmp_path):
+    """The VQ recipe under the `deepspeed` launcher (2 CPU processes, gloo, ZeRO-2): codebook EMA
+    statistics are all-reduced across ranks because the task is built inside the process group."""
+    pytest.importorskip("deepspeed")
+    import socket
+
+    from mmtok.data.sources.fashion_mnist import FashionMNISTShardsConfig, build_fashion_mnist
+
+    data = tmp_path / "fm"
+    build_fashion_mnist(FashionMNISTShardsConfig(out=str(data), limit=256, maxcount=64))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    out = tmp_path / "run"
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        port,
+        "--module",
+        "mmtok.train",
+        "--config",
+        str(REPO / "configs/tokenizer/vq_fmnist.yaml"),
+        f"deepspeed.config={REPO}/configs/ds/zero2.json",
+        "deepspeed.enabled=true",
+        "train.device=cpu",
+        f"data.train={data}/train-*.tar",
+        f"data.val={data}/test-*.tar",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "data.shuffle_buffer=32",
+        "train.steps=8",
+        "train.log_every=4",
+        "train.eval_every=0",
+        "train.eval_batches=2",
+        "train.ckpt_every=0",
+        "train.progress=false",
+        f"output_dir={out}",
+        "task.model={image_size: 28, base_channels: 8, codebook_size: 64}",
+    ]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    model = hub.from_pretrained(out / "export", kind="tokenizer")
+    assert model.codebook_size == 64 and model.tokens_shape == (7, 7)
