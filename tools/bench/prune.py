@@ -191,6 +191,9 @@ def run(args) -> dict:
             row["select_pct_of_unpruned_prefill"] = 100 * row["select_ms"] / base["prefill_cpu_ms"]
             results.append(row)
             print_row(row)
+        if args.json:  # partial results survive an interrupted run
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"partial": True, "results": results}, indent=2))
     return {
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} threads",
         "model": {
