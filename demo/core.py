@@ -104,7 +104,7 @@ def discover_models(models_dir: str | os.PathLike, max_depth: int = 5) -> dict[s
     found: dict[str, list[ModelFolder]] = {k: [] for k in KINDS}
     if not root.is_dir():
         return found
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):  # depth-bounded, so links cannot loop
         here = Path(dirpath)
         depth = len(here.relative_to(root).parts)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS)

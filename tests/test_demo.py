@@ -241,8 +241,7 @@ def test_cli_defaults_to_localhost(models_dir, monkeypatch):
     assert e.value.code == 0
 
 
-@pytest.mark.browser
-@pytest.mark.slow
+@pytest.mark.browser  # about 5 s on an idle 2-core machine (28 s under heavy load): not marked slow
 def test_browser_click_through(demo_app, tmp_path):
     """Serve the demo on 127.0.0.1, drive headless Chromium through two tabs, assert on the page, screenshot."""
     app_module, demo, _ = demo_app
