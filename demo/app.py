@@ -80,7 +80,7 @@ class DemoApp:
         self.models_dir = Path(models_dir)
         self.models = core.discover_models(self.models_dir)
         self.cache = core.ModelCache()
-        self._bpe: dict[str, tuple[Any, str]] = {}
+        self._bpe: dict[tuple[str, int], tuple[Any, str]] = {}  # (label, id of the loaded model) -> vocabulary
 
     # -- helpers ------------------------------------------------------------------------------------------
     def labels(self, kind: str) -> list[str]:
@@ -99,18 +99,19 @@ class DemoApp:
 
     def bpe_for(self, label: str, model: Any) -> tuple[Any, str]:
         """The tokenizer's BPE vocabulary (a file beside it, else merges learned here once) and its origin."""
-        if label not in self._bpe:
+        key = (label, id(model))  # a retrained (reloaded) tokenizer gets fresh merges
+        if key not in self._bpe:
             from mmtok.tokenizers.bpe import BPEVocab
 
             folder = self.folder(core.TOKENIZER, label)
             path = core.find_bpe_vocab(folder.path, model.codebook_size)
             if path is not None:
-                self._bpe[label] = (BPEVocab.load(path), f"vocabulary `{path.name}` beside the model")
+                self._bpe[key] = (BPEVocab.load(path), f"vocabulary `{path.name}` beside the model")
             else:
                 vocab = core.learn_bpe(model)
                 how = f"{vocab.num_merges} {vocab.mode} merges learned here on 256 Fashion-MNIST training images"
-                self._bpe[label] = (vocab, f"{how} (no `mmtok-bpe` vocabulary file beside the model)")
-        return self._bpe[label]
+                self._bpe[key] = (vocab, f"{how} (no `mmtok-bpe` vocabulary file beside the model)")
+        return self._bpe[key]
 
     @staticmethod
     def _image(source: str, index: Any, photo: str, upload: Any, canvas: int = 96) -> Any:
