@@ -241,3 +241,26 @@ def test_eval_mim_video_probe_on_moving_fashion_shards(tmp_path):
     assert metrics["train_clips"] == 24 and metrics["test_clips"] == 12
     assert 0.0 <= metrics["video_probe_accuracy"] <= 1.0
     assert (tmp_path / "v.png").is_file()
+
+
+@pytest.mark.slow
+def test_eval_mim_mtm_accuracy_and_maskgit_grid_with_a_real_tokenizer(tmp_path):
+    from mmtok.data import write_shards
+    from mmtok.mim.evaluate import main
+
+    tok = registries.get("tokenizer").create("vq_tiny_f4")  # 32 px -> 8x8 codes from 256
+    tok.save_pretrained(tmp_path / "tok")
+    mtm = registries.get("mim model").create("mtm_micro", codebook_size=256, grid_h=8, grid_w=8)
+    mtm.save_pretrained(tmp_path / "mtm")
+    rng = np.random.default_rng(0)
+    samples = [{"__key__": f"s{i}", "codes.npy": rng.integers(0, 256, (8, 8)).astype(np.int16)} for i in range(20)]
+    write_shards(samples, tmp_path / "tokens", prefix="test")
+    out, fig = tmp_path / "m.json", tmp_path / "samples.png"
+    args = ["--model", str(tmp_path / "mtm"), "--codes", f"{tmp_path}/tokens/test-*.tar", "--out", str(out)]
+    assert main([*args, "--tokenizer", str(tmp_path / "tok"), "--figure", str(fig), "--steps", "4"]) == 0
+    metrics = json.loads(out.read_text())
+    assert set(metrics) >= {"mtm_accuracy@0.25", "mtm_accuracy@0.5", "mtm_accuracy@0.75"}
+    from PIL import Image
+
+    assert Image.open(fig).size[0] >= 8 * 32
+    assert main([*args, "--figure", str(fig)]) == 2  # a sample grid needs a tokenizer: clear error
