@@ -3,8 +3,9 @@
 The engine (``mmtok train``) reads WebDataset shards; on 2 CPU cores decoding PNGs costs as much as
 the model itself at 28x28. This loop keeps the whole training set in memory as a uint8 tensor and
 runs exactly the same model, masker and loss (:class:`~mmtok.mim.tasks.MAETask`), with AdamW
-(0.9, 0.95), linear warm-up and cosine decay sized to a wall-clock budget: after ``calib_steps`` it
-measures the step time and plans the number of steps that fit, so the schedule ends when time does.
+(0.9, 0.95), linear warm-up and cosine decay over a wall-clock budget: the schedule is a function of
+elapsed time / budget (or of step / max_steps), so it ends exactly when the budget does, even when
+other processes slow the machine down or speed it up mid-run.
 It exists for the quality benchmark and quick experiments; real runs use ``mmtok train``.
 """
 
@@ -35,7 +36,6 @@ class FastPretrainConfig:
     min_lr_ratio: float = 0.0
     time_budget_s: float = 600.0
     max_steps: int = 0  # 0 = as many as the budget allows
-    calib_steps: int = 10
     seed: int = 0
     log_every: int = 100
 
@@ -60,15 +60,14 @@ def pretrain_in_memory(images: np.ndarray, cfg: FastPretrainConfig) -> tuple[MAE
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    planned = cfg.max_steps or 10**9
     step, seen, losses = 0, 0, []
     perm, pos = torch.randperm(len(data), generator=g), 0
-    while step < planned:
-        if step == cfg.calib_steps and not cfg.max_steps:  # size the schedule to the remaining time
-            per_step = (time.perf_counter() - t0) / step
-            planned = max(step + 1, int(cfg.time_budget_s / per_step))
-            logger.info("%.3f s/step -> %d steps planned in %.0f s", per_step, planned, cfg.time_budget_s)
-        if time.perf_counter() - t0 > cfg.time_budget_s:
+    while True:
+        # progress in [0, 1]: by steps when max_steps is set, else by wall-clock time, so the schedule
+        # ends exactly when the budget does even if the machine speeds up or slows down mid-run
+        elapsed = time.perf_counter() - t0
+        progress = step / cfg.max_steps if cfg.max_steps else elapsed / cfg.time_budget_s
+        if progress >= 1.0 or elapsed > cfg.time_budget_s:
             break
         if pos + cfg.batch_size > len(data):
             perm, pos = torch.randperm(len(data), generator=g), 0
@@ -77,16 +76,15 @@ def pretrain_in_memory(images: np.ndarray, cfg: FastPretrainConfig) -> tuple[MAE
         x = data[idx].float().div_(255.0)
         flip = (torch.rand(len(idx), generator=g) < 0.5).view(-1, *([1] * (x.ndim - 1)))
         x = torch.where(flip, x.flip(-1), x)
-        # warm-up then half-cycle cosine (MAE); the calibration steps count as warm-up
-        horizon = planned if planned < 10**9 else max(cfg.calib_steps * 100, 1)
-        warm = max(cfg.calib_steps, int(cfg.warmup_frac * horizon))
-        if step < warm:
-            scale = (step + 1) / warm
+        # linear warm-up then half-cycle cosine (MAE), as functions of progress
+        if progress < cfg.warmup_frac:
+            scale = max(progress, 1e-3) / cfg.warmup_frac
         else:
-            t = (step - warm) / max(horizon - warm, 1)
-            scale = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+            t = (progress - cfg.warmup_frac) / max(1.0 - cfg.warmup_frac, 1e-9)
+            scale = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
         for group in opt.param_groups:
             group["lr"] = cfg.lr * scale
+        task.progress_value = progress  # HPM's hard-patch ramp follows the same clock
         out = task({"x": x})
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -97,9 +95,9 @@ def pretrain_in_memory(images: np.ndarray, cfg: FastPretrainConfig) -> tuple[MAE
         losses.append(float(out["recon_loss"]))
         if cfg.log_every and step % cfg.log_every == 0:
             logger.info(
-                "step %d/%d loss %.4f (%.0f img/s)",
+                "step %d (%.0f%% of budget) loss %.4f (%.0f img/s)",
                 step,
-                planned,
+                100 * progress,
                 np.mean(losses[-cfg.log_every :]),
                 seen / (time.perf_counter() - t0),
             )
@@ -107,7 +105,6 @@ def pretrain_in_memory(images: np.ndarray, cfg: FastPretrainConfig) -> tuple[MAE
     task.eval()
     log = {
         "steps": step,
-        "planned_steps": planned,
         "images_seen": seen,
         "epochs": seen / len(data),
         "seconds": secs,

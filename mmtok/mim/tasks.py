@@ -135,6 +135,7 @@ class MAETask(Task):
             self.teacher = copy.deepcopy(self.model).requires_grad_(False)
         # optimizer steps taken (a buffer so checkpoints restore the HPM ramp position)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.progress_value: float | None = None  # a loop that knows its progress (time budget) sets it
 
     # -- data ---------------------------------------------------------------------------------
     def sample_transform(self, split: str) -> MIMSampleTransform:
@@ -155,6 +156,9 @@ class MAETask(Task):
     # -- training -----------------------------------------------------------------------------
     @property
     def progress(self) -> float:
+        """Fraction of training done: set from outside (``progress_value``) or ``step / total_steps``."""
+        if self.progress_value is not None:
+            return self.progress_value
         return min(float(self.step) / max(self.config.total_steps, 1), 1.0)
 
     @torch.no_grad()
