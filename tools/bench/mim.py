@@ -280,6 +280,10 @@ def main() -> int:
     p.add_argument("--video-budget", type=float, default=300.0, help="video: seconds per masker")
     p.add_argument("--video-clips", type=int, default=2000)
     args = p.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("mmtok.mim.pretrain_fast").setLevel(logging.INFO)  # progress of long pretraining runs
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
