@@ -145,6 +145,15 @@ def test_cached_generation_equals_recomputation(model, name):
         plain = model.generate(ids, images, att, pruner=pruner, max_new_tokens=6, min_new_tokens=6, use_cache=False)
     assert torch.equal(cached.sequences, plain.sequences)
     assert cached.image_tokens_kept == 12 or name == "none"
+    if name == "none":
+        everything = torch.arange(N).expand(ids.shape[0], -1)
+        assert cached.image_keep is None or torch.equal(cached.image_keep, everything)
+    else:  # the keep set generate() reports is the one the forward pass applies
+        assert cached.image_keep.shape == (ids.shape[0], 12)
+        fwd = model(ids, images, att, pruner=pruner, logits_to_keep=1)
+        kept_positions = torch.stack([fwd.keep_index[i][fwd.image_mask[i]] for i in range(ids.shape[0])])
+        prep = model.prepare(ids, att, images)
+        assert torch.equal(prep.image_positions.gather(1, cached.image_keep), kept_positions)
 
 
 def test_in_llm_cache_lengths(model):

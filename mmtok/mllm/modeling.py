@@ -152,6 +152,7 @@ class GenerateOutput:
     total_seconds: float
     image_tokens_kept: int  # per sample
     prefill_length: int  # sequence length reaching the last LLM layer
+    image_keep: torch.Tensor | None = None  # [B, K] sorted indices of the kept image tokens (None = all kept)
 
 
 @dataclass
@@ -565,7 +566,7 @@ class MLLM(nn.Module, hub.HubMixin):
         seqs = torch.stack(new_tokens, dim=1) if new_tokens else torch.zeros(b, 0, dtype=torch.long)
         _sync(seqs)
         kept = keep.shape[1] if keep is not None else (prep.ctx.num_image_tokens if prep.ctx is not None else 0)
-        return GenerateOutput(seqs, t_prefill, time.perf_counter() - t0, kept, out.hidden.shape[1])
+        return GenerateOutput(seqs, t_prefill, time.perf_counter() - t0, kept, out.hidden.shape[1], keep)
 
     # -- saving / loading -----------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, **kwargs: Any) -> Path:
