@@ -5,13 +5,10 @@ Everything here runs on the CPU with the models found under a folder, reads only
 IDX files, scikit-image's bundled photos) and never downloads anything. Results are plain numpy images and
 dataclasses, so tests call these functions directly and the UI (``demo/app.py``) only lays them out.
 
-Glue that the library does not offer yet (and that this module therefore writes itself):
-
-* finding a BPE vocabulary next to a tokenizer (there is no fixed file name: we take any ``*.json`` in the
-  folder or its parent whose ``format`` is ``mmtok-bpe``);
-* "answer a question about an image with pruner X at budget K and return the kept image-token indices
-  and both prefill times" (:func:`answer_with_pruning`): ``MLLM.generate`` times the prefill but does not
-  return the keep indices, so we read them from ``MLLM.forward``'s ``keep_index``.
+Glue that the library does not offer yet (and that this module therefore writes itself): finding a BPE
+vocabulary next to a tokenizer (there is no fixed file name: we take any ``*.json`` in the folder or its
+parent whose ``format`` is ``mmtok-bpe``). :func:`answer_with_pruning` times pruned vs unpruned answers
+and reads the kept image tokens from ``MLLM.generate``'s ``image_keep``.
 """
 
 from __future__ import annotations
@@ -514,20 +511,6 @@ def make_pruner(name: str, budget: int, num_image_tokens: int) -> Any:
 
 
 @torch.inference_mode()
-def kept_image_tokens(model: Any, ids: torch.Tensor, att: torch.Tensor, image: torch.Tensor, pruner: Any) -> np.ndarray:
-    """Indices (0..N-1) of the image tokens ``pruner`` keeps for one prompt, via ``MLLM.forward``'s keep index."""
-    out = model.forward(ids, image, att, pruner=pruner, logits_to_keep=1)
-    n = model.num_image_tokens
-    if out.keep_index is None:  # nothing pruned
-        return np.arange(n)
-    # The one <image> placeholder is expanded to N consecutive tokens in place; prompts are not padded (B=1).
-    prompt = ids[0][att[0].bool()]
-    start = int((prompt == model.config.image_token_id).nonzero()[0])
-    kept_positions = out.keep_index[0][out.image_mask[0]]
-    return (kept_positions - start).cpu().numpy()
-
-
-@torch.inference_mode()
 def answer_with_pruning(
     model: Any,
     image: torch.Tensor,
@@ -562,7 +545,8 @@ def answer_with_pruning(
             runs[key].append(
                 model.generate(ids, image, att, pruner=pr, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id)
             )
-    keep = kept_image_tokens(model, ids, att, image, pruner)
+    last = runs["pruned"][-1].image_keep  # [1, K] kept image-token indices, None = all kept
+    keep = np.arange(n) if last is None else last[0].cpu().numpy()
     answers = {k: decode_answers(tok, v[-1].sequences)[0] for k, v in runs.items()}
     pre = {k: [o.prefill_seconds * 1e3 for o in v] for k, v in runs.items()}
     tot = {k: [o.total_seconds * 1e3 for o in v] for k, v in runs.items()}
