@@ -198,7 +198,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-probe", action="store_true", help="skip the Fashion-MNIST linear probe")
     p.add_argument("--pool", default="mean", choices=["mean", "cls", "mean+cls"])
     p.add_argument("--probe-layers", type=int, default=1, help="concatenate pooled features of the last L blocks")
-    p.add_argument("--probe-c", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    p.add_argument("--probe-c", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0])
     p.add_argument("--limit-train", type=int, default=0)
     p.add_argument("--limit-test", type=int, default=0)
     p.add_argument("--finetune", action="store_true", help="also fine-tune on Fashion-MNIST")

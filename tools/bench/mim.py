@@ -147,7 +147,7 @@ def _probe(features_fn, xtr, ytr, xte, yte) -> dict:
 
     t0 = time.perf_counter()
     ftr, fte = features_fn(xtr), features_fn(xte)
-    r = linear_probe(ftr, ytr, fte, yte, Cs=(0.01, 0.1, 1.0))
+    r = linear_probe(ftr, ytr, fte, yte, Cs=(0.01, 0.1, 1.0, 10.0))
     return {
         "accuracy": r.accuracy,
         "C": r.C,
@@ -271,8 +271,12 @@ def main() -> int:
         "--recipe",
         default=json.dumps(
             {
-                "task": {"model": "mae_tiny_p4", "model_args": {"patch_size": 7}, "mask_ratio": 0.75},
-                "train": {"batch_size": 256, "lr": 2e-3, "warmup_frac": 0.05},
+                "task": {
+                    "model": "mae_tiny_p4",
+                    "model_args": {"patch_size": 7, "decoder_depth": 4},
+                    "mask_ratio": 0.75,
+                },
+                "train": {"batch_size": 128, "lr": 1.5e-3, "warmup_frac": 0.05, "log_every": 200},
             }
         ),
         help="quality: JSON {task: MAETaskConfig fields, train: FastPretrainConfig fields}",
