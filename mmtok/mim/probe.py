@@ -137,8 +137,8 @@ def finetune(
 ) -> dict[str, float]:
     """Fine-tune ``encoder`` (in place) + a linear head; returns test accuracy, steps and seconds.
 
-    The cosine schedule spans ``epochs``; training stops early when ``time_budget_s`` is spent (then
-    the schedule is cut, which the returned ``steps`` / ``planned_steps`` make visible).
+    The cosine schedule spans ``epochs`` or ``time_budget_s``, whichever ends first (progress is the
+    larger of step / planned steps and elapsed / budget), so a time-limited run still anneals fully.
     """
     g = torch.Generator().manual_seed(seed)
     model = _Classifier(encoder, num_classes).train()
@@ -165,7 +165,9 @@ def finetune(
             x = to_input(xs[idx], encoder.config.in_chans)
             flip = torch.rand(len(idx), generator=g) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
+            # the schedule follows whichever runs out first, steps or time, so it always anneals to 0
+            progress = max(step / total, (time.perf_counter() - t0) / time_budget_s)
+            scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
             for group in opt.param_groups:
                 group["lr"] = lr * scale
             loss = F.cross_entropy(model(x), ys[idx], label_smoothing=label_smoothing)
