@@ -244,8 +244,7 @@ class MmtokViTConfig:
     """mmtok's own ViT encoder (from MAE), loaded from a hub folder written by ``mmtok train`` (kind "mim model")."""
 
     path: str = ""
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    # no mean/std here: the encoder normalises [0, 1] pixels itself (its config's pixel_mean/pixel_std)
     # filled on first build so a saved MLLM rebuilds the encoder without the original folder
     mim_name: str = ""
     mim_config: dict[str, Any] = field(default_factory=dict)
@@ -277,7 +276,30 @@ class MmtokViTTower(VisionTower):
         self.num_prefix_tokens = 1 if getattr(encoder, "cls_token", None) is not None else 0
         self.patch_size = _first(encoder.patch_size)
         self.image_size = _first(encoder.img_size)
-        self._set_norm(config.mean, config.std)
+        self.in_chans = int(encoder.config.in_chans)
+        self._set_norm([0.0], [1.0])  # identity: see preprocess
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` in [0, 1] -> [0, 1] pixels with the encoder's channels and size.
+
+        Unlike the other towers the result stays in [0, 1]: mmtok's encoder normalises its input itself,
+        exactly as it did during masked-image pretraining, so normalising here would do it twice.
+        """
+        if images.ndim != 4:
+            raise ValueError(f"images must be [B, C, H, W] in [0, 1], got shape {tuple(images.shape)}")
+        c = images.shape[1]
+        if c != self.in_chans:
+            if self.in_chans == 1 and c == 3:  # RGB into a grayscale encoder (e.g. Fashion-MNIST MAE)
+                images = (images * torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)).sum(
+                    1, keepdim=True
+                )
+            elif c == 1:
+                images = images.expand(-1, self.in_chans, -1, -1)
+            else:
+                raise TowerError(f"the encoder takes {self.in_chans}-channel images, got {c} channels")
+        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+        return images
 
     def hidden_states(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         return list(self.model.forward_features(pixel_values, output_hidden_states=True))
