@@ -129,7 +129,7 @@ def test_stage2_lora_learns_and_exports_merged(shards, tmp_path):
     assert 0.0 <= metrics["answer_acc"] <= 1.0 and "loss" in metrics
 
 
-@pytest.mark.parametrize("cfg", ["fashion_vqa_scratch", "llava_stage1", "llava_stage2_lora"])
+@pytest.mark.parametrize("cfg", ["fashion_vqa_scratch", "fashion_vqa_cpu", "llava_stage1", "llava_stage2_lora"])
 def test_configs_validate(cfg):
     run = load_run_config([f"configs/mllm/{cfg}.yaml"])
     assert run.task["name"].startswith("mllm_stage")

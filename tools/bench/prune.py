@@ -240,7 +240,7 @@ def accuracy(args) -> dict:
     from mmtok.mllm.evaluate import DEFAULT_METHODS, load_eval_set, retention_table
     from mmtok.mllm.modeling import MLLM
 
-    torch.set_num_threads(max(args.threads, 2))
+    torch.set_num_threads(args.threads)
     model = MLLM.from_pretrained(args.accuracy_model).eval()
     samples = load_eval_set(args.accuracy_data, args.accuracy_limit)
     keeps = [k for k in args.keeps if k < model.num_image_tokens] or [64]
