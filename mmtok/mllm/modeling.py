@@ -368,30 +368,25 @@ class MLLM(nn.Module, hub.HubMixin):
     ):
         """Run the LLM layers with optional pruning; returns (LayerRunOutput, image keep [B, K] or None)."""
         image_keep: dict[str, torch.Tensor] = {}
-        if fixed_keep is not None:  # a keep set chosen earlier (no-cache recomputation in generate)
-            layer = pruner.layer if pruner is not None and pruner.stage == "in_llm" else 0
-            hook = lambda i, h, v, p, saved, cache: _extend_keep(fixed_keep, h.shape[1])  # noqa: E731
-            out = dec.run_layers(
+
+        def run(embeds: torch.Tensor, layer: int = 0, hook=None, keep_inputs_of: tuple[int, ...] = ()):
+            return dec.run_layers(
                 self.llm,
-                prep.embeds,
+                embeds,
                 prep.key_valid,
                 prep.position_ids,
                 use_cache=use_cache,
                 prune_layer=layer,
                 prune_hook=hook,
+                keep_inputs_of=keep_inputs_of,
                 grad_checkpointing=self.config.grad_checkpointing,
             )
-            return out, None
+
+        if fixed_keep is not None:  # a keep set chosen earlier (no-cache recomputation in generate)
+            layer = pruner.layer if pruner is not None and pruner.stage == "in_llm" else 0
+            return run(prep.embeds, layer, lambda i, h, v, p, saved, cache: _extend_keep(fixed_keep, h.shape[1])), None
         if pruner is None or prep.ctx is None:
-            out = dec.run_layers(
-                self.llm,
-                prep.embeds,
-                prep.key_valid,
-                prep.position_ids,
-                use_cache=use_cache,
-                grad_checkpointing=self.config.grad_checkpointing,
-            )
-            return out, None
+            return run(prep.embeds), None
         n = prep.ctx.num_image_tokens
         if pruner.stage == "pre_llm":
             keep = _check_keep(pruner.select(prep.ctx), pruner.budget(n), n, pruner)
@@ -403,18 +398,7 @@ class MLLM(nn.Module, hub.HubMixin):
             )
             seq_keep = sequence_keep(keep, prep.image_positions, prep.embeds.shape[1])
             prep.embeds = embeds  # generate(use_cache=False) re-runs from these (pooled features in place)
-            hook = lambda i, h, v, p, saved, cache: seq_keep  # noqa: E731
-            out = dec.run_layers(
-                self.llm,
-                embeds,
-                prep.key_valid,
-                prep.position_ids,
-                use_cache=use_cache,
-                prune_layer=0,
-                prune_hook=hook,
-                grad_checkpointing=self.config.grad_checkpointing,
-            )
-            return out, keep
+            return run(embeds, 0, lambda i, h, v, p, saved, cache: seq_keep), keep
         if pruner.stage != "in_llm":
             raise ValueError(f"pruner stage must be 'pre_llm' or 'in_llm', not {pruner.stage!r}")
         k_layer = pruner.layer
@@ -446,17 +430,7 @@ class MLLM(nn.Module, hub.HubMixin):
             image_keep["keep"] = keep
             return sequence_keep(keep, prep.image_positions, hidden.shape[1])
 
-        out = dec.run_layers(
-            self.llm,
-            prep.embeds,
-            prep.key_valid,
-            prep.position_ids,
-            use_cache=use_cache,
-            prune_layer=k_layer,
-            prune_hook=hook,
-            keep_inputs_of=(k_layer - 1,),
-            grad_checkpointing=self.config.grad_checkpointing,
-        )
+        out = run(prep.embeds, k_layer, hook, keep_inputs_of=(k_layer - 1,))
         return out, image_keep.get("keep")
 
     def forward(
