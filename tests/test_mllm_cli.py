@@ -7,27 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_fashion_mllm
 
 from mmtok import registries
 from mmtok.mllm.modeling import MLLM
 
-TINY = {
-    "tower": {
-        "name": "timm_vit",
-        "model_name": "vit_tiny_patch16_224",
-        "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
-    },
-    "llm": {
-        "model_type": "qwen2",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "vocab_size": 96,
-        "max_position_embeddings": 256,
-    },
-}
+TINY = tiny_fashion_mllm("qwen2")
 
 
 @pytest.fixture(scope="module")

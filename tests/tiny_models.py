@@ -1,0 +1,29 @@
+"""Tiny model specs shared by several test modules (import as ``from tiny_models import ...``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def tiny_fashion_mllm(model_type: str = "qwen2", tie_word_embeddings: bool = False) -> dict[str, Any]:
+    """Overrides of ``llava_fashion_small``: a 32-px, patch-8 timm ViT (16 image tokens) + a 3-layer LLM."""
+    llm: dict[str, Any] = {
+        "model_type": model_type,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "vocab_size": 96,
+        "max_position_embeddings": 256,
+    }
+    if tie_word_embeddings:
+        llm["tie_word_embeddings"] = True
+    return {
+        "tower": {
+            "name": "timm_vit",
+            "model_name": "vit_tiny_patch16_224",
+            "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+        },
+        "llm": llm,
+    }
