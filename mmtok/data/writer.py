@@ -18,7 +18,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +204,33 @@ def write_shards(
     tmp.replace(out / f"{prefix}.json")  # atomic: a reader never sees half an index
     logger.info("wrote %d samples in %d shards to %s/%s-*.tar", index["total"], len(paths), out, prefix)
     return paths
+
+
+def write_splits(
+    cfg: Any, builder: str, samples: Callable[[Any, str, int], Iterable[dict]], unit: str, **extra: Any
+) -> dict:
+    """Write the ``train``/``val``/``test`` splits of a builder whose config has per-split counts.
+
+    Args:
+        cfg: Builder config with ``out``, ``train``/``val``/``test`` counts, ``maxcount`` and optionally
+            ``maxsize``; a split with count <= 0 is skipped.
+        builder: Builder name for the summary and the log line.
+        samples: ``samples(cfg, split, count)`` yields the samples of one split.
+        unit: What a sample is called in the summary ("clips", "scenes").
+        extra: More summary fields (e.g. the canvas size).
+
+    Returns:
+        ``{"builder", "out", **extra, "splits": {split: {unit, "shards", "pattern"}}, "seconds"}``.
+    """
+    t0 = time.perf_counter()
+    summary: dict = {"builder": builder, "out": str(cfg.out), **extra, "splits": {}}
+    maxsize = getattr(cfg, "maxsize", 256 << 20)
+    for split in ("train", "val", "test"):
+        count = int(getattr(cfg, split))
+        if count <= 0:
+            continue
+        paths = write_shards(samples(cfg, split, count), cfg.out, prefix=split, maxcount=cfg.maxcount, maxsize=maxsize)
+        summary["splits"][split] = {unit: count, "shards": len(paths), "pattern": brace_pattern(paths)}
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    logger.info("%s shards: %s", builder, summary)
+    return summary

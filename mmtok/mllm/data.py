@@ -17,7 +17,6 @@ Splits never share Fashion-MNIST source images (train/val/test as in fashion-sce
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,19 +111,9 @@ def vqa_samples(cfg: FashionVQAConfig, split: str, count: int):
 @SHARD_BUILDERS.register("fashion-vqa", config=FashionVQAConfig)
 def build_fashion_vqa(cfg: FashionVQAConfig) -> dict:
     """Templated VQA over fashion scenes (train/val/test shards; test is the held-out split)."""
-    from mmtok.data.writer import brace_pattern, write_shards
+    from mmtok.data.writer import write_splits
 
-    t0 = time.perf_counter()
-    summary: dict = {"builder": "fashion-vqa", "out": str(cfg.out), "canvas": cfg.canvas, "splits": {}}
-    for split in ("train", "val", "test"):
-        count = int(getattr(cfg, split))
-        if count <= 0:
-            continue
-        paths = write_shards(vqa_samples(cfg, split, count), cfg.out, prefix=split, maxcount=cfg.maxcount)
-        summary["splits"][split] = {"scenes": count, "shards": len(paths), "pattern": brace_pattern(paths)}
-    summary["seconds"] = round(time.perf_counter() - t0, 2)
-    logger.info("fashion-vqa shards: %s", summary)
-    return summary
+    return write_splits(cfg, "fashion-vqa", vqa_samples, "scenes", canvas=cfg.canvas)
 
 
 def normalise_answer(text: str) -> str:

@@ -16,7 +16,6 @@ disjoint Fashion-MNIST ranges as fashion-scenes; every clip has its own seeded g
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,18 +143,6 @@ def clip_samples(cfg: MovingFashionConfig, split: str, count: int):
 @SHARD_BUILDERS.register("moving-fashion", config=MovingFashionConfig)
 def build_moving_fashion(cfg: MovingFashionConfig) -> dict:
     """Clips of bouncing tinted Fashion-MNIST items as mp4 shards (train/val/test)."""
-    from mmtok.data.writer import brace_pattern, write_shards
+    from mmtok.data.writer import write_splits
 
-    t0 = time.perf_counter()
-    summary: dict = {"builder": "moving-fashion", "out": str(cfg.out), "splits": {}}
-    for split in ("train", "val", "test"):
-        count = int(getattr(cfg, split))
-        if count <= 0:
-            continue
-        paths = write_shards(
-            clip_samples(cfg, split, count), cfg.out, prefix=split, maxcount=cfg.maxcount, maxsize=cfg.maxsize
-        )
-        summary["splits"][split] = {"clips": count, "shards": len(paths), "pattern": brace_pattern(paths)}
-    summary["seconds"] = round(time.perf_counter() - t0, 2)
-    logger.info("moving-fashion shards: %s", summary)
-    return summary
+    return write_splits(cfg, "moving-fashion", clip_samples, "clips")

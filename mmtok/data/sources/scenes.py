@@ -26,7 +26,6 @@ output is deterministic and any scene can be regenerated alone.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -309,20 +308,8 @@ def scene_samples(cfg: FashionScenesConfig, split: str, count: int):
 @SHARD_BUILDERS.register("fashion-scenes", config=FashionScenesConfig)
 def build_fashion_scenes(cfg: FashionScenesConfig) -> dict:
     """Referring-segmentation scenes of tinted Fashion-MNIST items (train/val/test shards)."""
-    from mmtok.data.writer import brace_pattern, write_shards
+    from mmtok.data.writer import write_splits
 
     if cfg.style not in ("minimal", "full"):
         raise ValueError(f"style must be 'minimal' or 'full', not {cfg.style!r}")
-    t0 = time.perf_counter()
-    summary: dict = {"builder": "fashion-scenes", "out": str(cfg.out), "canvas": cfg.canvas, "splits": {}}
-    for split in ("train", "val", "test"):
-        count = int(getattr(cfg, split))
-        if count <= 0:
-            continue
-        paths = write_shards(
-            scene_samples(cfg, split, count), cfg.out, prefix=split, maxcount=cfg.maxcount, maxsize=cfg.maxsize
-        )
-        summary["splits"][split] = {"scenes": count, "shards": len(paths), "pattern": brace_pattern(paths)}
-    summary["seconds"] = round(time.perf_counter() - t0, 2)
-    logger.info("fashion-scenes shards: %s", summary)
-    return summary
+    return write_splits(cfg, "fashion-scenes", scene_samples, "scenes", canvas=cfg.canvas)
