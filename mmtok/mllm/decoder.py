@@ -55,17 +55,24 @@ def additive_mask(
     key_pos: torch.Tensor | None = None,
     query_pos: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    bidirectional_tail: int = 0,
 ) -> torch.Tensor:
     """Causal + padding mask ``[B, 1, Q, S]`` (0 = attend, dtype-min = blocked).
 
     The ``Q`` queries are the last ``Q`` entries of the ``S`` keys (prefill: Q == S; decoding: Q == 1), so
     causality is by index. ``key_valid [B, S]`` marks real (non-pad) keys. A sliding window (Mistral,
-    Qwen2 with ``use_sliding_window``) is applied on position ids.
+    Qwen2 with ``use_sliding_window``) is applied on position ids. ``bidirectional_tail = T`` lets the last
+    ``T`` tokens see each other both ways (the all-mask head's block of mask tokens, STAMP); everything
+    before them stays causal and cannot see them.
     """
     b, s = key_valid.shape
     dev = key_valid.device
     q_idx = torch.arange(s - num_queries, s, device=dev)
-    allowed = q_idx[:, None] >= torch.arange(s, device=dev)[None, :]  # [Q, S]
+    k_idx = torch.arange(s, device=dev)
+    allowed = q_idx[:, None] >= k_idx[None, :]  # [Q, S]
+    if bidirectional_tail:
+        tail = s - bidirectional_tail
+        allowed = allowed | ((q_idx[:, None] >= tail) & (k_idx[None, :] >= tail))
     allowed = allowed[None] & key_valid[:, None, :].bool()  # [B, Q, S]
     if sliding_window is not None and key_pos is not None and query_pos is not None:
         allowed = allowed & (query_pos[:, :, None] - key_pos[:, None, :] < sliding_window)
@@ -125,6 +132,7 @@ def run_layers(
     prune_hook: PruneHook | None = None,
     keep_inputs_of: tuple[int, ...] = (),
     grad_checkpointing: bool = False,
+    bidirectional_tail: int = 0,
 ) -> LayerRunOutput:
     """Run every decoder layer on ``hidden [B, L, D]`` (prefill or training), optionally pruning at one layer.
 
@@ -138,6 +146,8 @@ def run_layers(
         prune_hook: Returns sequence indices ``[B, L']`` to keep (sorted), or None to keep all.
         keep_inputs_of: Layer indices whose inputs are remembered and passed to the hook (e.g. ``(K-1,)``).
         grad_checkpointing: Recompute each layer in the backward pass (training memory).
+        bidirectional_tail: The last this many tokens attend to each other both ways (see
+            :func:`additive_mask`); they are never pruned (they follow every image token).
     """
     from transformers import DynamicCache
 
@@ -146,7 +156,13 @@ def run_layers(
     cache = DynamicCache() if use_cache else None
     dtype = hidden.dtype
     mask = additive_mask(
-        key_valid, hidden.shape[1], dtype, key_pos=position_ids, query_pos=position_ids, sliding_window=window
+        key_valid,
+        hidden.shape[1],
+        dtype,
+        key_pos=position_ids,
+        query_pos=position_ids,
+        sliding_window=window,
+        bidirectional_tail=bidirectional_tail,
     )
     pos_emb = rotary(hidden, position_ids)
     group_start, valids, positions = [0], [key_valid], [position_ids]
@@ -166,6 +182,7 @@ def run_layers(
                     key_pos=position_ids,
                     query_pos=position_ids,
                     sliding_window=window,
+                    bidirectional_tail=bidirectional_tail,
                 )
                 pos_emb = rotary(hidden, position_ids)
                 group_start.append(i)
@@ -196,19 +213,39 @@ def run_layers(
 
 def decode_step(llm: nn.Module, token_embeds: torch.Tensor, state: DecodeState) -> torch.Tensor:
     """One generation step: ``token_embeds [B, 1, D]`` -> normed hidden ``[B, 1, D]``, extending ``state``."""
+    return decode_chunk(llm, token_embeds, state)
+
+
+def decode_chunk(
+    llm: nn.Module, embeds: torch.Tensor, state: DecodeState, *, bidirectional: bool = False
+) -> torch.Tensor:
+    """Append ``T`` tokens ``embeds [B, T, D]`` after the cached sequence -> normed hidden ``[B, T, D]``.
+
+    The new tokens see every valid cached key (per layer group, so in-LLM pruning is respected) and each
+    other causally, or both ways with ``bidirectional=True`` (the all-mask head's mask tokens). They get
+    the positions ``next_pos .. next_pos + T - 1``.
+    """
     _, layers, norm, rotary, _ = decoder_parts(llm)
     window = sliding_window_of(llm)
-    b = token_embeds.shape[0]
-    pos = state.next_pos[:, None]  # [B, 1]
-    ones = torch.ones(b, 1, dtype=torch.bool, device=token_embeds.device)
+    b, t = embeds.shape[:2]
+    pos = state.next_pos[:, None] + torch.arange(t, device=embeds.device)[None, :]  # [B, T]
+    ones = torch.ones(b, t, dtype=torch.bool, device=embeds.device)
     state.key_valid = [torch.cat([v.bool(), ones], dim=1) for v in state.key_valid]
     state.key_pos = [torch.cat([p, pos], dim=1) for p in state.key_pos]
     masks = [
-        additive_mask(v, 1, token_embeds.dtype, key_pos=p, query_pos=pos, sliding_window=window)
+        additive_mask(
+            v,
+            t,
+            embeds.dtype,
+            key_pos=p,
+            query_pos=pos,
+            sliding_window=window,
+            bidirectional_tail=t if bidirectional else 0,
+        )
         for v, p in zip(state.key_valid, state.key_pos)
     ]
-    pos_emb = rotary(token_embeds, pos)
-    hidden = token_embeds
+    pos_emb = rotary(embeds, pos)
+    hidden = embeds
     for i, layer in enumerate(layers):
         g = state.group_of(i)
         hidden = layer(
@@ -219,7 +256,7 @@ def decode_step(llm: nn.Module, token_embeds: torch.Tensor, state: DecodeState) 
             use_cache=True,
             position_embeddings=pos_emb,
         )
-    state.next_pos = state.next_pos + 1
+    state.next_pos = state.next_pos + t
     return norm(hidden)
 
 

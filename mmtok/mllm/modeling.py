@@ -132,6 +132,9 @@ class MLLMConfig:
     attn_implementation: str = "sdpa"
     freeze_tower: bool = True
     grad_checkpointing: bool = False
+    # segmentation heads carried by the model: {"allmask": {...}, "segtoken": {...}, "text": {...}}
+    # (head name -> its config overrides, see mmtok.mllm.seg.heads); {} = a plain MLLM
+    seg_heads: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -266,6 +269,11 @@ class MLLM(nn.Module, hub.HubMixin):
             config.llm = _llm_dict(self.llm.config)
         if config.freeze_tower:
             self.tower.requires_grad_(False)
+        self.seg_heads = nn.ModuleDict()
+        if config.seg_heads:
+            from mmtok.mllm.seg.heads import build_seg_heads
+
+            self.seg_heads = build_seg_heads(self, config.seg_heads)
 
     # -- geometry -------------------------------------------------------------------------------------------
     @property
@@ -364,10 +372,21 @@ class MLLM(nn.Module, hub.HubMixin):
 
     # -- the decoder run ------------------------------------------------------------------------------------
     def _run(
-        self, prep: PreparedInputs, pruner: Pruner | None, use_cache: bool, fixed_keep: torch.Tensor | None = None
+        self,
+        prep: PreparedInputs,
+        pruner: Pruner | None,
+        use_cache: bool,
+        fixed_keep: torch.Tensor | None = None,
+        bidirectional_tail: int = 0,
     ):
-        """Run the LLM layers with optional pruning; returns (LayerRunOutput, image keep [B, K] or None)."""
+        """Run the LLM layers with optional pruning; returns (LayerRunOutput, image keep [B, K] or None).
+
+        ``bidirectional_tail``: the last this many tokens see each other both ways (all-mask head training;
+        not combined with pruning, which runs on the prefill before such a block).
+        """
         image_keep: dict[str, torch.Tensor] = {}
+        if bidirectional_tail and pruner is not None:
+            raise ValueError("a bidirectional tail is run after a pruned prefill (decode_chunk), not inside it")
 
         def run(embeds: torch.Tensor, layer: int = 0, hook=None, keep_inputs_of: tuple[int, ...] = ()):
             return dec.run_layers(
@@ -380,6 +399,7 @@ class MLLM(nn.Module, hub.HubMixin):
                 prune_hook=hook,
                 keep_inputs_of=keep_inputs_of,
                 grad_checkpointing=self.config.grad_checkpointing,
+                bidirectional_tail=bidirectional_tail,
             )
 
         if fixed_keep is not None:  # a keep set chosen earlier (no-cache recomputation in generate)
@@ -455,6 +475,10 @@ class MLLM(nn.Module, hub.HubMixin):
         """
         prep = self.prepare(input_ids, attention_mask, images, pixel_values, labels)
         out, _ = self._run(prep, pruner, use_cache=False)
+        return self.lm_outputs(prep, out, logits_to_keep)
+
+    def lm_outputs(self, prep: PreparedInputs, out: Any, logits_to_keep: int = 0, tail: int = 0) -> MLLMOutput:
+        """Logits and next-token loss from a decoder run (``tail``: trailing tokens that get no logits)."""
         hidden = out.hidden
         idx = out.keep_index
         image_mask = prep.image_mask if idx is None else prep.image_mask.gather(1, idx)
@@ -462,11 +486,12 @@ class MLLM(nn.Module, hub.HubMixin):
         if labels is not None and idx is not None:
             labels = labels.gather(1, idx)
         head = self.llm.get_output_embeddings()
-        logits = head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        body = hidden[:, : hidden.shape[1] - tail]
+        logits = head(body[:, -logits_to_keep:] if logits_to_keep else body)
         loss = None
         if labels is not None:
             shift_logits = logits[:, :-1].float()
-            shift_labels = labels[:, 1:]
+            shift_labels = labels[:, 1 : body.shape[1]]
             loss = F.cross_entropy(
                 shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
             )
@@ -541,6 +566,13 @@ class MLLM(nn.Module, hub.HubMixin):
         _sync(seqs)
         kept = keep.shape[1] if keep is not None else (prep.ctx.num_image_tokens if prep.ctx is not None else 0)
         return GenerateOutput(seqs, t_prefill, time.perf_counter() - t0, kept, out.hidden.shape[1], keep)
+
+    # -- segmentation -----------------------------------------------------------------------------------------
+    def segment(self, images: torch.Tensor, expressions: list[str], head: str = "", **kwargs: Any):
+        """Masks for referring ``expressions`` (one per image): see :func:`mmtok.mllm.seg.heads.segment`."""
+        from mmtok.mllm.seg.heads import segment
+
+        return segment(self, images, expressions, head=head, **kwargs)
 
     # -- saving / loading -----------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, **kwargs: Any) -> Path:
@@ -724,6 +756,35 @@ MLLMS.add(
         "freeze_tower": False,
     },
     help="fashion-vqa model: timm ViT (96 px, patch 4, 576 tokens) + 4-layer width-96 Llama, word tokenizer",
+)
+MLLMS.add(
+    "llava_fashion_seg",
+    MLLM,
+    config=MLLMConfig,
+    defaults={
+        # 64x64 fashion scenes with patch 4 -> 16 x 16 = 256 image tokens: one per cell of Text4Seg's 16 x 16 grid
+        "tower": {
+            "name": "timm_vit",
+            "model_name": "vit_tiny_patch16_224",
+            "kwargs": {"img_size": 64, "patch_size": 4, "embed_dim": 96, "depth": 3, "num_heads": 3},
+        },
+        "feature_layer": -1,
+        "llm": {
+            "model_type": "llama",
+            "hidden_size": 128,
+            "intermediate_size": 384,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "vocab_size": 1136,
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": True,
+        },
+        "tokenizer": "builtin:fashion-seg",
+        "freeze_tower": False,
+        "seg_heads": {},
+    },
+    help="fashion-scenes segmentation model: timm ViT (64 px, patch 4, 256 tokens) + 4-layer width-128 Llama",
 )
 MLLMS.add(
     "llava_smollm2_135m",

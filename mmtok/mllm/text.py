@@ -3,6 +3,10 @@
 * ``builtin:fashion``: a word-level tokenizer (HF ``tokenizers`` WordLevel) over the closed vocabulary of the
   fashion-vqa questions and answers, with a LLaVA-1.5-style chat template ("USER: <image> q ASSISTANT: a </s>").
   Tiny MLLMs trained from scratch on CPU use it: every word is one token, so answers are short.
+* ``builtin:fashion-seg``: the same plus what segmentation answers need: the words of the segmentation
+  question/answer templates, the mask-format symbols (``<seg>``, ``</seg>``, ``others``, ``*``, ``|``, brackets,
+  ``none``), every number 0..1024 as one word (a run length is one token) and the head tokens ``<mask>`` and
+  ``[SEG]``. Punctuation is split one character at a time so ``*12|`` is ``*``, ``12``, ``|``.
 * a local tokenizer folder (``tokenizer.json`` ...), or a ``.gguf`` file (SmolLM2's tokenizer comes inside it).
 
 Prompts go through the tokenizer's chat template when it has one; otherwise the LLaVA-1.5 format.
@@ -16,6 +20,13 @@ from typing import Any
 import torch
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+SEG_SPECIALS = ["<seg>", "</seg>", "<mask>", "[SEG]"]
+# words of the segmentation templates (mmtok.mllm.seg.tasks) and symbols of the mask formats (seg.formats)
+SEG_WORDS = (
+    "segment please can you this sure here mask every find show me where out give others none box all "
+    "* | [ ] ( ) ; = _ / x"
+).split()
+MAX_NUMBER_WORD = 1024  # a 32 x 32 grid's run lengths
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}user : {{ m['content'] }} "
     "{% else %}assistant : {{ m['content'] }} </s> {% endif %}{% endfor %}"
@@ -44,15 +55,30 @@ def fashion_words() -> list[str]:
     return list(seen)
 
 
-def build_fashion_tokenizer():
-    """Word-level ``PreTrainedTokenizerFast`` over :func:`fashion_words` (lower-cased, punctuation split)."""
+def build_fashion_tokenizer(seg: bool = False):
+    """Word-level ``PreTrainedTokenizerFast`` over :func:`fashion_words` (lower-cased, punctuation split).
+
+    ``seg=True`` builds ``builtin:fashion-seg``: the same words first (same ids), then the segmentation words,
+    numbers and head tokens (see the module docstring).
+    """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + fashion_words())}
+    words = SPECIALS + fashion_words()
+    specials = ["<image>"]
+    if seg:
+        extra = SEG_SPECIALS + SEG_WORDS + [str(i) for i in range(MAX_NUMBER_WORD + 1)]
+        words += [w for w in dict.fromkeys(extra) if w not in set(words)]
+        specials += SEG_SPECIALS
+    vocab = {tok: i for i, tok in enumerate(words)}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    if seg:  # "*12|" -> "*", "12", "|" (Whitespace alone would keep "*|"-style punctuation runs together)
+        tk.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation(behavior="isolated")]
+        )
+    else:
+        tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk,
@@ -60,7 +86,7 @@ def build_fashion_tokenizer():
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
-        additional_special_tokens=["<image>"],
+        additional_special_tokens=specials,
     )
     tok.chat_template = CHAT_TEMPLATE
     tok.padding_side = "left"
@@ -71,8 +97,8 @@ def load_tokenizer(spec: str):
     """``builtin:fashion`` | a tokenizer folder | a ``.gguf`` file -> a transformers tokenizer (left padding)."""
     from transformers import AutoTokenizer
 
-    if spec == "builtin:fashion":
-        return build_fashion_tokenizer()
+    if spec in ("builtin:fashion", "builtin:fashion-seg"):
+        return build_fashion_tokenizer(seg=spec.endswith("-seg"))
     from mmtok.mllm.modeling import resolve_package_file
 
     path = Path(resolve_package_file(spec))
@@ -83,7 +109,7 @@ def load_tokenizer(spec: str):
     elif path.is_dir():
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     else:
-        raise FileNotFoundError(f"tokenizer {spec!r}: use 'builtin:fashion', a local folder or a .gguf file")
+        raise FileNotFoundError(f"tokenizer {spec!r}: use 'builtin:fashion', 'builtin:fashion-seg', a local folder or a .gguf file")
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -1,0 +1,225 @@
+"""``mllm_seg``: fine-tune an MLLM to segment, with any mix of the three heads (and VQA samples).
+
+Samples are referring-segmentation shards (fashion-scenes, refcoco, folder: image + ``mask.png`` + json with
+``expression``); each sample is given one head, drawn from ``head_mix`` with a generator seeded by its key (so a
+resumed run draws the same), and becomes a conversation turn: a question from varied templates, then the head's
+answer (Text4Seg: a sentence and the ``<seg>`` block; STAMP: a sentence and one mask token per patch; LISA: a
+sentence with ``[SEG]``). With ``semantic_share > 0`` a share of the text-head samples asks for every item
+("segment every item .") and its answer labels each cell with the item's class name (from ``instances.png``).
+Samples whose json has ``question``/``answer`` and no ``expression`` (fashion-vqa) train the plain LM loss, so
+VQA and segmentation can share batches.
+
+A batch is grouped by head and each group runs its own forward (the all-mask group's sequences end in ``N``
+mask tokens, the others do not); the loss is the sample-weighted mean of the groups' losses.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmtok.mllm.modeling import IGNORE_INDEX
+from mmtok.mllm.seg import heads as H
+from mmtok.mllm.tasks import MLLMTask, MLLMTaskConfig, _left_pad
+from mmtok.registries import TASKS
+
+logger = logging.getLogger(__name__)
+
+
+def _default_heads() -> dict[str, dict[str, Any]]:
+    return {"allmask": {}, "text": {}, "segtoken": {}}
+
+
+@dataclass
+class SegTaskConfig(MLLMTaskConfig):
+    """``MLLMTaskConfig`` (model, init, stage, LoRA, train_tower) plus what segmentation adds."""
+
+    model: str = "llava_fashion_seg"
+    stage: int = 2
+    heads: dict[str, dict[str, Any]] = field(default_factory=_default_heads)  # head -> config overrides
+    head_mix: dict[str, float] = field(default_factory=dict)  # head -> sampling weight ({} = uniform)
+    semantic_share: float = 0.0  # share of text-head samples asking for every item (needs instances.png)
+    eval_heads: list[str] = field(default_factory=list)  # heads scored by segment() in evaluate ([] = all)
+    eval_refine: str = "bilinear"
+
+
+class SegTask(MLLMTask):
+    """LM loss + each head's mask loss on referring (and semantic) segmentation samples."""
+
+    def __init__(self, config: SegTaskConfig):
+        if not config.heads:
+            raise ValueError("task.heads is empty: name at least one of text, allmask, segtoken")
+        unknown = set(config.head_mix) - set(config.heads)
+        if unknown:
+            raise ValueError(f"head_mix names heads that are not in task.heads: {sorted(unknown)}")
+        if not 0.0 <= config.semantic_share <= 1.0:
+            raise ValueError(f"semantic_share must be in [0, 1], got {config.semantic_share}")
+        config.model_overrides = {**config.model_overrides, "seg_heads": dict(config.heads)}
+        super().__init__(config)
+        self.model.seg_heads.requires_grad_(True)
+        names = list(config.heads)
+        w = np.array([float(config.head_mix.get(n, 1.0 if not config.head_mix else 0.0)) for n in names])
+        if w.sum() <= 0:
+            raise ValueError(f"head_mix gives every head weight 0: {config.head_mix}")
+        self._head_names, self._head_p = names, w / w.sum()
+
+    # -- data -----------------------------------------------------------------------------------------------
+    def sample_transform(self, split: str):
+        from mmtok.mllm.text import encode_training_pair
+
+        model, cfg = self.model, self.config
+        tok = model.tokenizer
+        n_image = model.num_image_tokens
+
+        def transform(sample: dict[str, Any]) -> dict[str, Any]:
+            meta = sample["json"]
+            key = str(sample.get("__key__", ""))
+            rng = np.random.default_rng(zlib.crc32(key.encode()))
+            image = sample["image"]
+            if image.shape[0] == 1:
+                image = image.expand(3, -1, -1)
+            if "expression" not in meta:  # a VQA sample: plain LM loss
+                if "question" not in meta or "answer" not in meta:
+                    raise ValueError(f"sample {key}: json needs an expression (segmentation) or question/answer")
+                ids, labels = encode_training_pair(tok, meta["question"], meta["answer"])
+                return _sample(image, ids, labels, "vqa", None, meta["question"], meta["answer"])
+            if "mask" not in sample:
+                raise ValueError(f"sample {key} has an expression but no mask.png")
+            head_name = self._head_names[int(rng.choice(len(self._head_names), p=self._head_p))]
+            head = model.seg_heads[head_name]
+            phrase = meta["expression"]
+            mask = sample["mask"].numpy().astype(np.int64).clip(0, 1)
+            target, names = mask, [phrase]
+            question = H.QUESTIONS[int(rng.integers(len(H.QUESTIONS)))].format(phrase)
+            if head.kind == "text":
+                names = [head.fg_label(phrase, meta.get("class_name", ""))]
+                if cfg.semantic_share and "instances" in sample and rng.random() < cfg.semantic_share:
+                    target, names = semantic_target(sample["instances"].numpy(), meta.get("items", []))
+                    question = H.SEMANTIC_QUESTIONS[int(rng.integers(len(H.SEMANTIC_QUESTIONS)))]
+            answer = head.answer_text(phrase, target, names)
+            ids, labels = encode_training_pair(tok, question, answer)
+            tail = head.tail_length(n_image)
+            if tail:
+                ids = ids + [H.token_id(model, "<mask>")] * tail
+                labels = labels + [IGNORE_INDEX] * tail
+            return _sample(image, ids, labels, head_name, torch.from_numpy(mask), question, phrase)
+
+        return transform
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        pad = self.model.tokenizer.pad_token_id or 0
+        groups: dict[str, dict[str, Any]] = {}
+        for name in dict.fromkeys(s["head"] for s in samples):
+            idx = [i for i, s in enumerate(samples) if s["head"] == name]
+            sub = [samples[i] for i in idx]
+            ids, att, labels = _left_pad([s["input_ids"] for s in sub], pad, [s["labels"] for s in sub])
+            g = {"index": torch.tensor(idx), "input_ids": ids, "attention_mask": att, "labels": labels}
+            g["phrases"] = [s["phrase"] for s in sub]
+            g["questions"] = [s["question"] for s in sub]
+            if sub[0]["mask"] is not None:
+                g["masks"] = torch.stack([s["mask"] for s in sub])
+            groups[name] = g
+        return {"images": torch.stack([s["image"] for s in samples]), "groups": groups}
+
+    # -- training -------------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        total = batch["images"].shape[0]
+        out: dict[str, torch.Tensor] = {}
+        loss = None
+        for name, g in batch["groups"].items():
+            sub = {**g, "images": batch["images"][g["index"]]}
+            terms = H.seg_forward(self.model, name if name != "vqa" else "", sub)
+            share = g["index"].numel() / total
+            loss = terms["loss"] * share if loss is None else loss + terms["loss"] * share
+            for k, v in terms.items():
+                out[f"{name}/{k}" if k != "loss" else f"{name}/loss"] = v.detach()
+        out["loss"] = loss
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[Any]) -> dict[str, float]:
+        """Mean loss terms, and per head gIoU / cIoU of ``segment()`` masks on the referring samples."""
+        from mmtok.mllm.seg.metrics import SegMeter
+
+        heads = self.config.eval_heads or list(self.model.seg_heads)
+        meters = {h: SegMeter() for h in heads}
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for batch in batches:
+            for k, v in self(batch).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+                counts[k] = counts.get(k, 0) + 1
+            for g in batch["groups"].values():
+                if "masks" not in g:
+                    continue
+                images = batch["images"][g["index"]]
+                for h in heads:
+                    res = self.model.segment(
+                        images, g["phrases"], head=h, refine=self.config.eval_refine, questions=g["questions"]
+                    )
+                    for pred, gt, rep in zip(res.masks, g["masks"], res.repairs):
+                        meters[h].update(pred.cpu().numpy(), gt.cpu().numpy(), repairs=rep)
+        out = {k: v / counts[k] for k, v in sums.items()}
+        for h, m in meters.items():
+            if m.count:
+                s = m.summary()
+                out[f"{h}/giou"], out[f"{h}/ciou"] = s["giou"], s["ciou"]
+        return out
+
+    def synthetic_batch(self, batch_size: int) -> dict[str, Any]:
+        """Random scenes with a square mask, one head per sample in turn (benchmarks, smoke tests)."""
+        side = int(self.model.tower.config.__dict__.get("image_size", 0) or 64)
+        samples = []
+        transform = self.sample_transform("train")
+        for i in range(batch_size):
+            mask = torch.zeros(side, side, dtype=torch.long)
+            mask[side // 4 : side // 2, side // 4 : side // 2] = 1
+            samples.append(
+                transform(
+                    {
+                        "__key__": f"synthetic_{i}",
+                        "image": torch.rand(3, side, side),
+                        "mask": mask,
+                        "json": {"expression": "the red bag", "class_name": "bag"},
+                    }
+                )
+            )
+        return self.collate(samples)
+
+
+def _sample(image, ids, labels, head, mask, question, phrase) -> dict[str, Any]:
+    return {
+        "image": image,
+        "input_ids": ids,
+        "labels": labels,
+        "head": head,
+        "mask": mask,
+        "question": question,
+        "phrase": phrase,
+    }
+
+
+def semantic_target(instances: np.ndarray, items: list[dict[str, Any]]) -> tuple[np.ndarray, list[str]]:
+    """``instances [H, W]`` (0 bg, i = items[i-1]) -> class-id mask and its names (classes in first-seen order)."""
+    names: list[str] = []
+    lut = np.zeros(max(len(items), int(instances.max(initial=0))) + 1, np.int64)
+    for i, it in enumerate(items, start=1):
+        name = it.get("class_name", f"item {i}")
+        if name not in names:
+            names.append(name)
+        lut[i] = names.index(name) + 1
+    return lut[instances.astype(np.int64)], names or ["item"]
+
+
+TASKS.add(
+    "mllm_seg",
+    SegTask,
+    config=SegTaskConfig,
+    help="MLLM segmentation: text-as-mask (Text4Seg), all-mask head (STAMP), [SEG] token (LISA); VQA mixable",
+)
