@@ -50,7 +50,13 @@ _BY_KIND = {
 # Modules that fill each registry. A missing module (a capability not built yet) is skipped with a
 # debug log so the rest still works.
 _PROVIDERS: dict[str, tuple[str, ...]] = {
-    "task": ("mmtok.train.toy", "mmtok.mim.tasks", "mmtok.tokenizers.tasks", "mmtok.mllm.tasks", "mmtok.mllm.seg.tasks"),
+    "task": (
+        "mmtok.train.toy",
+        "mmtok.mim.tasks",
+        "mmtok.tokenizers.tasks",
+        "mmtok.mllm.tasks",
+        "mmtok.mllm.seg.tasks",
+    ),
     "shard builder": ("mmtok.data.sources", "mmtok.tokenizers.shards", "mmtok.mllm.data"),
     "tokenizer": ("mmtok.tokenizers",),
     "quantizer": ("mmtok.tokenizers.quantizers",),

@@ -109,7 +109,9 @@ def load_tokenizer(spec: str):
     elif path.is_dir():
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     else:
-        raise FileNotFoundError(f"tokenizer {spec!r}: use 'builtin:fashion', 'builtin:fashion-seg', a local folder or a .gguf file")
+        raise FileNotFoundError(
+            f"tokenizer {spec!r}: use 'builtin:fashion', 'builtin:fashion-seg', a local folder or a .gguf file"
+        )
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
