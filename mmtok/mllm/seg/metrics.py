@@ -1,0 +1,156 @@
+"""Segmentation metrics of referring and semantic segmentation: IoU, gIoU, cIoU, mIoU, repair rate.
+
+Definitions follow the referring-segmentation literature (LISA, arXiv:2308.00692; Text4Seg,
+arXiv:2410.09855; their evaluation scripts, e.g. github.com/mc-lan/Text4Seg ``eval_refer_seg.py``):
+
+* ``gIoU``: the mean over samples of each sample's foreground IoU. A sample whose ground truth and
+  prediction are both empty scores 1.0 (Text4Seg adds 1.0 where the union is 0); an empty ground truth with a
+  non-empty prediction scores 0.0.
+* ``cIoU``: cumulative IoU, total intersection over total union across the set (large objects weigh more).
+* ``mIoU`` (semantic label masks): per-class intersection and union summed over the set, IoU per class, then
+  the mean over the foreground classes (ids >= 1) that occur in the ground truth or the prediction of at least
+  one sample. Background (id 0) is left out by default (``include_background=True`` adds it), since it
+  dominates a scene of a few small items and would hide the classes that matter.
+
+What mmtok adds: the parse-repair rate of text-as-mask decoders (fraction of samples whose text needed at
+least one repair, and the mean number of repairs), and optional per-sample token counts and latencies so one
+meter carries everything ``mmtok eval seg`` reports. Pure numpy; no epsilon in the ratios (exact 0/0 rules
+instead), so hand-computed values compare exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def _binary(mask: np.ndarray) -> np.ndarray:
+    mask = np.asarray(mask)
+    return mask if mask.dtype == bool else mask > 0
+
+
+def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Foreground IoU of two masks ``[H, W]`` (bool, or label ids where > 0 is foreground).
+
+    Returns:
+        ``|pred & gt| / |pred | gt|`` in [0, 1]; 1.0 when both are empty.
+    """
+    p, g = _binary(pred), _binary(gt)
+    if p.shape != g.shape:
+        raise ValueError(f"prediction {p.shape} and ground truth {g.shape} differ; resize the prediction first")
+    union = int(np.count_nonzero(p | g))
+    if union == 0:
+        return 1.0
+    return int(np.count_nonzero(p & g)) / union
+
+
+@dataclass
+class SegMeter:
+    """Accumulates per-sample results; :meth:`summary` gives the set's metrics.
+
+    Args:
+        include_background: count class 0 in mIoU.
+    """
+
+    include_background: bool = False
+    ious: list[float] = field(default_factory=list)  # per-sample foreground IoU, in update order
+    repairs: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    inter: int = 0
+    union: int = 0
+    class_inter: dict[int, int] = field(default_factory=dict)
+    class_union: dict[int, int] = field(default_factory=dict)
+
+    def update(
+        self,
+        pred: np.ndarray,
+        gt: np.ndarray,
+        repairs: int = 0,
+        tokens: int | None = None,
+        seconds: float | None = None,
+    ) -> float:
+        """Add one sample.
+
+        Args:
+            pred: ``[H, W]`` predicted mask: bool (referring) or int label ids (semantic; 0 = background).
+            gt: ``[H, W]`` ground truth, same convention and shape.
+            repairs: repairs the decoder made for this sample's text (0 for heads without text).
+            tokens: generated mask tokens (descriptor length), if known.
+            seconds: time to the mask, if measured.
+
+        Returns:
+            This sample's foreground IoU.
+        """
+        pred, gt = np.asarray(pred), np.asarray(gt)
+        if pred.shape != gt.shape:
+            raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ; resize the prediction")
+        p, g = _binary(pred), _binary(gt)
+        inter, union = int(np.count_nonzero(p & g)), int(np.count_nonzero(p | g))
+        iou = 1.0 if union == 0 else inter / union
+        self.ious.append(iou)
+        self.inter += inter
+        self.union += union
+        # per-class counts: a bool mask is class 1 of a binary problem
+        pl = pred.astype(np.int64) if pred.dtype != bool else p.astype(np.int64)
+        gl = gt.astype(np.int64) if gt.dtype != bool else g.astype(np.int64)
+        classes = np.union1d(np.unique(pl), np.unique(gl))
+        for c in classes.tolist():
+            if c == 0 and not self.include_background:
+                continue
+            pc, gc = pl == c, gl == c
+            self.class_inter[c] = self.class_inter.get(c, 0) + int(np.count_nonzero(pc & gc))
+            self.class_union[c] = self.class_union.get(c, 0) + int(np.count_nonzero(pc | gc))
+        self.repairs.append(int(repairs))
+        if tokens is not None:
+            self.tokens.append(int(tokens))
+        if seconds is not None:
+            self.seconds.append(float(seconds))
+        return iou
+
+    def merge(self, other: SegMeter) -> SegMeter:
+        """Add another meter's samples (e.g. from another process) into this one; returns self."""
+        self.ious += other.ious
+        self.repairs += other.repairs
+        self.tokens += other.tokens
+        self.seconds += other.seconds
+        self.inter += other.inter
+        self.union += other.union
+        for c, v in other.class_inter.items():
+            self.class_inter[c] = self.class_inter.get(c, 0) + v
+        for c, v in other.class_union.items():
+            self.class_union[c] = self.class_union.get(c, 0) + v
+        return self
+
+    def __len__(self) -> int:
+        return len(self.ious)
+
+    def class_ious(self) -> dict[int, float]:
+        """IoU per class seen in any ground truth or prediction (union > 0), over the whole set."""
+        return {c: self.class_inter[c] / u for c, u in sorted(self.class_union.items()) if u > 0}
+
+    def summary(self) -> dict:
+        """The set's metrics.
+
+        Returns:
+            ``n``; ``giou``, ``ciou`` (cIoU is 1.0 when every union is empty); ``miou`` (None when no class
+            occurs) and ``miou_classes`` (how many classes it averages); ``repair_rate`` (fraction of samples
+            with >= 1 repair) and ``mean_repairs``; ``mean_tokens``; ``latency_median`` and ``latency_p90`` in
+            seconds. Values without data are None.
+        """
+        n = len(self.ious)
+        per_class = self.class_ious()
+        sec = np.asarray(self.seconds, dtype=np.float64)
+        return {
+            "n": n,
+            "giou": float(np.mean(self.ious)) if n else None,
+            "ciou": (self.inter / self.union if self.union else 1.0) if n else None,
+            "miou": float(np.mean(list(per_class.values()))) if per_class else None,
+            "miou_classes": len(per_class),
+            "repair_rate": float(np.mean([r > 0 for r in self.repairs])) if n else None,
+            "mean_repairs": float(np.mean(self.repairs)) if n else None,
+            "mean_tokens": float(np.mean(self.tokens)) if self.tokens else None,
+            "latency_median": float(np.median(sec)) if sec.size else None,
+            "latency_p90": float(np.percentile(sec, 90)) if sec.size else None,
+        }
