@@ -1,10 +1,11 @@
-"""Segmentation metrics against hand-computed cases."""
+"""Segmentation metrics against hand-computed cases, and the refinement step (grid -> pixels) they score."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from mmtok.mllm.seg import refine as R
 from mmtok.mllm.seg.metrics import SegMeter, mask_iou
 
 
@@ -75,3 +76,74 @@ def test_meter_miou_sums_over_the_set_and_merges():
     assert a.class_ious() == {1: 2 / 4, 2: 1.0}
     assert a.summary()["miou"] == pytest.approx(0.75)
     assert a.summary()["ciou"] == pytest.approx((1 + 1 + 2) / (2 + 2 + 2))
+
+
+# ------------------------------------------------------------------------------------------------ refinement
+# (mmtok.mllm.seg.refine: the grid-to-pixels step whose output these metrics score)
+
+
+@pytest.mark.parametrize(
+    ("grid", "size"), [((16, 16), (64, 64)), ((8, 5), (37, 91)), ((3, 7), (2, 3)), ((1, 4), (5, 9))]
+)
+def test_bilinear_equals_torch(grid, size):
+    torch = pytest.importorskip("torch")
+    g = np.random.default_rng(0).random(grid).astype(np.float32)
+    ref = torch.nn.functional.interpolate(
+        torch.from_numpy(g)[None, None], size=size, mode="bilinear", align_corners=False
+    )[0, 0].numpy()
+    np.testing.assert_allclose(R.upsample_bilinear(g, *size), ref, atol=1e-6)
+    np.testing.assert_allclose(R.refine(g, np.zeros((*size, 3), np.uint8), "bilinear"), ref, atol=1e-6)
+
+
+def test_box_mean_matches_brute_force():
+    x = np.random.default_rng(1).random((7, 9))
+    got = R.box_mean(x, 2)
+    for i in range(7):
+        for j in range(9):
+            assert got[i, j] == pytest.approx(x[max(0, i - 2) : i + 3, max(0, j - 2) : j + 3].mean())
+
+
+def test_guided_filter_preserves_a_constant():
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, size=(40, 50, 3), dtype=np.uint8)
+    out = R.refine(np.full((8, 10), 0.7), image, "guided", radius=3, eps=1e-4)
+    np.testing.assert_allclose(out, 0.7, atol=1e-6)
+
+
+def step_scene():
+    """A 64 x 64 image with a vertical edge at column 37 (off the 8-px grid) and the mask right of it."""
+    rng = np.random.default_rng(3)
+    image = np.zeros((64, 64, 3), dtype=np.int64)
+    image[:, :37], image[:, 37:] = 50, 200
+    image = np.clip(image + rng.integers(-10, 10, image.shape), 0, 255).astype(np.uint8)
+    gt = np.zeros((64, 64), dtype=bool)
+    gt[:, 37:] = True
+    return image, gt
+
+
+def test_guided_snaps_a_blurred_step_to_the_image_edge():
+    image, gt = step_scene()
+    soft = gt.reshape(8, 8, 8, 8).mean(axis=(1, 3))  # the coarse, blurred step (cell 4 is 3/8 covered)
+    iou = {m: mask_iou(R.refine_mask(soft, image, m), gt) for m in ("none", "bilinear", "guided")}
+    assert iou["guided"] > iou["bilinear"] >= iou["none"]
+    assert iou["guided"] > 0.99
+    edge = np.argmax(R.refine(soft, image, "guided")[10] > 0.5)
+    assert edge == 37  # bilinear puts it at 38, nearest at 40
+
+
+def test_refine_decoded_bricks_and_errors():
+    from mmtok.registries import SEG_FORMATS
+
+    image, gt = step_scene()
+    mask = np.zeros((64, 64), dtype=np.int64)
+    mask[10:30, 20:40] = 1
+    fmt = SEG_FORMATS.create("bricks", box_bins=32, brick_grid=8)
+    d = fmt.decode(fmt.encode(mask, ["x"]), ["x"])
+    near = R.refine_decoded(d, image, "none")
+    assert (near == d.scores(64, 64)).all()
+    for method in ("bilinear", "guided"):
+        s = R.refine_decoded(d, image, method)
+        assert s.shape == (64, 64) and s[:10].max() == 0 and s[30:].max() == 0 and 0 <= s.min() <= s.max() <= 1
+    assert set(R.REFINERS) >= {"none", "bilinear", "guided"}
+    with pytest.raises(ValueError, match="choose one of"):
+        R.refine(np.zeros((4, 4)), image, "crf")
