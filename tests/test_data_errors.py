@@ -93,11 +93,12 @@ def test_missing_mask_from_index_and_from_required(tmp_path):
     assert keys == ["k000", "k002", "k003"] and ds.stats == {"missing_field": 1}
     with pytest.raises(DataError, match="missing_field.*mask.png.*k001"):
         _run(path, "raise")
-    # Written without a mask: the index cannot know, the consumer says what it needs.
+    # Written without a mask: the index's field list (an intersection) cannot know, its siblings can; and the
+    # consumer can say what it needs.
     samples = [_good(i) for i in range(3)]
     del samples[1]["mask.png"]
     path2 = _write(tmp_path / "b", samples)
-    assert [s["__key__"] for s in ShardDataset(path2)] == ["k000", "k001", "k002"]
+    assert [s["__key__"] for s in ShardDataset(path2)] == ["k000", "k002"]
     ds, keys = _run(path2, "skip", required=("png", "mask.png"))
     assert keys == ["k000", "k002"] and ds.stats == {"missing_field": 1}
     loader = build_loader(DataConfig(train=path2, required="png,mask.png", batch_size=2, shuffle_buffer=0), "train")
@@ -174,3 +175,128 @@ def test_training_stream_survives_all_errors_with_workers(tmp_path):
     assert loader.stats == {"decode_image": 1, "bad_json": 1, "missing_field": 1, "empty_shard": 1}
     state = json.loads(json.dumps(loader.state_dict()))  # serialisable, with the counts
     assert state["stats"]["bad_json"] == 1
+
+
+# -- shards without a usable index, indexes that under-count, and samples that do not fit their shard ---------
+
+
+def _unindexed_copy(path, folder, name=None):
+    """Copy a shard into ``folder`` without its index json (so the reader has to scan it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dst = folder / (name or os.path.basename(path))
+    dst.write_bytes(open(path, "rb").read())
+    return dst
+
+
+def test_unscannable_shards_without_index_are_counted_not_fatal(tmp_path):
+    """0 bytes, not a tar, truncated: construction survives; the readable samples are read, the rest counted."""
+    good = _write(tmp_path / "a", [_good(i) for i in range(3)], name="good")
+    full = _write(tmp_path / "b", [_good(i) for i in range(10, 16)], name="cut")
+    with tarfile.open(full) as tf:
+        cut_at = next(m for m in tf.getmembers() if m.name == "k013.mask.png").offset_data + 10
+    loose = tmp_path / "loose"
+    cut = _unindexed_copy(full, loose)
+    with open(cut, "r+b") as f:
+        f.truncate(cut_at)  # inside k013's mask data: k010..k012 are whole, k013 is not
+    (loose / "empty-000000.tar").write_bytes(b"")
+    (loose / "junk-000000.tar").write_bytes(b"this is not a tar archive at all\n" * 40)
+    pattern = "::".join(str(p) for p in (good, cut, loose / "empty-000000.tar", loose / "junk-000000.tar"))
+    ds, keys = _run(pattern, "skip")
+    assert keys == ["k000", "k001", "k002", "k010", "k011", "k012"]
+    assert ds.stats == {"unreadable_shard": 2, "truncated_shard": 1, "missing_sample": 1}
+    assert {u for r, _, u in ds.skipped if r == "unreadable_shard"} == {
+        str(loose / "empty-000000.tar"),
+        str(loose / "junk-000000.tar"),
+    }
+    # The same through a loader with two workers: nothing crashes, the counts reach the loader.
+    loader = ShardLoader(ShardDataset(pattern), batch_size=2, num_workers=2)
+    assert sorted(k for b in loader for k in b["__key__"]) == keys
+    assert loader.stats == ds.stats
+    for bad in ("empty-000000.tar", "junk-000000.tar", cut.name):
+        with pytest.raises(DataError, match=f"(unreadable|truncated)_shard.*{bad}"):
+            ShardDataset(f"{good}::{loose / bad}", on_error="raise")
+
+
+def test_index_that_undercounts_a_shard(tmp_path, caplog):
+    path = _write(tmp_path, [_good(i) for i in range(5)])
+    index_path = tmp_path / "s.json"
+    index = json.loads(index_path.read_text())
+    index["shards"][0]["count"] = 3  # e.g. the shard was rebuilt larger and the index left behind
+    index_path.write_text(json.dumps(index))
+    with caplog.at_level(logging.WARNING, logger="mmtok.data.reader"):
+        ds, keys = _run(path, "skip")
+    assert keys == ["k000", "k001", "k002"]
+    assert ds.stats == {"unindexed_sample": 2} and [k for _, k, _ in ds.skipped] == ["k003", "k004"]
+    assert "rebuild the index" in caplog.text
+    with pytest.raises(DataError, match="unindexed_sample.*k003"):
+        _run(path, "raise")
+    # Split over two consumers (sample-level split of one shard): each extra sample is counted once.
+    loader = ShardLoader(ShardDataset(path), batch_size=2, num_workers=2)
+    assert sorted(k for b in loader for k in b["__key__"]) == keys and loader.stats == {"unindexed_sample": 2}
+
+
+def _loader_keys(pattern, on_error="skip", **kw):
+    loader = ShardLoader(ShardDataset(pattern, on_error=on_error, **kw), batch_size=2)
+    return loader, [k for b in loader for k in b["__key__"]]
+
+
+def test_sample_missing_a_field_the_others_have(tmp_path):
+    """The index's fields are an intersection, so the shard's own samples say what a sample should have."""
+    samples = [_good(i) for i in range(5)]
+    del samples[0]["mask.png"]  # first in its batch: collation used to drop every mask of the batch
+    del samples[3]["mask.png"]  # second in its batch: collation used to fail with KeyError
+    path = _write(tmp_path / "idx", samples)
+    loose = _unindexed_copy(path, tmp_path / "loose")
+    for pattern in (path, loose):  # from the writer's per-shard field counts, and from a header scan
+        loader, keys = _loader_keys(pattern)
+        assert keys == ["k001", "k002", "k004"] and loader.stats == {"missing_field": 2}
+        with pytest.raises(DataError, match="missing_field.*mask.png.*k000"):
+            _loader_keys(pattern, "raise")
+    # A field that is optional on purpose: say so when writing, or name what the consumer needs.
+    kept = [_good(i) for i in range(5)]
+    del kept[0]["mask.png"]
+    optional = write_shards(kept, tmp_path / "opt", prefix="o", optional=("mask.png",))[0]
+    assert [s["__key__"] for s in ShardDataset(optional)] == [f"k{i:03d}" for i in range(5)]
+    assert [s["__key__"] for s in ShardDataset(path, required=("png",))] == [f"k{i:03d}" for i in range(5)]
+
+
+def _coded(i: int, shape=(4, 4), dtype=np.int16, **meta) -> dict:
+    codes = (np.arange(int(np.prod(shape))).reshape(shape) % 7).astype(dtype)
+    return {"__key__": f"c{i:03d}", "codes.npy": codes, "json": {"i": i, **meta}}
+
+
+def test_codes_of_the_wrong_shape_are_skipped(tmp_path):
+    samples = [_coded(i) for i in range(6)]
+    samples[3] = _coded(3, shape=(2, 2))
+    path = _write(tmp_path / "idx", samples)
+    loader, keys = _loader_keys(path)  # the writer recorded the shard's codes shape: caught while decoding
+    assert keys == ["c000", "c001", "c002", "c004", "c005"] and loader.stats == {"bad_shape": 1}
+    with pytest.raises(DataError, match="bad_shape.*c003"):
+        _loader_keys(path, "raise")
+    # No index: the batch it lands in cannot be stacked; the odd sample is dropped and counted, not the epoch.
+    loose = _unindexed_copy(path, tmp_path / "loose")
+    loader, keys = _loader_keys(loose)
+    assert keys == ["c000", "c001", "c002", "c004", "c005"] and loader.stats == {"collate_mismatch": 1}
+    assert [b["codes"].shape for b in ShardLoader(ShardDataset(loose), batch_size=2)][-1] == (1, 4, 4)
+    with pytest.raises(DataError, match="collate_mismatch.*c003"):
+        _loader_keys(loose, "raise")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        _coded(2, dtype=np.float32),  # used to be truncated to integers silently
+        _coded(2, dtype=np.int32) | {"codes.npy": -np.ones((4, 4), np.int32)},
+        _coded(2, codebook_size=5),  # codes up to 6 with a codebook of 5
+        _coded(2, shape=()),
+    ],
+    ids=["float", "negative", "beyond_codebook", "scalar"],
+)
+def test_bad_codes_are_rejected(tmp_path, bad):
+    samples = [_coded(i) for i in range(4)]
+    samples[2] = bad
+    path = _write(tmp_path, samples)
+    ds, keys = _run(path, "skip")
+    assert keys == ["c000", "c001", "c003"] and ds.stats == {"bad_codes": 1}
+    with pytest.raises(DataError, match="bad_codes.*c002"):
+        _run(path, "raise")

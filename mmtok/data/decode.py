@@ -15,10 +15,16 @@ tar member         decoded sample field
 ``json``           ``json``: dict
 ``cls``            ``label``: int (else ``json["label"]`` when present)
 ``mp4/webm/avi``   ``video``: float ``[C, T, H, W]`` in [0, 1] (PyAV)
-``codes.npy``      ``codes``: long tensor; other ``.npy``: a tensor under the extension name
+``codes.npy``      ``codes``: long tensor of ids >= 0 (and below ``json["codebook_size"]`` when given);
+                   other ``.npy``: a tensor under the extension name
 ``txt``            ``text``: str
 =================  ==========================================================================
 Other members stay raw bytes under their extension.
+
+Codes are checked rather than converted: a float, boolean or 0-d ``codes.npy``, a negative id or one past the
+codebook would otherwise be truncated or wrap silently and either train on wrong ids or fail deep inside an
+embedding lookup; each is a ``bad_codes`` DataError instead. A codes array whose shape differs from its shard's
+usual one (``codes_shape``, recorded by the writer) is ``bad_shape``: it could not be stacked with the others.
 """
 
 from __future__ import annotations
@@ -142,17 +148,38 @@ def check_key_dot(exts: Iterable[str]) -> str | None:
     return None
 
 
-def decode_sample(raw: dict[str, Any], *, image_mode: str = "keep", required: Iterable[str] = ()) -> dict[str, Any]:
+def _codes(arr: np.ndarray) -> torch.Tensor:
+    """``codes.npy`` array -> long tensor; anything that is not a non-empty array of ids >= 0 raises ``ValueError``."""
+    if arr.dtype.kind not in "iu":
+        raise ValueError(
+            f"codes must be integer ids, got {arr.dtype} (ids are never rounded); rebuild the token shards"
+        )
+    if arr.ndim == 0 or arr.size == 0:
+        raise ValueError(f"codes must be a non-empty grid or sequence, got shape {arr.shape}")
+    if arr.min() < 0 or (arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max):
+        raise ValueError(f"codes must be ids in [0, codebook size), got values in [{arr.min()}, {arr.max()}]")
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+def decode_sample(
+    raw: dict[str, Any],
+    *,
+    image_mode: str = "keep",
+    required: Iterable[str] = (),
+    codes_shape: tuple[int, ...] | None = None,
+) -> dict[str, Any]:
     """Decode a raw sample (``__key__``, ``__url__`` and ``ext -> bytes``).
 
     Args:
         raw: One grouped tar sample.
         image_mode: See :func:`decode_image`.
         required: Extensions that must be present (e.g. ``("png", "mask.png")``).
+        codes_shape: The shape ``codes.npy`` must have (its shard's usual shape), or None to accept any.
 
     Raises:
         DataError: With reason ``key_with_dot``, ``missing_field``, ``decode_image``, ``decode_mask``,
-            ``decode_video``, ``bad_json``, ``bad_cls``, ``decode_npy`` or ``empty_sample``.
+            ``decode_video``, ``bad_json``, ``bad_cls``, ``decode_npy``, ``bad_codes``, ``bad_shape`` or
+            ``empty_sample``.
     """
     key, url = raw.get("__key__", ""), raw.get("__url__", "")
     exts = [k for k in raw if not k.startswith("__")]
@@ -187,9 +214,20 @@ def decode_sample(raw: dict[str, Any], *, image_mode: str = "keep", required: It
             elif ext.endswith("npy"):
                 arr = np.load(io.BytesIO(data), allow_pickle=False)  # never unpickle shard contents
                 name = ext[: -len(".npy")] if ext.endswith(".npy") else ext
-                out["codes" if name == "codes" else name] = (
-                    torch.from_numpy(arr.astype(np.int64)) if name == "codes" else torch.from_numpy(arr)
-                )
+                if name == "codes":
+                    try:
+                        out["codes"] = _codes(arr)
+                    except ValueError as e:
+                        raise DataError("bad_codes", f".{ext}: {e}", key, url) from e
+                    if codes_shape is not None and tuple(arr.shape) != tuple(codes_shape):
+                        raise DataError(
+                            "bad_shape",
+                            f".{ext} has shape {arr.shape}, its shard's codes are {tuple(codes_shape)}",
+                            key,
+                            url,
+                        )
+                else:
+                    out[name] = torch.from_numpy(arr)
             elif ext in ("txt", "text"):
                 out["text"] = data.decode("utf-8")
             else:
@@ -215,6 +253,9 @@ def decode_sample(raw: dict[str, Any], *, image_mode: str = "keep", required: It
             raise DataError(reason, f".{ext}: {type(e).__name__}: {e}", key, url) from e
     if "label" not in out and isinstance(out.get("json"), dict) and isinstance(out["json"].get("label"), int):
         out["label"] = out["json"]["label"]
+    size = out.get("json", {}).get("codebook_size") if isinstance(out.get("json"), dict) else None
+    if "codes" in out and isinstance(size, int) and int(out["codes"].max()) >= size:
+        raise DataError("bad_codes", f"codes up to {int(out['codes'].max())} but codebook_size is {size}", key, url)
     if "mask" in out and "image" in out and tuple(out["mask"].shape) != tuple(out["image"].shape[-2:]):
         raise DataError(
             "mask_size", f"mask {tuple(out['mask'].shape)} vs image {tuple(out['image'].shape[-2:])}", key, url

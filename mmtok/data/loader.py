@@ -15,6 +15,14 @@ shuffle on, resampled on and off).
 
 Limits: resume needs the same ``num_workers``, ``world_size`` and shards (checked); transforms that draw
 from the global RNG instead of :func:`mmtok.data.transforms.sample_generator` are not replayed exactly.
+
+A batch that cannot be collated because its samples differ (a tensor of another shape, a field the others
+lack) must not end an epoch under ``on_error="skip"``: the samples outside the batch's most common signature
+(fields, tensor shapes and dtypes; ties go to the earliest sample) are dropped and counted as
+``collate_mismatch`` with their keys, and the batch is refilled from the stream. Under ``"raise"`` the first
+odd sample raises :class:`~mmtok.data.decode.DataError`. A collate failure among samples that all look alike
+is a bug in the collate function and propagates. The reader catches most such samples earlier (see
+:mod:`mmtok.data.reader`); this covers shards without an index and what transforms produce.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data import default_collate as torch_default_collate
 
 from mmtok.data.config import DataConfig
+from mmtok.data.decode import DataError
 from mmtok.data.reader import ShardDataset
 
 logger = logging.getLogger(__name__)
@@ -52,6 +61,22 @@ def _passthrough(item: Any) -> Any:
     return item
 
 
+def _signature(sample: Any) -> tuple:
+    """What must agree between samples for them to stack: field names, tensor shapes and dtypes."""
+    if not isinstance(sample, dict):
+        return (type(sample).__name__,)
+    return tuple(sorted((k, tuple(v.shape), str(v.dtype)) if torch.is_tensor(v) else (k,) for k, v in sample.items()))
+
+
+def _describe(sig: tuple, usual: tuple) -> str:
+    mine, theirs = {s[0]: s[1:] for s in sig}, {s[0]: s[1:] for s in usual}
+    parts = [f"lacks {k!r}" for k in theirs if k not in mine] + [f"has extra {k!r}" for k in mine if k not in theirs]
+    parts += [
+        f"{k!r} is {mine[k]} where the batch has {theirs[k]}" for k in mine if k in theirs and mine[k] != theirs[k]
+    ]
+    return "; ".join(parts) or "differs from the rest of its batch"
+
+
 class _Batches(IterableDataset):
     """Runs in each worker: batches its samples, tags each batch with ``(worker, position, stats)``.
 
@@ -66,15 +91,47 @@ class _Batches(IterableDataset):
         ds = self.dataset
         return {"worker": ds.worker_identity()[0], "pos": ds.position, "stats": dict(ds.stats)}
 
+    def _collate(self, chunk: list, where: list[tuple[str, str]]) -> Any:
+        """Collate ``chunk``; if it fails, drop (in place) and count the odd samples and return None.
+
+        Raises:
+            DataError: under ``on_error="raise"``, for the first odd sample.
+            Exception: the collate error itself when no sample stands out (then the collate function is at fault).
+        """
+        try:
+            return self.collate(chunk)
+        except Exception as e:  # noqa: BLE001 - any collate failure is examined; re-raised if no sample is odd
+            sigs = [_signature(s) for s in chunk]
+            counts = collections.Counter(sigs)
+            usual = max(counts, key=lambda g: (counts[g], -sigs.index(g)))  # most common; ties: the earliest
+            odd = [i for i, g in enumerate(sigs) if g != usual]
+            if not odd:
+                raise
+            for i in odd:
+                key, url = where[i]
+                msg = f"cannot be batched with the others ({_describe(sigs[i], usual)}); {type(e).__name__}: {e}"
+                self.dataset._error(DataError("collate_mismatch", msg, key, url))
+            for i in reversed(odd):
+                del chunk[i], where[i]
+            return None
+
     def __iter__(self) -> Iterator[tuple[Any, dict[str, Any]]]:
         chunk: list = []
+        where: list[tuple[str, str]] = []  # (key, shard) of each sample in chunk, for error messages
         for sample in self.dataset:
             chunk.append(sample)
+            where.append(self.dataset.current)
             if len(chunk) == self.batch_size:
-                yield self.collate(chunk), self._meta()
-                chunk = []
-        if chunk and not self.drop_last:
-            yield self.collate(chunk), self._meta()
+                batch = self._collate(chunk, where)
+                if batch is None:  # odd samples dropped: refill from the stream
+                    continue
+                yield batch, self._meta()
+                chunk, where = [], []
+        while chunk and not self.drop_last:
+            batch = self._collate(chunk, where)
+            if batch is not None:
+                yield batch, self._meta()
+                break
         yield None, self._meta()
 
 

@@ -15,8 +15,10 @@ pure function of ``(seed, epoch, rank, world_size, num_workers, worker)``:
    consumer draws shards with replacement from ``Random(seed, epoch, c, C)`` forever.
 2. Positions. Concatenating segments numbers the consumer's samples 0, 1, 2, ... using the counts of
    the index file (``<prefix>.json`` written by :func:`mmtok.data.write_shards`; shards without an index
-   are counted once by scanning their tar headers). A shard that turns out shorter than its count
-   (truncated) fills its missing positions with holes, so positions never shift.
+   are counted once by scanning their tar headers, up to the first damage). A shard that turns out shorter
+   than its count (truncated) fills its missing positions with holes, so positions never shift; samples
+   past the count of an index that under-counts its shard are read, counted (``unindexed_sample``) and
+   dropped, since giving them positions would shift every later one.
 3. Shuffle buffer of ``shuffle_buffer`` raw (undecoded) samples driven by ``Random(seed, epoch, c, C)``.
 4. Each buffer output increments the consumer's *position*; it is then decoded (errors go to the error
    policy), transformed and yielded.
@@ -29,7 +31,16 @@ positions of the batches it hands out and restores them (see there for the worke
 
 Error policy: ``on_error="skip"`` drops the sample, counts it in ``stats[reason]`` and logs its key and
 shard (the first ``log_limit`` per reason, then every 1000th); ``"raise"`` raises :class:`DataError`.
-A pattern that matches nothing always raises :class:`ShardPatternError`.
+A pattern that matches nothing always raises :class:`ShardPatternError`. Under ``skip`` no single sample or
+shard ends an epoch: a shard that cannot be scanned (0 bytes, not a tar) is counted as ``unreadable_shard``
+when its turn comes (under ``raise`` the dataset refuses it at construction).
+
+What a sample must carry: the consumer's ``required`` fields when given; otherwise, per shard, every field
+that more than half of the shard's samples carry (from the index's per-shard field counts, or from the header
+scan of a shard without one), except those the writer was told are ``optional``. The index's own field list
+is an intersection and cannot say that one sample lost its mask; a majority of siblings can. A
+``codes.npy`` must also have the shard's usual shape when the index records one (see
+:func:`mmtok.data.writer.write_shards`).
 """
 
 from __future__ import annotations
@@ -100,7 +111,12 @@ def expand_pattern(pattern: str | os.PathLike | list) -> list[str]:
 
 
 def read_index(shard_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """``{shard file name: {"count", "bytes", "fields"}}`` from every index json in a folder."""
+    """``{shard file name: entry}`` from every index json in a folder.
+
+    An entry holds ``count``, ``bytes``, ``fields`` (the index's list: fields every sample has),
+    ``optional`` (fields the writer was told may be missing), and when the writer recorded them
+    ``field_counts`` (samples of this shard carrying each field) and ``codes_shape``.
+    """
     entries: dict[str, dict[str, Any]] = {}
     for path in sorted(Path(shard_dir).glob("*.json")):
         try:
@@ -109,10 +125,18 @@ def read_index(shard_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
             continue  # not ours or damaged: the shards are then counted by scanning
         if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
             continue
-        fields = index.get("fields", [])
+        fields, optional = index.get("fields", []), index.get("optional", [])
         for s in index["shards"]:
             if isinstance(s, dict) and "name" in s and "count" in s:
-                entries[s["name"]] = {"count": int(s["count"]), "bytes": s.get("bytes"), "fields": fields}
+                per_shard = s.get("fields")  # {field: samples carrying it}; absent in older indexes
+                entries[s["name"]] = {
+                    "count": int(s["count"]),
+                    "bytes": s.get("bytes"),
+                    "fields": fields,
+                    "optional": list(optional) if isinstance(optional, list) else [],
+                    "field_counts": per_shard if isinstance(per_shard, dict) else None,
+                    "codes_shape": s.get("codes_shape"),
+                }
     return entries
 
 
@@ -163,11 +187,45 @@ def group_members(members: Iterator[tuple[str, Any]], url: str) -> Iterator[dict
         yield from finish(key, group)
 
 
+def scan_shard(path: str) -> tuple[int, collections.Counter, str | None]:
+    """``(samples, {field: samples carrying it}, problem)`` of a tar shard from its member headers only.
+
+    Scanning stops at the first damage (a truncated member, a file that is not a tar) and ``problem`` says
+    what it was; the samples whose headers were seen up to there are counted, so the readable ones are still
+    read and a partly present one becomes a hole the reader reports.
+    """
+    names: list[tuple[str, None]] = []
+    problem = None
+    try:
+        with tarfile.open(path, mode="r:") as tf:  # seekable mode: skips over member data
+            while (m := tf.next()) is not None:
+                if m.isreg():
+                    names.append((m.name, None))
+    except (tarfile.TarError, OSError, EOFError) as e:  # tarfile reports a truncated member on the next call
+        problem = f"{type(e).__name__}: {e}"
+    fields: collections.Counter = collections.Counter()
+    count = 0
+    for sample in group_members(iter(names), path):
+        count += 1
+        if "__bad__" not in sample:
+            fields.update(k for k in sample if not k.startswith("__"))
+    return count, fields, problem
+
+
 def count_samples(path: str) -> int:
-    """Samples in a tar shard, from its member headers only (no data is read)."""
-    with tarfile.open(path, mode="r:") as tf:  # seekable mode: skips over member data
-        names = ((m.name, None) for m in tf if m.isreg())
-        return sum(1 for _ in group_members(names, path))
+    """Samples in a tar shard, from its member headers only (no data is read; counts up to any damage)."""
+    return scan_shard(path)[0]
+
+
+def expected_fields(field_counts: dict[str, int], count: int, optional: Any = ()) -> tuple[str, ...]:
+    """Fields a shard's every sample should carry: those more than half of its ``count`` samples carry.
+
+    A majority, not all: one sample that lost its mask must not make the mask optional for the whole shard
+    (which is what an intersection does). A field that half or fewer of the samples carry is taken as optional
+    (labels for some images only, say); fields optional on purpose but common should be declared to the
+    writer (``write_shards(..., optional=...)``) or the consumer should name its ``required`` fields.
+    """
+    return tuple(sorted(f for f, n in field_counts.items() if 2 * int(n) > count and f not in set(optional)))
 
 
 class _NotPlainUstar(Exception):
@@ -300,8 +358,9 @@ class ShardDataset(IterableDataset):
         on_error: "skip" or "raise".
         rank, world_size: This process among the data-parallel ones.
         image_mode: "keep" (grey stays 1 channel), "RGB" or "L".
-        required: Extensions every sample must have; default: the index's ``fields`` (what every sample was
-            written with), so e.g. a missing ``mask.png`` is caught.
+        required: Extensions every sample must have (exactly these: other fields may then be missing);
+            default: per shard, the fields more than half of its samples carry (see the module docstring), so
+            e.g. a sample that lost its ``mask.png`` is caught.
         log_limit: Skipped samples logged per reason before logging only every 1000th.
 
     Attributes:
@@ -339,13 +398,15 @@ class ShardDataset(IterableDataset):
         self.transform, self.shuffle_buffer, self.seed = transform, int(shuffle_buffer), int(seed)
         self.resampled, self.epoch_length, self.on_error = bool(resampled), int(epoch_length), on_error
         self.rank, self.world_size, self.image_mode, self.log_limit = rank, world_size, image_mode, log_limit
+        self.stats: collections.Counter = collections.Counter()
+        self.skipped: collections.deque = collections.deque(maxlen=100)
+        self._explicit_required = required is not None
         self.counts, fields = self._counts()
         self.required = tuple(fields) if required is None else tuple(required)
         if sum(self.counts) == 0:
             raise DataError("no_samples", f"shard pattern {pattern!r} has {len(self.shards)} shards but no samples")
         self.epoch = 0
-        self.stats: collections.Counter = collections.Counter()
-        self.skipped: collections.deque = collections.deque(maxlen=100)
+        self.current: tuple[str, str] = ("", "")  # (key, shard) of the sample last yielded, for batch-level errors
         self.position = 0  # outputs of the last in-process iteration (num_workers=0)
         # Set by ShardLoader before each pass (copied into workers when they start):
         self._skip: dict[int, int] = {}  # logical worker -> positions already consumed
@@ -353,23 +414,45 @@ class ShardDataset(IterableDataset):
 
     # -- static facts ---------------------------------------------------------------------------
     def _counts(self) -> tuple[list[int], list[str]]:
+        """Sample counts per shard and the index fields common to all; fills the per-shard expectations.
+
+        ``_shard_required[url]`` and ``_codes_shape[url]`` say what a sample of that shard must carry;
+        ``_unreadable[i]`` holds the error of a shard whose scan found nothing readable, reported when its turn
+        comes in a pass (under ``raise`` any damage found by a scan raises here, before training starts).
+        """
         counts, fields_sets = [], []
         indices: dict[str, dict] = {}
-        for path in self.shards:
+        self._shard_required: dict[str, tuple[str, ...]] = {}
+        self._codes_shape: dict[str, tuple[int, ...]] = {}
+        self._unreadable: dict[int, DataError] = {}
+        for i, path in enumerate(self.shards):
             d = os.path.dirname(os.path.abspath(path))
             if d not in indices:
                 indices[d] = read_index(d)
             entry = indices[d].get(os.path.basename(path))
             if entry is None:
-                try:
-                    counts.append(count_samples(path))
-                except (tarfile.TarError, OSError) as e:
-                    self._error(DataError("unreadable_shard", f"cannot scan {e}", url=path))
-                    counts.append(0)
+                count, field_counts, problem = scan_shard(path)
+                if problem is not None:
+                    truncated = count > 0 and "end of" in problem
+                    reason = "truncated_shard" if truncated else "unreadable_shard"
+                    err = DataError(reason, f"scanning stopped after {count} samples: {problem}", url=path)
+                    if self.on_error == "raise":
+                        raise err
+                    if count == 0:
+                        self._unreadable[i] = err  # a truncated one is reported by the read itself
+                counts.append(count)
                 fields_sets.append(None)
+                optional: list[str] = []
             else:
                 counts.append(entry["count"])
                 fields_sets.append(set(entry["fields"]))
+                field_counts, optional = entry["field_counts"] or {}, entry["optional"]
+                if entry.get("codes_shape") is not None:
+                    self._codes_shape[path] = tuple(int(d) for d in entry["codes_shape"])
+            expected = set(expected_fields(field_counts, counts[-1], optional))
+            if entry is not None:
+                expected |= set(entry["fields"])  # older indexes: their field list is all we know
+            self._shard_required[path] = tuple(sorted(expected))
         known = [f for f in fields_sets if f is not None]
         fields = sorted(set.intersection(*known)) if known and len(known) == len(fields_sets) else []
         return counts, fields
@@ -442,15 +525,25 @@ class ShardDataset(IterableDataset):
         url = self.shards[i]
         if kept <= start:
             return
-        produced, failed = 0, False
+        produced, failed, total = 0, False, self.counts[i]
         try:
             for j, raw in enumerate(iter_tar(url)):
                 if j < first or (j - first) % stride:
                     continue
+                if j >= total:
+                    # Past the index's count: no position to give it without shifting every later one (and
+                    # breaking exact resume), so it is counted as lost. Each extra belongs to one consumer.
+                    self._error(
+                        DataError(
+                            "unindexed_sample",
+                            f"sample #{j} is past the {total} samples its index lists; rebuild the index (write "
+                            "the shards again, or delete the index json so the shards are counted by scanning)",
+                            raw.get("__key__", ""),
+                            url,
+                        )
+                    )
+                    continue
                 k = (j - first) // stride
-                if k >= kept:
-                    logger.warning("shard %s has more samples than its index says (%d); rebuild the index", url, kept)
-                    break
                 produced = k + 1
                 if k >= start:
                     yield raw
@@ -471,7 +564,8 @@ class ShardDataset(IterableDataset):
             kept = seg[1]
             if self.counts[seg[0]] == 0:
                 if pos >= start:  # reported once per pass, not again when a resumed stream skips past it
-                    self._error(DataError("empty_shard", "the shard has no samples", url=self.shards[seg[0]]))
+                    err = self._unreadable.get(seg[0])
+                    self._error(err or DataError("empty_shard", "the shard has no samples", url=self.shards[seg[0]]))
                 continue
             if pos + kept <= start:  # whole segment already consumed: skip it without opening the file
                 pos += kept
@@ -531,9 +625,13 @@ class ShardDataset(IterableDataset):
             self._error(DataError("missing_sample", "lost with its shard", raw.key, raw.url))
             return None
         try:
+            url = raw.get("__url__", "")
             if "__bad__" in raw:
-                raise DataError(raw["__bad__"], "malformed tar members", raw.get("__key__", ""), raw.get("__url__", ""))
-            return decode_sample(raw, image_mode=self.image_mode, required=self.required)
+                raise DataError(raw["__bad__"], "malformed tar members", raw.get("__key__", ""), url)
+            required = self.required if self._explicit_required else self._shard_required.get(url, self.required)
+            return decode_sample(
+                raw, image_mode=self.image_mode, required=required, codes_shape=self._codes_shape.get(url)
+            )
         except DataError as e:
             self._error(e)
             return None
@@ -565,6 +663,7 @@ class ShardDataset(IterableDataset):
                     continue
                 sample.pop("__seed__", None)
                 sample.pop("__rng__", None)
+            self.current = (raw["__key__"], raw["__url__"])
             yield sample
 
     def set_epoch(self, epoch: int) -> None:

@@ -8,7 +8,11 @@ reference implementation github.com/webdataset/webdataset) stores each sample as
   reader uses it to split work and to skip whole shards when it resumes a stream without decoding them;
 - keys are checked (no dots: a dot would split the key from the extension at read time; no duplicates);
 - images are encoded here (PNG for masks and lossless data, JPEG at quality 95 rather than wds's 100);
-- tar members get a fixed mtime, so a builder run with the same seed gives byte-identical shards.
+- tar members get a fixed mtime, so a builder run with the same seed gives byte-identical shards;
+- the index also describes each shard's samples (how many carry each field, the usual shape of
+  ``codes.npy``), so the reader can tell a sample that lacks a field or holds an odd-shaped array from
+  its siblings (a field list alone is an intersection: it cannot say that one sample lost its mask).
+  Fields that are optional on purpose are declared with ``optional=``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import logging
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -120,6 +125,7 @@ def write_shards(
     prefix: str = "shard",
     maxcount: int = 1000,
     maxsize: int = 256 << 20,
+    optional: Iterable[str] = (),
 ) -> list[str]:
     """Write samples to ``out_dir/{prefix}-000000.tar, ...`` and the index ``out_dir/{prefix}.json``.
 
@@ -133,6 +139,9 @@ def write_shards(
         prefix: Shard name prefix; also names the index file.
         maxcount: Samples per shard (at most).
         maxsize: Bytes of member data per shard (at most, unless a single sample is larger).
+        optional: Fields that some samples lack on purpose (e.g. ``("mask.png",)`` for images kept without a
+            mask). The reader skips a sample that lacks a field most of its shard's samples carry,
+            unless the field is listed here.
 
     Returns:
         The shard paths in order. No samples gives no shards (and an index with ``total: 0``).
@@ -143,6 +152,7 @@ def write_shards(
         raise ValueError(f"maxcount and maxsize must be positive, got {maxcount}, {maxsize}")
     if "." in prefix or "/" in prefix:
         raise ValueError(f"shard prefix {prefix!r} must not contain '.' or '/'")
+    optional = (optional,) if isinstance(optional, str) else tuple(optional)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, Any]] = []
@@ -151,12 +161,24 @@ def write_shards(
     count = size = 0
     seen: set[str] = set()
     fields: set[str] | None = None  # extensions present in every sample (the reader checks them)
+    field_counts: Counter = Counter()  # per shard: samples carrying each field
+    code_shapes: Counter = Counter()  # per shard: shapes of the codes.npy arrays
 
     def close() -> None:
         nonlocal writer
         if writer is not None:
             writer.close()
-            shards.append({"name": Path(paths[-1]).name, "count": count, "bytes": size})
+            shards.append(
+                {
+                    "name": Path(paths[-1]).name,
+                    "count": count,
+                    "bytes": size,
+                    "fields": dict(sorted(field_counts.items())),
+                    **_usual_shape(code_shapes),
+                }
+            )
+            field_counts.clear()
+            code_shapes.clear()
             writer = None
 
     try:
@@ -187,6 +209,9 @@ def write_shards(
             writer.write(encoded)
             count += 1
             size += nbytes
+            field_counts.update(names)
+            if "codes.npy" in names:
+                code_shapes[_npy_shape(sample["codes.npy"], encoded["codes.npy"])] += 1
         close()
     finally:
         if writer is not None:  # an exception mid-write: close the file so it is not left open
@@ -197,6 +222,7 @@ def write_shards(
         "pattern": Path(brace_pattern(paths)).name if paths else "",
         "total": sum(s["count"] for s in shards),
         "fields": sorted(fields or ()),
+        "optional": sorted(set(optional)),
         "shards": shards,
     }
     tmp = out / f".{prefix}.json.tmp"
@@ -204,6 +230,28 @@ def write_shards(
     tmp.replace(out / f"{prefix}.json")  # atomic: a reader never sees half an index
     logger.info("wrote %d samples in %d shards to %s/%s-*.tar", index["total"], len(paths), out, prefix)
     return paths
+
+
+def _npy_shape(value: Any, data: bytes) -> tuple[int, ...]:
+    """Shape of an ``.npy`` field: from the array when we were given one, else from the encoded header."""
+    if hasattr(value, "shape"):
+        return tuple(int(d) for d in value.shape)
+    try:
+        return tuple(np.load(io.BytesIO(data), allow_pickle=False, mmap_mode=None).shape)
+    except (ValueError, OSError):
+        return ()  # not a readable array: the reader reports it when it decodes the sample
+
+
+def _usual_shape(code_shapes: Counter) -> dict[str, list[int]]:
+    """``{"codes_shape": shape}`` if one shape is shared by at least half of the shard's ``codes.npy`` arrays.
+
+    Only ``codes.npy`` (tokenizer grids and fixed-length sequences, stacked by every consumer) is described:
+    other arrays may be variable-length on purpose, and a majority rule would then drop the shorter ones.
+    """
+    if not code_shapes:
+        return {}
+    shape, n = code_shapes.most_common(1)[0]
+    return {"codes_shape": list(shape)} if 2 * n >= sum(code_shapes.values()) else {}
 
 
 def write_splits(
