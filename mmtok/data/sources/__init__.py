@@ -2,7 +2,8 @@
 
 ``fashion-mnist`` (real images + labels), ``fashion-scenes`` (referring segmentation),
 ``moving-fashion`` (mp4 clips), ``photos`` (scikit-image's and scikit-learn's bundled photographs, as
-crops), ``folder`` (any folder of images with optional masks and metadata). See ``datasets/README.md``.
+crops), ``folder`` (any folder of images with optional masks and metadata), ``refcoco`` (RefCOCO / RefCOCO+ /
+RefCOCOg in the refer toolkit's layout, from files the user downloaded). See ``datasets/README.md``.
 """
 
-from mmtok.data.sources import fashion_mnist, folder, moving, photos, scenes  # noqa: F401  (registration)
+from mmtok.data.sources import fashion_mnist, folder, moving, photos, refcoco, scenes  # noqa: F401  (registration)
