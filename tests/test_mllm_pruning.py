@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmtok import registries
 from mmtok.mllm.modeling import MLLM
@@ -220,13 +221,14 @@ def test_dart_selects_least_duplicated_tokens():
     # similar token, image 7 (-e0); the text pivot (~e0) then picks the least similar of the rest, image 5 or 6
     # (e1 has cos 0.01, e2 has 0): image 6 (e2).
     assert keep.tolist() == [[0, 6, 7]]
-    # reference count keeps budget + image pivots
-    ref = _make("dart", num_keep=3, pivot_image=1, pivot_text=1, reference_count=True).select(ctx)
-    assert ref.shape == (1, 4) and set(keep[0].tolist()) <= set(ref[0].tolist())
+    # the reference keeps pivot_image + 2 * floor(3 / 2) = 3 here (reference_count is the older name of the mode)
+    ref = _make("dart", num_keep=3, pivot_image=1, pivot_text=1, reference_count=True)
+    assert ref.reference and ref.select(ctx).shape == (1, ref.budget(8)) == (1, 3)
     # guards: budget >= N keeps all; budget + pivots > N does not overflow
     assert _make("dart", num_keep=8).select(ctx).tolist() == [list(range(8))]
-    assert _make("dart", num_keep=7, pivot_image=4, pivot_text=4, reference_count=True).select(ctx).shape == (1, 8)
     assert _make("dart", num_keep=2, pivot_image=4).select(ctx).shape == (1, 2)
+    big = _make("dart", num_keep=16, pivot_image=1, pivot_text=1, reference=True)  # 1 + 2 * 8 > 8: capped at N
+    assert big.budget(8) == 8 and big.select(ctx).tolist() == [list(range(8))]
 
 
 class _FixedQKTower(torch.nn.Module):
@@ -360,7 +362,217 @@ def test_pool_averages_cells(model):
 def test_budget_validation():
     from mmtok.mllm.pruning import PruningError
 
-    with pytest.raises(PruningError, match="not both"):
+    with pytest.raises(PruningError, match="exactly one budget"):
         _make("random", num_keep=3, keep_ratio=0.5)
     assert _make("random", keep_ratio=0.25).budget(576) == 144
     assert _make("fastv").budget(576) == 288  # FastV's default R = 50%
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DART: the reference mode, worked out by hand and against a re-implementation of the reference loop
+# ---------------------------------------------------------------------------------------------------------
+def _dart_hand_ctx(pad: int = 0) -> PruneContext:
+    """BOS, a system token, 8 image tokens (sequence 2..9), 3 question tokens (10..12); ``pad`` left pads.
+
+    Keys (one KV head): BOS has by far the largest L1 norm (as in real LLMs), image token 5 (sequence 7) the
+    largest among image tokens, question token 10 the largest after the image. Features (final-norm output):
+    the text pivot (10) is e0, the image pivot (image 5) is e1; the other image tokens have these cosines:
+
+        image        0      1      2      3      4      6      7
+        cos(., e0) -0.98  -0.20   1.00   0.10  -0.70   0.00   0.51
+        cos(., e1)  0.20  -0.98   0.00   0.99  -0.70   0.10  -0.61
+    """
+    rows = {
+        0: [-1.0, 0.0, 0.0, 0.0],  # BOS: -e0, so a BOS pivot would pick image 2 (cos -1) first
+        1: [0.0, 0.0, 1.0, 1.0],
+        2: [-1.0, 0.2, 0.0, 0.0],
+        3: [-0.2, -1.0, 0.0, 0.0],
+        4: [1.0, 0.0, 0.0, 0.0],
+        5: [0.1, 1.0, 0.0, 0.0],
+        6: [-0.7, -0.7, 0.1, 0.0],
+        7: [0.0, 1.0, 0.0, 0.0],  # image 5: the image pivot
+        8: [0.0, 0.1, 1.0, 0.0],
+        9: [0.5, -0.6, 0.0, 0.6],
+        10: [1.0, 0.0, 0.0, 0.0],  # the text pivot
+        11: [0.0, 0.0, 1.0, 0.0],
+        12: [0.0, 0.0, 0.0, 1.0],
+    }
+    length = 13 + pad
+    hidden = torch.full((1, length, 4), 7.0)  # pads: garbage that must not matter
+    keys = torch.full((1, 1, length, 4), 9.0)
+    for i, v in rows.items():
+        hidden[0, pad + i] = torch.tensor(v)
+        keys[0, 0, pad + i] = 0.1
+    keys[0, 0, pad + 0] = 10.0  # BOS
+    keys[0, 0, pad + 7] = 5.0  # image 5
+    keys[0, 0, pad + 10] = 3.0  # first question token
+    valid = torch.ones(1, length, dtype=torch.bool)
+    valid[0, :pad] = False
+    ctx = PruneContext(
+        num_image_tokens=8,
+        llm=_HiddenOnlyLLM(),
+        layer=2,
+        hidden=hidden,
+        image_positions=torch.arange(pad + 2, pad + 10)[None],
+        key_valid=valid,
+        position_ids=(torch.cumsum(valid.long(), 1) - 1).clamp_min(0),
+    )
+    ctx.lazy["prev_keys"] = lambda: keys
+    return ctx
+
+
+def test_dart_reference_known_answer():
+    # Reference, num_keep=4, one pivot of each kind: each pivot keeps floor(4 / 2) = 2, so 1 + 2 * 2 = 5 kept.
+    # Pivots: image 5 (sequence 7) and question token 10; never BOS, which precedes the image. The reference
+    # visits list({7, 10}) = [10, 7]: the text pivot e0 first takes the two least similar, images 0 (-0.98) and
+    # 4 (-0.70); then the image pivot e1 takes images 1 (-0.98) and 7 (-0.61) of the rest. Kept: 0, 1, 4, 5, 7.
+    assert list({7, 10}) == [10, 7]  # CPython's set order, which the reference's loop follows
+    for pad in (0, 3):  # left padding changes nothing: positions are those of the unpadded prompt
+        ref = _make("dart", num_keep=4, pivot_image=1, pivot_text=1, reference=True)
+        assert ref.budget(8) == 5
+        assert ref.select(_dart_hand_ctx(pad)).tolist() == [[0, 1, 4, 5, 7]]
+    # Default (budget-exact), same inputs: 4 kept, image pivot 5 counts; the other 3 go 2 to the image pivot
+    # (visited first): images 1 (-0.98), 4 (-0.70); then 1 to the text pivot: image 0 (-0.98). Kept: 0, 1, 4, 5.
+    # With BOS as the text pivot (all text tokens as candidates) it would have been image 2 instead of 0.
+    default = _make("dart", num_keep=4, pivot_image=1, pivot_text=1)
+    assert default.select(_dart_hand_ctx()).tolist() == [[0, 1, 4, 5]]
+
+
+def _reference_dart_loop(keys, states, start, n, pivot_image, pivot_text, budget):
+    """The reference selection for one unpadded sequence, written from the paper and the reference description.
+
+    ``keys [H, L, d]`` (query heads), ``states [L, D]`` (final-norm hidden states), image tokens at
+    ``start .. start + n``. Returns the kept image indices (0-based within the image), sorted.
+    """
+    flat = keys.transpose(0, 1).reshape(keys.shape[1], -1)  # heads side by side per token
+    norm_img = [float(v) for v in flat[start : start + n].abs().sum(-1)]
+    norm_txt = [float(v) for v in flat[start + n :].abs().sum(-1)]
+    img_piv = [start + i for i in sorted(range(n), key=lambda i: -norm_img[i])[:pivot_image]]
+    txt_piv = [start + n + i for i in sorted(range(len(norm_txt)), key=lambda i: -norm_txt[i])[:pivot_text]]
+    per = int(budget // (pivot_image + pivot_text))
+    kept = set(img_piv + txt_piv)
+    left = set(range(start, start + n)) - set(img_piv)
+    for piv in list(kept):  # visiting order = iteration order of the pivots' set
+        cand = list(left)
+        cos = [float(F.cosine_similarity(states[piv], states[c], dim=0)) for c in cand]
+        chosen = [cand[i] for i in sorted(range(len(cand)), key=lambda i: cos[i])[:per]]
+        kept |= set(chosen)
+        left -= set(chosen)
+    return sorted(i - start for i in kept - set(txt_piv))
+
+
+@pytest.mark.parametrize("budget", [64, 100, 37])
+def test_dart_reference_equals_reference_loop(budget):
+    """LLaVA-like prompt: 35 text tokens before 144 image tokens, 20 after; random keys and states."""
+    g = torch.Generator().manual_seed(budget)
+    before, n, after, heads = 35, 144, 20, 2
+    length = before + n + after
+    keys = torch.randn(1, heads, length, 8, generator=g)
+    keys[0, :, 0] *= 50  # a BOS-like key: must never become a pivot
+    hidden = torch.randn(1, length, 16, generator=g)
+    ctx = PruneContext(
+        num_image_tokens=n,
+        llm=_HiddenOnlyLLM(),
+        layer=2,
+        hidden=hidden,
+        image_positions=torch.arange(before, before + n)[None],
+        key_valid=torch.ones(1, length, dtype=torch.bool),
+        position_ids=torch.arange(length)[None],
+    )
+    ctx.lazy["prev_keys"] = lambda: keys
+    pruner = _make("dart", num_keep=budget, reference=True)
+    got = pruner.select(ctx)
+    want = _reference_dart_loop(keys[0], hidden[0], before, n, 4, 4, budget)
+    assert got[0].tolist() == want
+    assert len(want) == 4 + 8 * (budget // 8) == pruner.budget(n)
+    # the ratio budget is the reference's N * (1 - reduction_ratio), floored per pivot
+    by_ratio = _make("dart", keep_ratio=0.222, reference=True)
+    assert by_ratio.budget(n) == 4 + 8 * int(n * 0.222 // 8)
+    # the default mode keeps exactly the budget and shares most of the reference's choices
+    default = _make("dart", num_keep=budget).select(ctx)[0].tolist()
+    assert len(default) == budget and len(set(default) & set(want)) >= budget // 2
+
+
+def test_dart_reference_in_the_mllm_batch_equals_single_runs_and_reference_loop(model):
+    """Through the MLLM (left-padded batch, GQA keys): every sample's keep set is the reference loop's."""
+    ids, att, images = _batch()
+    pruner = _make("dart", num_keep=16, reference=True)
+    seen = {}
+
+    def select(ctx):
+        seen["keys"], seen["hidden"], seen["valid"] = ctx.get("prev_keys"), ctx.hidden, ctx.key_valid.bool()
+        seen["pos"] = ctx.image_positions
+        seen["keep"] = type(pruner).select(pruner, ctx)
+        return seen["keep"]
+
+    pruner.select = select
+    with torch.no_grad():
+        model(ids, images, att, pruner=pruner)
+        keep, keys, hidden, valid = seen["keep"], seen["keys"], seen["hidden"], seen["valid"]
+        assert keep.shape == (3, 4 + 8 * 2)
+        groups = model.llm.config.num_attention_heads // keys.shape[1]
+        for b in range(3):
+            v = valid[b]
+            start = int(seen["pos"][b, 0]) - int((~v).sum())
+            states = model.llm.model.norm(hidden[b][v])
+            k_b = keys[b][:, v].repeat_interleave(groups, dim=0)
+            assert keep[b].tolist() == _reference_dart_loop(k_b, states, start, N, 4, 4, 16)
+        for b in range(3):  # a single run of each prompt keeps the same tokens
+            model(ids[b : b + 1, att[b].bool()], images[b : b + 1], pruner=pruner)
+            assert torch.equal(seen["keep"][0], keep[b])
+
+
+def test_dart_reference_needs_text_after_the_image():
+    from mmtok.mllm.pruning import PruningError
+
+    ctx = _dart_hand_ctx()
+    with pytest.raises(PruningError, match="after the image"):
+        _make("dart", num_keep=4, pivot_text=4, reference=True).select(ctx)  # 3 question tokens only
+    assert _make("dart", num_keep=4, pivot_text=4).select(ctx).shape == (1, 4)  # the default copes
+
+
+def test_dart_pivots_and_layer_are_validated():
+    from mmtok.mllm.pruning import PruningError
+
+    with pytest.raises(PruningError, match="pivot_image \\+ pivot_text must be >= 1"):
+        _make("dart", num_keep=8, pivot_image=0, pivot_text=0)
+    with pytest.raises(PruningError, match="pivot_text must be an integer >= 0"):
+        _make("dart", num_keep=8, pivot_text=-1)
+    with pytest.raises(PruningError, match="layer must be an integer >= 1"):
+        _make("dart", num_keep=8, layer=0)
+    with pytest.raises(PruningError, match="layer must be an integer >= 1"):
+        _make("fastv", layer=0)
+    # image pivots alone work; text pivots alone work when there is text after the image ...
+    assert _make("dart", num_keep=4, pivot_image=1, pivot_text=0).select(_dart_hand_ctx()).shape == (1, 4)
+    assert _make("dart", num_keep=4, pivot_image=0, pivot_text=2).select(_dart_hand_ctx()).shape == (1, 4)
+    # ... and say so when there is none
+    ctx = _dart_hand_ctx()
+    ctx.key_valid[0, 10:] = False
+    with pytest.raises(PruningError, match="no pivot"):
+        _make("dart", num_keep=4, pivot_image=0, pivot_text=2).select(ctx)
+
+
+@pytest.mark.parametrize("name", [p for p in PRUNERS if p != "none"])
+@pytest.mark.parametrize(
+    "budget",
+    [{"num_keep": 0}, {"keep_ratio": 0.0}, {"num_keep": -3}, {"keep_ratio": 1.5}, {"num_keep": 8.0}, {}],
+    ids=["num_keep=0", "keep_ratio=0", "negative", "ratio>1", "float", "none"],
+)
+def test_zero_or_missing_budget_is_rejected_with_one_message(name, budget):
+    from mmtok.mllm.pruning import BUDGET_HELP, PruningError
+
+    if name == "fastv" and not budget:
+        assert _make(name).budget(576) == 288  # FastV's own default, R = 50%
+        return
+    with pytest.raises(PruningError) as e:
+        _make(name, **budget)
+    assert BUDGET_HELP in str(e.value)
+
+
+def test_none_needs_no_budget_but_rejects_a_bad_one():
+    from mmtok.mllm.pruning import PruningError
+
+    assert _make("none").budget(10) == 10
+    assert _make("none", num_keep=3).budget(10) == 10  # callers pass one budget to every pruner
+    with pytest.raises(PruningError):
+        _make("none", num_keep=0)

@@ -6,12 +6,16 @@ indices into the ``N`` image tokens of each sample. It modifies nothing; the MLL
 the hidden states, attention mask, position ids (original positions kept), labels and KV cache. Every score a
 pruner needs is requested lazily from :class:`PruneContext`, so a pruner that needs no attention pays for none.
 
-Budgets: ``num_keep`` (tokens kept per image) or ``keep_ratio`` (fraction of the ``N`` image tokens).
+Budgets: ``num_keep`` (tokens kept per image, >= 1) or ``keep_ratio`` (fraction of the ``N`` image tokens, in
+(0, 1]); exactly one of them. Zero is rejected everywhere with the same message (:data:`BUDGET_HELP`): it used to
+mean "keep everything" for most pruners and 50% for FastV. To keep every token use the ``none`` pruner, the only
+one that needs no budget (it accepts one and ignores it, so callers can pass the same arguments to every pruner).
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,13 +27,48 @@ class PruningError(ValueError):
     """A pruner config or call that cannot work (with what to change)."""
 
 
+BUDGET_HELP = (
+    "set exactly one budget: num_keep (image tokens kept per image, an integer >= 1) or keep_ratio (share of the "
+    "image tokens kept, in (0, 1]); 0 does not mean 'keep everything': use the 'none' pruner for that"
+)
+
+
 @dataclass
 class PrunerConfig:
-    """Budget shared by every pruner: set exactly one of ``num_keep`` (> 0) or ``keep_ratio`` (in (0, 1])."""
+    """Budget shared by every pruner: exactly one of ``num_keep`` (>= 1) or ``keep_ratio`` (in (0, 1]).
 
-    num_keep: int = 0
-    keep_ratio: float = 0.0
+    ``None`` = not set. The ``none`` pruner needs neither; FastV defaults to ``keep_ratio=0.5``.
+    """
+
+    num_keep: int | None = None
+    keep_ratio: float | None = None
     seed: int = 0
+
+
+def check_budget(config: PrunerConfig, name: str, required: bool = True) -> None:
+    """Raise :class:`PruningError` (one message for every pruner) unless the budget in ``config`` is usable.
+
+    Args:
+        config: The pruner's config.
+        name: The pruner's name, for the message.
+        required: False for pruners that ignore the budget (``none``): then no budget is fine, but a given
+            one must still be valid.
+    """
+    nk, kr = config.num_keep, config.keep_ratio
+    ok = True
+    if nk is not None and kr is not None:
+        ok = False
+    elif nk is None and kr is None:
+        ok = not required
+    elif nk is not None:
+        try:  # an int (numpy ints too) but not a bool and not a float such as 64.0
+            ok = not isinstance(nk, bool) and operator.index(nk) >= 1
+        except TypeError:
+            ok = False
+    else:
+        ok = isinstance(kr, (int, float)) and not isinstance(kr, bool) and 0.0 < float(kr) <= 1.0
+    if not ok:
+        raise PruningError(f"{name}: {BUDGET_HELP}; got num_keep={nk!r}, keep_ratio={kr!r}")
 
 
 @dataclass
@@ -76,6 +115,15 @@ class PruneContext:
         return self._memo[what]
 
 
+def check_layer(layer: int, name: str) -> None:
+    """An in-LLM pruner's layer K must be an integer >= 1: it prunes at the input of layer K from layer K-1's state."""
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
+        raise PruningError(
+            f"{name}: layer must be an integer >= 1 (it prunes at the input of LLM layer K using layer K-1); "
+            f"got {layer!r}"
+        )
+
+
 class Pruner:
     """Base class of registered pruners.
 
@@ -85,24 +133,20 @@ class Pruner:
 
     stage: str = "pre_llm"
     layer: int = 0
+    needs_budget: bool = True  # False only for the identity (``none``)
 
     def __init__(self, config: PrunerConfig):
-        if config.num_keep and config.keep_ratio:
-            raise PruningError("set num_keep or keep_ratio, not both")
-        if config.num_keep < 0 or not 0.0 <= config.keep_ratio <= 1.0:
-            raise PruningError(
-                f"num_keep must be >= 0 and keep_ratio in [0, 1]; got {config.num_keep}, {config.keep_ratio}"
-            )
+        check_budget(config, type(self).__name__, required=self.needs_budget)
         self.config = config
 
     def budget(self, n: int) -> int:
-        """Image tokens to keep out of ``n`` (at least 1, at most ``n``; 0/0 settings keep everything)."""
+        """Image tokens to keep out of ``n``: ``num_keep`` or ``ceil(keep_ratio * n)``, clamped to ``[1, n]``."""
         c = self.config
-        if c.num_keep:
-            k = c.num_keep
-        elif c.keep_ratio:
+        if c.num_keep is not None:
+            k = operator.index(c.num_keep)
+        elif c.keep_ratio is not None:
             k = int(math.ceil(c.keep_ratio * n - 1e-9))
-        else:
+        else:  # only pruners with needs_budget=False get here
             k = n
         return max(1, min(n, k))
 

@@ -24,9 +24,10 @@ from mmtok.registries import PRUNERS
 
 @PRUNERS.register("none", config=PrunerConfig, help="keep every image token")
 class NoPruner(Pruner):
-    """Identity: keeps all ``N`` image tokens."""
+    """Identity: keeps all ``N`` image tokens (needs no budget; a given one must be valid and is ignored)."""
 
     stage = "pre_llm"
+    needs_budget = False
 
     def budget(self, n: int) -> int:
         return n

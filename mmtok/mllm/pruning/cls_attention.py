@@ -11,7 +11,8 @@ What we do differently: the reference turns on ``output_attentions`` (eager atte
 We recompute only the [CLS] row from the block's q/k (one query per head, ``O(N d)``), so the tower keeps
 SDPA. Towers without a [CLS] token (SigLIP) score each patch by the mean attention it receives from all
 patches (column mean of the attention map) instead. When the image tokens include [CLS]
-(``feature_select="cls_patch"``), [CLS] itself is always kept.
+(``feature_select="cls_patch"``), [CLS] itself is always kept; when the MLLM drops leading patches (transformers'
+LLaVA "default" strategy on SigLIP drops patch 0), their scores are dropped too.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class ClsAttentionPruner(Pruner):
         extra = ctx.num_image_tokens - s.shape[1]
         if extra > 0:  # [CLS] is among the image tokens: always keep it
             s = torch.cat([s.new_full((s.shape[0], extra), float("inf")), s], dim=1)
+        elif extra < 0:  # the MLLM dropped leading patches (LLaVA's "default" on a tower without [CLS]): so do we
+            s = s[:, -extra:]
         return s
 
     def select(self, ctx: PruneContext) -> torch.Tensor:

@@ -16,18 +16,17 @@ from dataclasses import dataclass
 
 import torch
 
-from mmtok.mllm.pruning.base import PruneContext, Pruner, PrunerConfig, topk_sorted
+from mmtok.mllm.pruning.base import PruneContext, Pruner, PrunerConfig, check_layer, topk_sorted
 from mmtok.registries import PRUNERS
 
 
 @dataclass
 class FastVConfig(PrunerConfig):
     layer: int = 2  # prune at the input of this LLM layer (scores from layer K-1)
-    keep_ratio: float = 0.5  # used when num_keep is 0 (FastV's R = 50%)
 
     def __post_init__(self) -> None:
-        if self.num_keep:  # an explicit token budget wins over the default ratio
-            self.keep_ratio = 0.0
+        if self.num_keep is None and self.keep_ratio is None:  # no budget given: FastV's R = 50%
+            self.keep_ratio = 0.5
 
 
 @PRUNERS.register("fastv", config=FastVConfig, help="FastV: last-token attention at LLM layer K-1 (in-LLM)")
@@ -36,6 +35,7 @@ class FastVPruner(Pruner):
 
     def __init__(self, config: FastVConfig):
         super().__init__(config)
+        check_layer(config.layer, "fastv")
         self.layer = config.layer
 
     def scores(self, ctx: PruneContext) -> torch.Tensor:
