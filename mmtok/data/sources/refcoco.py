@@ -414,8 +414,10 @@ def build_refcoco(cfg: RefCOCOConfig) -> dict:
         chosen = sorted(by_split[split], key=lambda r: (r["image_id"], r["ref_id"]))
         if cfg.limit:
             chosen = chosen[: cfg.limit]
-        cached: tuple[Any, Any] = (None, None)  # (image_id, loaded image or an exception)
-        for ref in chosen:
+        cached: tuple[Any, Any] = (None, None)  # (image_id, what _load_image returned for it)
+        for n_ref, ref in enumerate(chosen):
+            if n_ref and n_ref % 5000 == 0:  # a full RefCOCO split takes minutes: say where it is
+                logger.info("refcoco %s: %d of %d refs", split, n_ref, len(chosen))
             image_id, ann_id = ref["image_id"], ref["ann_id"]
             sentences = ref["sentences"]
             n_out = len(sentences) if cfg.per_sentence else 1
