@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +14,7 @@ from mmtok import registries
 from mmtok.mim.masking import (
     MaskContext,
     adaptive_sampling_loss,
+    beit_block_mask,
     mask_to_output,
     num_visible,
     ranking_loss,
@@ -49,8 +53,16 @@ def test_exact_counts_and_restore_inverts_keep(name, grid, ratio):
     b = 5
     ctx = _ctx(grid, b)
     n = ctx.num_tokens
-    out = _make(name, ratio)(b, ctx)
-    k = int(n * (1 - ratio))
+    masker = _make(name, ratio)
+    out = masker(b, ctx)
+    k = masker.visible_count(grid)
+    t, h, w = grid
+    if name == "tube":  # VideoMAE: int(ratio * h*w) hidden in every frame
+        assert k == t * (h * w - int(ratio * h * w))
+    elif name == "block":  # the MAE formula per frame (= MAE's on images)
+        assert k == t * int(h * w * (1 - ratio))
+    else:
+        assert k == int(n * (1 - ratio))
     assert out.mask.shape == (b, n) and out.mask.dtype == torch.bool
     assert out.ids_keep.shape == (b, k) and out.ids_restore.shape == (b, n)
     assert ((~out.mask).sum(1) == k).all()
@@ -90,9 +102,41 @@ def test_tube_and_block_masks_identical_over_time(name):
     assert not torch.equal(per_t[0, 0], per_t[1, 0])  # but different per sample
 
 
-def test_tube_rejects_counts_that_cannot_repeat():
-    with pytest.raises(ValueError, match="divisible"):
-        _make("tube", 0.9)(2, _ctx((2, 4, 4), 2))  # int(32 * 0.1) = 3 visible over 2 slices
+@pytest.mark.parametrize(
+    "grid, ratio, per_frame",
+    [((8, 14, 14), 0.9, 20), ((4, 8, 8), 0.95, 4), ((2, 4, 4), 0.9, 2), ((1, 7, 7), 0.75, 13)],
+)
+def test_tube_hides_int_ratio_hw_in_every_frame(grid, ratio, per_frame):
+    """VideoMAE's TubeMaskingGenerator: int(ratio * h * w) hidden per frame, on any grid.
+
+    (8, 14, 14) at 0.9 used to raise (156 visible over 8 frames); (4, 8, 8) at 0.95 kept int(256 * 0.05) = 12
+    instead of VideoMAE's 4 * (64 - 60) = 16.
+    """
+    t, h, w = grid
+    masker = _make("tube", ratio)
+    out = masker(3, _ctx(grid, 3, dim=4))
+    per_t = out.mask.view(3, t, h * w)
+    assert ((~per_t).sum(-1) == per_frame).all()  # the visible count is per frame
+    assert (per_t == per_t[:, :1]).all()
+    assert masker.visible_count(grid) == t * per_frame == out.ids_keep.shape[1]
+
+
+@pytest.mark.parametrize("grid", [(3, 5, 5), (8, 14, 14), (4, 8, 8), (5, 3, 7)])
+def test_block_accepts_any_video_grid(grid):
+    t, h, w = grid
+    masker = _make("block", 0.9)
+    out = masker(2, _ctx(grid, 2, dim=4))
+    per_t = out.mask.view(2, t, h * w)
+    assert (per_t == per_t[:, :1]).all()
+    assert ((~per_t).sum(-1) == int(h * w * (1 - 0.9))).all()
+    assert out.ids_keep.shape[1] == masker.visible_count(grid)
+
+
+def test_per_frame_ratio_must_leave_a_visible_and_a_hidden_token():
+    with pytest.raises(ValueError, match="per frame"):
+        _make("tube", 0.05)(1, _ctx((2, 4, 4), 1))  # int(0.05 * 16) = 0 hidden per frame
+    with pytest.raises(ValueError, match="per frame"):
+        _make("block", 0.95)(1, _ctx((2, 4, 4), 1))  # int(16 * 0.05) = 0 visible per frame
 
 
 def test_block_masks_are_contiguous():
@@ -192,3 +236,69 @@ def test_ranking_loss_orders():
 def test_mask_to_output_rejects_ragged():
     with pytest.raises(ValueError, match="same number"):
         mask_to_output(torch.tensor([[True, False], [True, True]]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# block masking: BEiT's generator vs the exact style
+# ---------------------------------------------------------------------------------------------------------
+def _beit_generator(h, w, target, rng, min_patches=16, min_aspect=0.3):
+    """BEiT's MaskingGenerator, written here from its description: a numpy mask and the block shapes placed."""
+    mask = np.zeros((h, w), dtype=np.int64)
+    lo, hi = math.log(min_aspect), math.log(1 / min_aspect)
+    shapes, done = [], 0
+    while done < target:
+        budget = target - done
+        placed = 0
+        attempt = 0
+        while attempt < 10 and placed == 0:
+            attempt += 1
+            area = rng.uniform(min_patches, budget)
+            ratio = math.exp(rng.uniform(lo, hi))
+            bh = int(round(math.sqrt(area * ratio)))
+            bw = int(round(math.sqrt(area / ratio)))
+            if bh >= h or bw >= w:
+                continue
+            y, x = rng.randint(0, h - bh), rng.randint(0, w - bw)
+            fresh = bh * bw - int(mask[y : y + bh, x : x + bw].sum())
+            if 0 < fresh <= budget:
+                mask[y : y + bh, x : x + bw] = 1
+                placed = fresh
+                shapes.append((bh, bw))
+        if placed == 0:
+            break
+        done += placed
+    return mask.astype(bool), shapes
+
+
+def test_beit_block_mask_is_beits_generator():
+    for seed in range(40):
+        want, want_shapes = _beit_generator(14, 14, 75, random.Random(seed))
+        got, shapes = beit_block_mask(14, 14, 75, random.Random(seed), min_block=16, min_aspect=0.3)
+        assert np.array_equal(got.numpy(), want) and shapes == want_shapes
+
+
+def test_block_styles_statistics():
+    """The exact style makes ~10x more 1x1 blocks than BEiT; BEiT's draws may end short; style='beit' never does."""
+    h, hidden, draws = 14, 75, 300
+    exact = MASKERS.create("block", min_block=16)
+    rng = random.Random(0)
+    ex_shapes = [exact._exact(h, h, hidden, rng)[1] for _ in range(draws)]
+    beit = [beit_block_mask(h, h, hidden, rng, min_block=16) for _ in range(draws)]
+    singles_exact = sum(s.count((1, 1)) for s in ex_shapes) / draws
+    singles_beit = sum(s.count((1, 1)) for _, s in beit) / draws
+    assert singles_exact > 4 * max(singles_beit, 0.01) and singles_exact > 0.2
+    # about as many blocks in all: the difference is how the last few tokens are hidden
+    blocks_exact = np.mean([len(s) for s in ex_shapes])
+    blocks_beit = np.mean([len(s) for _, s in beit])
+    assert abs(blocks_exact - blocks_beit) < 1.5
+    counts = np.array([int(m.sum()) for m, _ in beit])
+    assert counts.max() == hidden and 0.15 < (counts < hidden).mean() < 0.5  # BEiT stops short in ~30% of draws
+    # the masker's beit style: BEiT's blocks, redrawn until the count is reached, so every row hides the same
+    ratio = 1 - (h * h - hidden) / (h * h)
+    out = MASKERS.create("block", mask_ratio=ratio, min_block=16, style="beit")(64, _ctx((1, h, h), 64, dim=4))
+    assert (out.mask.sum(1) == hidden).all()
+    pieces_beit = np.mean([ndimage.label(m.view(h, h).numpy())[1] for m in out.mask])
+    pieces_raw = np.mean([ndimage.label(m.numpy())[1] for m, _ in beit])
+    assert abs(pieces_beit - pieces_raw) < 0.5
+    with pytest.raises(ValueError, match="style"):
+        MASKERS.create("block", style="ibot")
