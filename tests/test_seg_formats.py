@@ -210,6 +210,18 @@ def test_text4seg_repair_rules():
     assert huge.labels.sum() == 6 and huge.repairs == 1
 
 
+def test_names_with_grammar_characters_round_trip():
+    fmt = SEG_FORMATS.create("rrle", grid=4)
+    mask = np.zeros((8, 8), dtype=np.int64)
+    mask[:4, :4] = 1
+    names = ["a|b*c [x]", "the <unk>"]
+    text = fmt.encode(mask, names)
+    assert "a b c x" in text
+    d = fmt.decode(text, names)
+    assert d.repairs == 0 and (d.labels == fmt.grid_labels(mask)).all() and d.names == names
+    assert fmt.decode("<seg>the <unk> *16\n</seg>", names).labels.max() == 2
+
+
 def test_encode_rejects_bad_input():
     fmt = SEG_FORMATS.create("rrle")
     with pytest.raises(F.SegFormatError, match="names"):

@@ -368,7 +368,7 @@ def _fill_grid(
     pos = 0
     last = 0
     for label, count, _ in runs:
-        key = label_key(label)
+        key = label_key(clean_label(label))  # the same cleaning as the names (a "<unk>" in text matches)
         if key == bg_key:
             lab = 0
         elif key in lookup:
