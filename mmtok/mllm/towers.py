@@ -11,7 +11,16 @@ haotian-liu/LLaVA and transformers' ``llava``) feeds the LLM with the patch feat
   keys ``[B, H, T, dh]`` recomputed from the block's input. Pruners use it to get one attention row per head
   (FasterVLM's [CLS] row) without turning off SDPA in the tower: the tower itself always runs fused attention.
 
-Weights come from local paths only (``path``/``checkpoint``); nothing is downloaded.
+Which tokens of the feature layer reach the LLM (:func:`select_features`, :func:`num_feature_tokens`):
+``"patch"`` drops the tower's own prefix tokens ([CLS]; none for SigLIP); ``"default"`` is transformers' LLaVA
+``vision_feature_select_strategy="default"``, which drops index 0 whatever it is, so on a SigLIP tower (no [CLS])
+it drops a real patch (24 of 25 features), as a checkpoint trained with transformers expects; a warning says
+so. ``"cls_patch"`` / ``"full"`` keep every token.
+
+Weights come from local paths only (``path``/``checkpoint``); nothing is downloaded and nothing is unpickled:
+checkpoints must be ``.safetensors`` files (:func:`load_local_state_dict`), and transformers folders are read
+with ``use_safetensors=True``. Towers lay image tokens on a square grid, so non-square image or patch sizes are
+refused when the tower is built.
 """
 
 from __future__ import annotations
@@ -38,20 +47,87 @@ class TowerError(ValueError):
     """A vision tower that cannot be built from its config."""
 
 
+CONVERT_HINT = (
+    "mmtok never unpickles weights (a pickle can run code). Convert the file once, where you trust it, with "
+    'python -c "import torch; from safetensors.torch import save_file; '
+    "sd = torch.load('{src}', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
+    "save_file({{k: v.contiguous() for k, v in sd.items()}}, '{dst}')\" and point the config at {dst}"
+)
+
+
 def load_local_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from a local ``.safetensors`` file (or a ``torch.save`` file, without unpickling code)."""
+    """Read a state dict from a local ``.safetensors`` file; any other format is refused (never unpickled).
+
+    Raises:
+        TowerError: the file is missing, is not a ``.safetensors`` file (with the command that converts it), or
+            is not a valid safetensors file.
+    """
     path = Path(path)
     if not path.is_file():
         raise TowerError(f"checkpoint {path} does not exist; weights load from local files only")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    if path.suffix != ".safetensors":
+        dst = path.with_suffix(".safetensors")
+        raise TowerError(f"checkpoint {path} is not a .safetensors file. " + CONVERT_HINT.format(src=path, dst=dst))
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
+    try:
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):  # common wrappers of training checkpoints
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    return state
+    except (SafetensorError, OSError, ValueError) as e:
+        raise TowerError(f"checkpoint {path} is not a readable safetensors file ({e})") from e
+
+
+def _square(value: Any, what: str, name: str) -> int:
+    """``value`` (an int or an ``(h, w)`` pair) as one side length; a non-square pair is refused."""
+    if isinstance(value, (tuple, list)):
+        if len(set(int(v) for v in value)) != 1:
+            raise TowerError(
+                f"{name}: {what} {tuple(value)} is not square. mmtok's towers resize images to a square and lay the "
+                f"image tokens on a square grid (pruners and seg heads rely on it); use a square {what}, e.g. "
+                f"{what}={int(value[0])}"
+            )
+        value = value[0]
+    return int(value)
+
+
+FEATURE_SELECT = ("patch", "default", "cls_patch", "full")
+
+
+def feature_tokens_dropped(tower: VisionTower, select: str) -> int:
+    """Leading tokens of the feature layer that do not reach the LLM under feature strategy ``select``.
+
+    Args:
+        tower: The vision tower.
+        select: ``"patch"`` (drop the tower's prefix tokens: [CLS], none for SigLIP), ``"default"``
+            (transformers' LLaVA: drop index 0 whatever it is), ``"cls_patch"`` / ``"full"`` (drop nothing).
+    """
+    if select == "patch":
+        return tower.num_prefix_tokens
+    if select == "default":
+        if tower.num_prefix_tokens == 0 and not getattr(tower, "_warned_default", False):
+            tower._warned_default = True  # once per tower
+            logger.warning(
+                "%s has no [CLS] token, yet LLaVA's 'default' feature strategy drops token 0, as transformers does: "
+                "the LLM sees %d of %d patches (the top-left one is lost). Kept for parity with checkpoints trained "
+                "that way; use feature_select='patch' for a new model",
+                type(tower).__name__,
+                tower.num_patches - 1,
+                tower.num_patches,
+            )
+        return 1
+    if select in ("cls_patch", "full"):
+        return 0
+    raise TowerError(f"feature strategy must be one of {FEATURE_SELECT}, not {select!r}")
+
+
+def num_feature_tokens(tower: VisionTower, select: str) -> int:
+    """Image tokens per image the LLM sees under feature strategy ``select`` (see :func:`feature_tokens_dropped`)."""
+    return tower.num_patches + tower.num_prefix_tokens - feature_tokens_dropped(tower, select)
+
+
+def select_features(tower: VisionTower, hidden: torch.Tensor, select: str) -> torch.Tensor:
+    """The feature-layer tokens that reach the LLM: ``[B, P + N, D] -> [B, num_feature_tokens, D]``."""
+    return hidden[:, feature_tokens_dropped(tower, select) :]
 
 
 class VisionTower(nn.Module):
@@ -120,7 +196,15 @@ class HFVisionTower(VisionTower):
         self.config = config
         if model is None:
             if config.path:
-                model = AutoModel.from_pretrained(config.path, local_files_only=True)
+                folder = Path(config.path)
+                if folder.is_dir() and not any(folder.glob("*.safetensors")):
+                    found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+                    raise TowerError(
+                        f"{folder} has no .safetensors weights ({', '.join(found) or 'no weight files'}); mmtok never "
+                        "unpickles weights. Convert the folder once, where you trust it: load it with transformers "
+                        "and call save_pretrained(new_folder) (transformers writes safetensors)"
+                    )
+                model = AutoModel.from_pretrained(config.path, local_files_only=True, use_safetensors=True)
             else:
                 hf_cfg = AutoConfig.for_model(config.model_type, **config.config)
                 model = AutoModel.from_config(hf_cfg)
@@ -130,7 +214,9 @@ class HFVisionTower(VisionTower):
         self.config.model_type, self.config.config, self.config.path = cfg.model_type, _hf_dict(cfg), ""
         self.num_layers = cfg.num_hidden_layers
         self.hidden_size = cfg.hidden_size
-        self.image_size, self.patch_size = cfg.image_size, cfg.patch_size
+        name = cfg.model_type
+        self.image_size = _square(cfg.image_size, "image_size", name)
+        self.patch_size = _square(cfg.patch_size, "patch_size", name)
         self.num_prefix_tokens = 1 if cfg.model_type.startswith("clip") else 0
         self._set_norm(config.mean, config.std)
 
@@ -180,7 +266,7 @@ class TimmViTConfig:
 
     model_name: str = "vit_tiny_patch16_224"
     kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. img_size, patch_size, embed_dim, depth, num_heads
-    checkpoint: str = ""  # local .safetensors / .pth state dict ("" = random init)
+    checkpoint: str = ""  # local .safetensors state dict ("" = random init); other formats are refused
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
 
@@ -202,6 +288,9 @@ class TimmViTTower(VisionTower):
         import timm
 
         self.config = config
+        for key in ("img_size", "patch_size"):  # refuse before timm builds a model that fails at its first call
+            if key in config.kwargs:
+                _square(config.kwargs[key], key, config.model_name)
         try:
             model = timm.create_model(config.model_name, pretrained=False, num_classes=0, **config.kwargs)
         except RuntimeError as e:
@@ -219,8 +308,8 @@ class TimmViTTower(VisionTower):
         self.num_layers = len(model.blocks)
         self.hidden_size = model.embed_dim
         self.num_prefix_tokens = model.num_prefix_tokens
-        self.patch_size = model.patch_embed.patch_size[0]
-        self.image_size = model.patch_embed.img_size[0]
+        self.patch_size = _square(model.patch_embed.patch_size, "patch_size", config.model_name)
+        self.image_size = _square(model.patch_embed.img_size, "img_size", config.model_name)
         self._set_norm(config.mean, config.std)
 
     def hidden_states(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
@@ -325,7 +414,7 @@ class OpenClipConfig:
     model_name: str = "ViT-B-32"
     vision_cfg: dict[str, Any] = field(default_factory=dict)  # if set, build only the visual tower from it
     embed_dim: int = 512  # output projection width of the CLIP model (unused by the MLLM, needed to build)
-    checkpoint: str = ""  # local state dict of the CLIP model or of its `visual` part
+    checkpoint: str = ""  # local .safetensors state dict of the CLIP model or of its `visual` part
     mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
     std: list[float] = field(default_factory=lambda: list(CLIP_STD))
 
@@ -355,8 +444,8 @@ class OpenClipTower(VisionTower):
         self.num_layers = len(blocks)
         self.hidden_size = visual.transformer.width
         self.num_prefix_tokens = 1
-        self.image_size = _first(visual.image_size)
-        self.patch_size = _first(visual.patch_size)
+        self.image_size = _square(visual.image_size, "image_size", config.model_name)
+        self.patch_size = _square(visual.patch_size, "patch_size", config.model_name)
         self._set_norm(config.mean, config.std)
 
     def hidden_states(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
