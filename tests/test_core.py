@@ -1,17 +1,24 @@
-"""Registry, config and hub contracts."""
+"""Registry, config and hub contracts, and the layering of the core and the engine."""
 
 from __future__ import annotations
 
+import ast
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from mmtok import hub, registries
-from mmtok.config import ConfigError, load_run_config
+from mmtok.config import ConfigError, load_config
 from mmtok.registry import Registry, RegistryError
+from mmtok.train.config import RunConfig, load_run_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -100,8 +107,10 @@ def test_run_config_errors(tmp_path):
     y.write_text("train:\n  steps: 5\n")
     cfg = load_run_config([y], ["data.batch_size=4"], validate_task=False)
     assert cfg.train.steps == 5 and cfg.data.batch_size == 4
-    with pytest.raises(ConfigError, match="Did you mean 'steps'"):
+    with pytest.raises(ConfigError, match="Did you mean:? 'steps'") as bad_key:
         load_run_config([y], ["train.stepz=3"], validate_task=False)
+    assert str(bad_key.value).count("Did you mean") == 1  # OmegaConf suggests it already: not twice
+    assert "Valid keys in train:" in str(bad_key.value)
     with pytest.raises(ConfigError, match="train.steps"):
         load_run_config([y], ["train.steps=many"], validate_task=False)
     with pytest.raises(ConfigError, match="does not exist"):
@@ -110,6 +119,73 @@ def test_run_config_errors(tmp_path):
         load_run_config([y], ["train.steps"])
     with pytest.raises(ConfigError, match="task.name"):
         load_run_config([y])
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- train\n- data\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml: the top level .* must be a mapping.*not a list"):
+        load_run_config([listed], validate_task=False)
+
+
+def test_config_errors_are_one_line(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  steps: [1, 2\n")  # unterminated flow sequence: a multi-line yaml error
+    with pytest.raises(ConfigError) as err:
+        load_run_config([broken], validate_task=False)
+    assert "broken.yaml is not valid YAML" in str(err.value) and "\n" not in str(err.value)
+
+
+@dataclass
+class _Inner:
+    depth: int = 1
+
+
+@dataclass
+class _Outer:
+    inner: _Inner
+    name: str = "x"
+
+
+def test_generic_loader_and_old_import_path():
+    # The core loads any dataclass schema; the run schema is the engine's, still reachable the old way.
+    cfg = load_config(_Outer, [], ["inner.depth=3", "name=y"])
+    assert cfg == _Outer(_Inner(3), "y")
+    with pytest.raises(ConfigError, match="Valid keys in inner: depth"):
+        load_config(_Outer, [], ["inner.dpth=3"])
+    import mmtok.config as core
+
+    assert core.RunConfig is RunConfig and core.load_run_config is load_run_config
+
+
+def _imports(path: Path) -> set[str]:
+    """Modules a file imports anywhere in it (``from mmtok import x`` counts as ``mmtok.x``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def test_layering_core_engine_and_cli():
+    capabilities = ("mmtok.tokenizers", "mmtok.mim", "mmtok.mllm")
+    core = [REPO / "mmtok" / n for n in ("registry.py", "config.py", "hub.py")]
+    core += sorted((REPO / "mmtok" / "layers").glob("*.py"))
+    for f in core:
+        bad = [m for m in _imports(f) if m.startswith((*capabilities, "mmtok.train", "mmtok.data", "mmtok.cli"))]
+        assert not bad, f"{f.name} (core) imports {bad}"
+    for f in sorted((REPO / "mmtok" / "train").glob("*.py")):
+        bad = [m for m in _imports(f) if m.startswith((*capabilities, "mmtok.cli"))]
+        assert not bad, f"mmtok/train/{f.name} (engine) imports {bad}"
+    for f in sorted((REPO / "mmtok").rglob("*.py")):
+        if f.parent.name == "cli" or f == REPO / "mmtok" / "__main__.py":  # the command itself
+            continue
+        bad = [m for m in _imports(f) if m.startswith(("mmtok.cli", "demo", "tools"))]
+        assert not bad, f"{f.relative_to(REPO)} imports {bad}"
+    # and at run time: loading a config pulls in no engine or data module
+    code = "import sys, mmtok.config; print([m for m in sys.modules if m.startswith(('mmtok.train', 'mmtok.data'))])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_cli_help_subprocess():

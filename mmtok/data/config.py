@@ -1,8 +1,18 @@
-"""Config schema of the data pipeline (the ``data:`` block of a run config)."""
+"""Config schema of the data pipeline (the ``data:`` block of a run config).
+
+Values are checked when the dataclass is built (from YAML through :func:`mmtok.config.load_config` or
+directly in Python), so a negative worker count or an unknown image mode fails before any run folder,
+process group or model exists, with the same one-line :class:`~mmtok.config.ConfigError` either way.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from mmtok.config import ConfigError
+
+ON_ERROR = ("skip", "raise")
+IMAGE_MODES = ("keep", "RGB", "L")
 
 
 @dataclass
@@ -27,3 +37,23 @@ class DataConfig:
     image_mode: str = "keep"  # "keep" (grey stays 1 channel), "RGB" or "L"
     drop_last: bool = False  # drop each worker's last partial batch of a training epoch
     required: str = ""  # members every sample must have, e.g. "png,mask.png" ("" = the index's fields)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject values no loader can use.
+
+        Raises:
+            ConfigError: naming the key, the value and what is accepted.
+        """
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        for key in ("num_workers", "shuffle_buffer", "epoch_length", "image_size"):
+            value = getattr(self, key)
+            if value < 0:
+                raise ConfigError(f"data.{key} must be >= 0, got {value}")
+        if self.on_error not in ON_ERROR:
+            raise ConfigError(f"data.on_error must be 'skip' or 'raise', not {self.on_error!r}")
+        if self.image_mode not in IMAGE_MODES:
+            raise ConfigError(f"data.image_mode must be one of {', '.join(IMAGE_MODES)}, not {self.image_mode!r}")

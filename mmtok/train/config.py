@@ -1,8 +1,41 @@
-"""Config schema of the training engine (``optim:``, ``train:`` and ``deepspeed:`` blocks)."""
+"""Run schema of the training engine: the ``optim:``, ``train:`` and ``deepspeed:`` blocks and the run config.
+
+A run config has six entries::
+
+    task:      {name: <registered task>, ...its config fields}
+    data:      DataConfig      (mmtok/data/config.py)
+    optim:     OptimConfig
+    train:     TrainConfig
+    deepspeed: DeepSpeedConfig
+    output_dir: runs/<name>    (required: the run folder)
+
+``load_run_config(["a.yaml", "b.yaml"], ["train.steps=10"])`` merges the files in order, then the
+overrides (through the core's generic :func:`mmtok.config.load_config`), checks every key, type and
+value, checks the task block against the task's own config class, and returns a :class:`RunConfig`.
+Each block validates its values when it is built (``__post_init__``), so ``TrainConfig(steps=0)`` in
+Python fails exactly as ``train.steps=0`` on the command line does. What depends on the machine rather
+than on the config (is there a GPU, is the output path a folder, does the DeepSpeed JSON exist) is
+checked by :func:`mmtok.train.engine.preflight` when a run starts, so a config written on one machine
+still loads on another (``mmtok eval run``).
+"""
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmtok.config import ConfigError, load_config
+from mmtok.data.config import DataConfig
+from mmtok.registry import RegistryError
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -15,6 +48,24 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     schedule: str = "cosine"  # cosine | constant (both after the linear warm-up)
     eps: float = 1e-8  # Adam epsilon
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject unknown optimizer/schedule names and impossible values (:class:`ConfigError`)."""
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, not {self.name!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"optim.lr must be a finite number > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas needs two values, got {list(self.betas)}")
 
 
 @dataclass
@@ -34,6 +85,36 @@ class TrainConfig:
     eval_batches: int = 0  # cap on validation batches per evaluation (0 = the whole val set)
     tensorboard: bool = True  # write TensorBoard scalars beside metrics.jsonl
     export: bool = True  # call task.export(output_dir/"export") at the end
+    # Wall-clock budget of the run in seconds (0 = none). When the training loop has used it, the run
+    # stops after the current step and ends as if it had reached train.steps: evaluation, checkpoint,
+    # export, and stopped_by: max_seconds in run_summary.json. Time spent before a resume counts.
+    max_seconds: float = 0.0
+    # With a budget: the cosine follows max(step / steps, elapsed / max_seconds), so the rate reaches
+    # its floor when the budget ends even if train.steps is never reached (warm-up stays in steps).
+    # A resumed run then no longer repeats the uninterrupted one bit for bit.
+    schedule_by_time: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject values the engine cannot run with (:class:`ConfigError`)."""
+        for key in ("steps", "grad_accum"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        for key in ("log_every", "eval_every", "ckpt_every", "keep_last", "eval_batches"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if not _DEVICE.fullmatch(str(self.device)):
+            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        if not self.max_seconds >= 0 or not math.isfinite(self.max_seconds):
+            raise ConfigError(f"train.max_seconds must be >= 0 (0 = no budget), got {self.max_seconds}")
+        if self.schedule_by_time and not self.max_seconds:
+            raise ConfigError("train.schedule_by_time needs a budget: set train.max_seconds > 0")
 
 
 @dataclass
@@ -41,3 +122,58 @@ class DeepSpeedConfig:
     enabled: bool = False  # also switched on by launching under `deepspeed`
     config: str = ""  # path to a configs/ds/*.json file ("auto" values are resolved by mmtok)
     stage: int = -1  # override zero_optimization.stage (-1 = keep the file's)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject an impossible stage override (the JSON file itself is checked when a run starts)."""
+        if self.stage not in (-1, 0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.stage must be 0-3 (or -1 = the file's), not {self.stage}")
+
+
+@dataclass
+class RunConfig:
+    """Everything one ``mmtok train`` run needs (see the module docstring)."""
+
+    task: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    # The run folder. No default: a run started from Python must say where it writes (``mmtok train``
+    # falls back to runs/<task name> and says so).
+    output_dir: str = ""
+
+    def validate(self) -> None:
+        """Check every block again (they may have been edited in place since they were built)."""
+        for block in (self.data, self.optim, self.train, self.deepspeed):
+            block.validate()
+
+    def task_config(self) -> Any:
+        """The task block validated against the task's registered config class."""
+        from mmtok import registries
+
+        spec = dict(self.task)
+        name = spec.pop("name", None)
+        if not name:
+            raise ConfigError("the config has no task.name; set e.g. `task: {name: toy_classifier}`")
+        try:
+            return registries.get("task").build_config(name, **spec)
+        except RegistryError as e:
+            raise ConfigError(f"task block: {e}") from e
+
+
+def load_run_config(
+    files: Sequence[str | Path] = (), overrides: Sequence[str] = (), validate_task: bool = True
+) -> RunConfig:
+    """Merge YAML ``files`` then ``overrides`` (``a.b=value``) onto :class:`RunConfig` and validate.
+
+    Raises:
+        ConfigError: unknown key, wrong type or value, missing file, a file whose top level is not a
+            mapping, bad override syntax, or (with ``validate_task``) a task block its task rejects.
+    """
+    cfg = load_config(RunConfig, files, overrides)
+    if validate_task:
+        cfg.task_config()
+    return cfg

@@ -14,28 +14,26 @@ from typing import Any
 
 import torch
 
-from mmtok.train.config import OptimConfig
-
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "constant")
+from mmtok.config import ConfigError
+from mmtok.train.config import OPTIMIZERS, SCHEDULES, OptimConfig  # noqa: F401 - names re-exported here
 
 
-class OptimConfigError(ValueError):
-    """An ``optim:`` block that cannot be used."""
+class OptimConfigError(ConfigError):
+    """An ``optim:`` block, or a task's parameters, that an optimizer cannot be built from."""
 
 
 def check_optim_config(cfg: OptimConfig) -> None:
-    """Reject unknown optimizer/schedule names and impossible values before any work starts."""
-    if cfg.name not in OPTIMIZERS:
-        raise OptimConfigError(f"optim.name must be one of {OPTIMIZERS}, not {cfg.name!r}")
-    if cfg.schedule not in SCHEDULES:
-        raise OptimConfigError(f"optim.schedule must be one of {SCHEDULES}, not {cfg.schedule!r}")
-    if cfg.lr <= 0:
-        raise OptimConfigError(f"optim.lr must be > 0, got {cfg.lr}")
-    if cfg.warmup_steps < 0 or not 0.0 <= cfg.min_lr_ratio <= 1.0:
-        raise OptimConfigError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
-    if len(cfg.betas) != 2:
-        raise OptimConfigError(f"optim.betas needs two values, got {list(cfg.betas)}")
+    """Reject unknown optimizer/schedule names and impossible values before any work starts.
+
+    The rules live in :meth:`OptimConfig.validate` (run when the block is built); this re-checks a block
+    that may have been edited in place.
+    """
+    try:
+        cfg.validate()
+    except OptimConfigError:
+        raise
+    except ConfigError as e:
+        raise OptimConfigError(str(e)) from e
 
 
 def build_optimizer(param_groups: list[dict[str, Any]], cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -52,19 +50,30 @@ def build_optimizer(param_groups: list[dict[str, Any]], cfg: OptimConfig) -> tor
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.betas[0], weight_decay=cfg.weight_decay, foreach=False)
 
 
-def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
+def lr_factor(step: int, cfg: OptimConfig, total_steps: int, progress: float | None = None) -> float:
     """Multiplier of ``cfg.lr`` for optimizer step ``step`` (0-based).
 
     Warm-up is linear from ``1/warmup`` to 1 over ``warmup_steps`` steps (never 0: a step at rate 0
     is wasted work); the cosine then falls from 1 to ``min_lr_ratio`` at the last step.
+
+    Args:
+        step: The optimizer step about to be taken (0-based).
+        cfg: The ``optim:`` block.
+        total_steps: ``train.steps``.
+        progress: Optional outside clock in [0, 1] (elapsed / ``train.max_seconds`` under
+            ``train.schedule_by_time``). The cosine then follows whichever of it and the step count is
+            further along, so it reaches its floor when the budget ends even if the steps do not.
     """
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
     span = max(1, total_steps - cfg.warmup_steps - 1)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    done = (step - cfg.warmup_steps) / span
+    if progress is not None:
+        done = max(done, progress)
+    done = min(1.0, done)
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 class _Factor:
