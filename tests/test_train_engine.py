@@ -2,7 +2,8 @@
 
 These tests drive ``train()`` with a small in-memory loader (exact ``state_dict``), so they run in
 seconds; the shard-based kill-and-resume and DeepSpeed runs live in test_train_resume.py and
-test_train_deepspeed.py.
+test_train_deepspeed.py. Every run writes under ``tmp_path``; tests that expect a run to be refused
+work from an empty ``tmp_path`` and check that nothing appeared in it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import torch
 from safetensors.torch import load_file
 
 from mmtok import hub
-from mmtok.config import ConfigError, load_run_config
+from mmtok.config import ConfigError
+from mmtok.data.config import DataConfig
 from mmtok.hub import CheckpointError
 from mmtok.train import checkpoint as ckpt
-from mmtok.train.config import OptimConfig
+from mmtok.train.config import OptimConfig, TrainConfig, load_run_config
 from mmtok.train.distributed import DistributedSetupError, resolve_ds_config
 from mmtok.train.engine import create_task, seed_everything, train
 from mmtok.train.metrics import read_metrics
@@ -212,8 +214,12 @@ def test_rng_state_roundtrip():
 
 def test_checkpoint_folder_atomic_latest_and_pruning(tmp_path):
     root = tmp_path / "checkpoints"
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in (1, 2, 3):
         tmp = ckpt.prepare_tmp(root, step)
+        ckpt.save_model_state(model, tmp)  # whole folders, as the engine writes them
+        ckpt.save_optimizer_state(opt, tmp)
         ckpt.write_state(tmp, {"step": step})
         ckpt.finalize(root, step, keep_last=2)
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000002", "step-00000003"]
@@ -244,9 +250,10 @@ def test_metrics_jsonl_is_truncated_on_resume(tmp_path):
 
 
 # -- config errors -----------------------------------------------------------------------------------
-def test_clear_errors_for_bad_configs(tmp_path):
+def test_clear_errors_for_bad_configs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a refused run must leave nothing behind, wherever it would have written
     with pytest.raises(ConfigError, match="task.name"):
-        train(load_run_config([], [f"output_dir={tmp_path}"], validate_task=False), train_data=ListLoader())
+        train(load_run_config([], ["output_dir=run0"], validate_task=False), train_data=ListLoader())
     with pytest.raises(ConfigError, match="data.train is empty"):
         train(_cfg(tmp_path / "a"))
     with pytest.raises(ConfigError, match="optim.name"):
@@ -254,7 +261,90 @@ def test_clear_errors_for_bad_configs(tmp_path):
     with pytest.raises(ConfigError, match="precision"):
         train(_cfg(tmp_path / "c", "train.precision=fp8"), train_data=ListLoader())
     with pytest.raises(ConfigError, match="unknown key 'widht'"):
-        train(load_run_config([], ["task.name=toy_classifier", "task.widht=3"], validate_task=False))
+        cfg = load_run_config([], ["task.name=toy_classifier", "task.widht=3", "output_dir=run1"], validate_task=False)
+        train(cfg, train_data=ListLoader())
+    # the task's keys are checked before the run folder is made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_python_api_needs_an_output_dir(tmp_path, monkeypatch):
+    # train() used to fall back to runs/default under the current directory (the repository, in tests).
+    monkeypatch.chdir(tmp_path)
+    cfg = load_run_config([], ["task.name=toy_classifier", "task.width=8", "train.steps=1", "train.progress=false"])
+    with pytest.raises(ConfigError, match="output_dir is not set"):
+        train(cfg, train_data=ListLoader())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_blocks_validate_in_python_as_in_yaml():
+    with pytest.raises(ConfigError, match="train.steps must be >= 1"):
+        TrainConfig(steps=0)
+    with pytest.raises(ConfigError, match="data.num_workers must be >= 0"):
+        DataConfig(num_workers=-1)
+    with pytest.raises(ConfigError, match="optim.lr must be"):
+        OptimConfig(lr=-1.0)
+    with pytest.raises(ConfigError, match="schedule_by_time needs a budget"):
+        TrainConfig(schedule_by_time=True)
+    with pytest.raises(ConfigError, match="max_seconds must be >= 0"):
+        TrainConfig(max_seconds=-1)
+
+
+def test_blocks_edited_in_place_are_checked_again(tmp_path):
+    cfg = _cfg(tmp_path / "run")
+    cfg.data.shuffle_buffer = -5
+    with pytest.raises(ConfigError, match="data.shuffle_buffer"):
+        train(cfg, train_data=ListLoader())
+    assert not (tmp_path / "run").exists()
+
+
+# -- wall-clock budget -------------------------------------------------------------------------------
+def test_max_seconds_stops_evaluates_checkpoints_and_exports(tmp_path):
+    out = tmp_path / "run"
+    # 1 microsecond: spent during the first step, which a fresh run always takes.
+    budget = ["train.steps=1000", "train.max_seconds=1e-6", "train.ckpt_every=500"]
+    summary = train(_cfg(out, *budget), train_data=ListLoader(), val_data=ListLoader(16, 8, seed=1))
+    assert summary["steps"] == 1 and summary["planned_steps"] == 1000 and summary["stopped_by"] == "max_seconds"
+    assert summary["eval"] and (out / "export" / "model.safetensors").is_file()
+    recorded = json.loads((out / "run_summary.json").read_text())
+    assert recorded["stopped_by"] == "max_seconds" and recorded["steps"] == 1 and recorded["planned_steps"] == 1000
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows if "split" not in r] == [1]  # the cut step is logged like a last step
+    assert [r["step"] for r in rows if r.get("split") == "eval"] == [1]
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step-00000001"]
+    state = ckpt.read_state(out / "checkpoints" / "step-00000001")
+    assert state["elapsed_s"] > 0  # the budget is the run's: a resume counts the time already spent
+
+    # resumed with the budget already spent: no step, but still an evaluation and an export
+    again = train(_cfg(out, *budget), train_data=ListLoader(), val_data=ListLoader(16, 8, seed=1))
+    assert again["steps"] == 1 and again["stopped_by"] == "max_seconds" and again["resumed_from"]
+    assert again["eval"] and again["export"]
+    # without a budget it goes on to the planned steps
+    done = train(_cfg(out, "train.steps=3"), train_data=ListLoader())
+    assert done["steps"] == 3 and done["stopped_by"] == "steps"
+    assert json.loads((out / "run_summary.json").read_text())["stopped_by"] == "steps"
+
+
+def test_schedule_by_time_follows_the_clock(tmp_path):
+    cfg = OptimConfig(lr=1.0, warmup_steps=2, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg, 100, progress=0.9) == 0.5  # warm-up stays in steps
+    assert lr_factor(10, cfg, 100, progress=1.0) == pytest.approx(0.1)  # budget spent: the floor
+    assert lr_factor(10, cfg, 100, progress=0.0) == lr_factor(10, cfg, 100)  # steps ahead of the clock
+    assert lr_factor(10, cfg, 100, progress=0.5) == pytest.approx(0.55)
+    # End to end: SGD, lr 1, one clipped step. The budget (1 us) is spent before the step is taken, so
+    # the time schedule is at its floor and the update is min_lr_ratio x the clipped gradient.
+    clip = 1e-3
+    opts = ["optim.name=sgd", "optim.betas=[0.0,0.0]", "optim.weight_decay=0", "optim.lr=1.0", "optim.warmup_steps=0"]
+    timed = ["train.steps=50", "train.max_seconds=1e-6", "train.schedule_by_time=true", "optim.min_lr_ratio=0.25"]
+    out = tmp_path / "timed"
+    run_cfg = _cfg(out, *opts, *timed, f"train.grad_clip={clip}")
+    summary = train(run_cfg, train_data=ListLoader())
+    assert summary["steps"] == 1 and summary["stopped_by"] == "max_seconds"
+    seed_everything(run_cfg.train.seed)
+    before = create_task(run_cfg).state_dict()
+    after = _weights(out / "export")
+    delta = math.sqrt(sum(float(((after[k] - before[k]).double() ** 2).sum()) for k in after))
+    assert delta == pytest.approx(0.25 * clip, rel=1e-3)
+    assert read_metrics(out)[0]["lr"] == pytest.approx(0.25)
 
 
 # -- DeepSpeed config resolution ---------------------------------------------------------------------

@@ -64,20 +64,37 @@ def under_deepspeed_launcher() -> bool:
     return "CROSS_RANK" in os.environ and "LOCAL_SIZE" in os.environ
 
 
+def check_device(spec: str, local_rank: int = 0) -> None:
+    """Raise :class:`DistributedSetupError` if ``spec`` cannot be used on this machine; changes nothing.
+
+    Run before anything is written or initialised, so ``train.device=cuda`` on a machine without a GPU
+    is a one-line error rather than a half-made run folder.
+    """
+    if spec in ("auto", "cpu"):
+        return
+    if not spec.startswith("cuda"):
+        raise DistributedSetupError(f"train.device must be auto, cpu, cuda or cuda:N, not {spec!r}")
+    if not torch.cuda.is_available():
+        raise DistributedSetupError(f"train.device={spec} but CUDA is not available; use train.device=cpu or auto")
+    index = int(spec.split(":", 1)[1]) if ":" in spec else local_rank
+    if index >= torch.cuda.device_count():
+        raise DistributedSetupError(
+            f"train.device={spec} (local rank {local_rank}) but this machine has {torch.cuda.device_count()} "
+            "CUDA device(s)"
+        )
+
+
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     """``auto`` = this rank's CUDA device if CUDA is available, else CPU."""
+    check_device(spec, local_rank)
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DistributedSetupError(f"train.device={spec} but CUDA is not available; use train.device=cpu or auto")
         if spec == "cuda":
             spec = f"cuda:{local_rank}"
         device = torch.device(spec)
         torch.cuda.set_device(device)
         return device
-    if spec != "cpu":
-        raise DistributedSetupError(f"train.device must be auto, cpu, cuda or cuda:N, not {spec!r}")
     return torch.device("cpu")
 
 
@@ -149,6 +166,20 @@ def all_reduce_mean(values: dict[str, float], weight: float = 1.0) -> dict[str, 
     dist.all_reduce(t)
     total = float(t[-1]) or 1.0
     return {k: float(t[i]) / total for i, k in enumerate(keys)}
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on any rank.
+
+    Decisions that end a loop (a wall-clock budget read from each rank's own clock) must be taken by
+    all ranks together, or the ranks that go on wait forever in their next collective.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return bool(flag)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def broadcast_object(obj: Any) -> Any:

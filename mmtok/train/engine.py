@@ -13,6 +13,13 @@ Back-ends (chosen from the config and the launcher's environment):
 * ``deepspeed`` launcher, or ``deepspeed.enabled=true``: a DeepSpeed engine with ZeRO stage 1/2/3
   from ``deepspeed.config`` (``"auto"`` values resolved, the result written to ``ds_config.json``).
 
+Wall-clock budget: with ``train.max_seconds``, the run stops after the step during which the budget ran
+out and ends as a finished run does (evaluation, checkpoint, export); it logs the step reached against
+the planned ``train.steps`` and writes ``run_summary.json`` with ``stopped_by: "max_seconds"`` (or
+``"steps"``). The clock covers the training loop with its periodic evaluations and checkpoints, not the
+final ones; time spent before a resume counts (it is saved in each checkpoint). A fresh run always takes
+at least one step. All ranks stop at the same step (the decision is reduced over ranks).
+
 Exact resume: a checkpoint holds the model, optimizer and scheduler states, every rank's RNG states
 and data-stream position, and the step/epoch counters. On CPU in fp32 with
 ``train.deterministic=true``, a run killed and resumed ends bitwise equal to an uninterrupted one
@@ -42,18 +49,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmtok.config import ConfigError, RunConfig, to_yaml
+from mmtok.config import ConfigError, to_yaml
 from mmtok.hub import CheckpointError
 from mmtok.registry import RegistryError
 from mmtok.train import checkpoint as ckpt
 from mmtok.train import distributed as dist_utils
-from mmtok.train.distributed import DistInfo
+from mmtok.train.config import RunConfig
+from mmtok.train.distributed import DistInfo, DistributedSetupError
 from mmtok.train.metrics import MetricsWriter
 from mmtok.train.optim import (
     build_optimizer,
     build_scheduler,
-    check_optim_config,
     load_scheduler_state,
+    lr_factor,
     scheduler_state,
 )
 
@@ -204,6 +212,10 @@ class TorchBackend:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def set_lr_factor(self, factor: float) -> None:
+        """Rate of the next optimizer step = base rate x ``factor`` (``train.schedule_by_time``)."""
+        _set_lr(self.optimizer, self.scheduler, factor)
+
     def save(self, root: Path, tmp: Path) -> dict[str, Any]:
         """Write model + optimizer into ``tmp`` (rank 0; DDP replicas are identical)."""
         if self.info.is_main:
@@ -287,6 +299,10 @@ class DeepSpeedBackend:
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
+    def set_lr_factor(self, factor: float) -> None:
+        # Only with mmtok's own schedule (preflight refuses schedule_by_time beside a JSON scheduler).
+        _set_lr(self.optimizer, self.scheduler, factor)
+
     def save(self, root: Path, tmp: Path) -> dict[str, Any]:
         # Collective: every rank writes its ZeRO partition into the same temporary tag folder.
         self.engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
@@ -317,6 +333,12 @@ class DeepSpeedBackend:
     @property
     def zero3(self) -> bool:
         return self.stage == 3
+
+
+def _set_lr(optimizer: Any, scheduler: Any, factor: float) -> None:
+    """Override the scheduled rate for the next step; the LambdaLR's own step afterwards is overridden again."""
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * factor
 
 
 def _loss_of(out: Any) -> torch.Tensor:
@@ -373,18 +395,74 @@ def _build_loader(cfg: RunConfig, split: str, task: Any, rank: int, world: int) 
 
 
 # -- the loop --------------------------------------------------------------------------------------
-def _check(cfg: RunConfig) -> None:
-    t = cfg.train
-    if t.steps < 1 or t.grad_accum < 1 or cfg.data.batch_size < 1:
-        raise ConfigError("train.steps, train.grad_accum and data.batch_size must be >= 1")
-    if t.grad_clip < 0:
-        raise ConfigError("train.grad_clip must be >= 0 (0 = off)")
-    if min(t.log_every, t.eval_every, t.ckpt_every, t.keep_last) < 0:
-        raise ConfigError("train.log_every/eval_every/ckpt_every/keep_last must be >= 0")
+def _check_output_dir(out: Path) -> None:
+    """The run folder, or its nearest existing ancestor, must be a writable folder."""
+    existing = out
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        what = "is a file" if existing == out else f"is below {existing}, which is a file"
+        raise ConfigError(f"output_dir {out} {what}, not a folder; choose another output_dir")
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {out}: {existing} is not writable; choose another output_dir")
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Check everything that can be checked before a run folder, process group or model exists.
+
+    The config blocks validate their values when built; this checks them again (they may have been
+    edited in place) and adds what depends on this machine: the output path, the device, and the
+    DeepSpeed JSON (whenever ``deepspeed.config`` is set it must exist and parse, even with DeepSpeed
+    off, so a typo is not silently ignored until someone turns DeepSpeed on; with DeepSpeed on it must
+    also agree with the run config).
+
+    Raises:
+        ConfigError: one line naming the key and what to do.
+    """
+    if not isinstance(cfg, RunConfig):
+        raise ConfigError(
+            f"train() needs a RunConfig (see mmtok.train.config.load_run_config), not {type(cfg).__name__}"
+        )
+    cfg.validate()
+    if not str(cfg.output_dir).strip():
+        raise ConfigError("output_dir is not set: pass the run folder, e.g. output_dir=runs/my_run")
+    _check_output_dir(Path(cfg.output_dir))
+    cfg.task_config()  # the task's own keys, before anything is written
+    _, world, local_rank = dist_utils.env_ranks()
     try:
-        check_optim_config(cfg.optim)
-    except ValueError as e:
+        dist_utils.check_device(cfg.train.device, local_rank)
+    except DistributedSetupError as e:
         raise ConfigError(str(e)) from e
+    wants_ds = cfg.deepspeed.enabled or dist_utils.under_deepspeed_launcher()
+    if not (wants_ds or cfg.deepspeed.config):
+        return
+    try:
+        raw = dist_utils.load_ds_json(cfg.deepspeed.config)
+        if not isinstance(raw, dict):
+            raise DistributedSetupError(f"DeepSpeed config {cfg.deepspeed.config} must hold a JSON object")
+        if not wants_ds:
+            return  # the file is named but unused: that it exists and parses is enough
+        # Resolve once now (the model width only sizes buckets) so contradictions surface before launch.
+        cuda = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and torch.cuda.is_available())
+        dist_utils.resolve_ds_config(
+            raw,
+            micro_batch=cfg.data.batch_size,
+            grad_accum=cfg.train.grad_accum,
+            world_size=world,
+            grad_clip=cfg.train.grad_clip,
+            optim=cfg.optim,
+            total_steps=cfg.train.steps,
+            bf16=cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cuda),
+            hidden_size=1,
+            stage=cfg.deepspeed.stage,
+        )
+    except DistributedSetupError as e:
+        raise ConfigError(str(e)) from e
+    if cfg.train.schedule_by_time and "scheduler" in raw:
+        raise ConfigError(
+            f"train.schedule_by_time drives mmtok's own schedule, but {cfg.deepspeed.config} names a "
+            'DeepSpeed scheduler; remove its "scheduler" block or set train.schedule_by_time=false'
+        )
 
 
 def train(
@@ -397,7 +475,7 @@ def train(
     """Train ``cfg.task`` for ``cfg.train.steps`` optimizer steps.
 
     Args:
-        cfg: The run config (see :mod:`mmtok.config`).
+        cfg: The run config (see :mod:`mmtok.train.config`); ``output_dir`` must be set.
         resume: ``"auto"`` (newest checkpoint in ``output_dir/checkpoints`` if any), ``"never"``, or a
             checkpoint/run folder.
         train_data: Programmatic use: any re-iterable of collated batches instead of ``data.train``
@@ -405,10 +483,14 @@ def train(
         val_data: Likewise for ``data.val``.
 
     Returns:
-        On rank 0: ``{"output_dir", "steps", "resumed_from", "train": last logged metrics,
-        "eval": last evaluation, "export": folder or None}``; None on other ranks.
+        On rank 0: ``{"output_dir", "steps", "planned_steps", "stopped_by": "steps" | "max_seconds",
+        "elapsed_s", "resumed_from", "train": last logged metrics, "eval": last evaluation,
+        "export": folder or None}`` (also written to ``run_summary.json``); None on other ranks.
+
+    Raises:
+        ConfigError: a config that cannot run here, before anything is written (see :func:`preflight`).
     """
-    _check(cfg)
+    preflight(cfg)
     if cfg.deepspeed.enabled and cfg.train.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     owns_group = not torch.distributed.is_initialized()
@@ -455,6 +537,19 @@ class _Run:
         self.step = 0
         self.last_train: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
+        # Wall clock of the run: seconds spent before this process (from the checkpoint resumed) plus
+        # this process's time since run() began. Drives train.max_seconds and schedule_by_time.
+        self._elapsed_before = 0.0
+        self._clock = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds of training this run has used, across resumes."""
+        return self._elapsed_before + time.perf_counter() - self._clock
+
+    def _over_budget(self) -> bool:
+        """True on every rank once any rank's clock has passed ``train.max_seconds`` (0 = never)."""
+        budget = self.cfg.train.max_seconds
+        return bool(budget) and dist_utils.any_rank(self.elapsed() >= budget)
 
     # -- resume ------------------------------------------------------------------------------
     def _resume(self, resume: str) -> tuple[Path | None, dict[str, Any] | None]:
@@ -507,6 +602,7 @@ class _Run:
                 "backend": self.backend.name,
                 "ranks": per_rank,
                 "metrics": self.last_train,
+                "elapsed_s": self.elapsed(),
                 **extra,
             }
             ckpt.write_state(tmp, state)
@@ -565,7 +661,10 @@ class _Run:
     # -- main loop ---------------------------------------------------------------------------
     def run(self, resume: str) -> dict[str, Any] | None:
         cfg, info = self.cfg, self.info
+        self._clock = time.perf_counter()
         folder, state = self._resume(resume)
+        if state is not None:
+            self._elapsed_before = float(state.get("elapsed_s", 0.0))
         writer = MetricsWriter(
             self.out, enabled=info.is_main, tensorboard=cfg.train.tensorboard, resume_step=self.step if folder else None
         )
@@ -584,7 +683,8 @@ class _Run:
                 self.backend.name,
                 info.world_size,
                 "bf16" if self.bf16 else "fp32",
-                f", resumed at step {self.step}" if folder else "",
+                (f", resumed at step {self.step}" if folder else "")
+                + (f", budget {cfg.train.max_seconds:g} s" if cfg.train.max_seconds else ""),
             )
         from tqdm.auto import tqdm
 
@@ -598,9 +698,15 @@ class _Run:
         sums: dict[str, torch.Tensor] = {}
         n_micro = samples = 0
         busy = 0.0  # seconds spent in training steps since the last log line (not eval/checkpoints)
+        first_step = self.step
+        # A fresh run always takes a step; a resumed one may find its budget already spent.
+        out_of_time = state is not None and self._over_budget()
         try:
-            while self.step < total:
+            while self.step < total and not out_of_time:
                 t0 = time.perf_counter()
+                if cfg.train.schedule_by_time:
+                    factor = lr_factor(self.step, cfg.optim, total, self.elapsed() / cfg.train.max_seconds)
+                    self.backend.set_lr_factor(factor)
                 for micro in range(cfg.train.grad_accum):
                     batch = to_device(self.stream.next(), info.device)
                     samples += batch_size_of(batch, cfg.data.batch_size)
@@ -610,11 +716,15 @@ class _Run:
                             sums[k] = sums.get(k, 0.0) + v.detach().float()
                     n_micro += 1
                 grad_norm = self.backend.optimizer_step()
-                lr_used = _lr_of_step(self.backend, self.step, cfg)
+                if cfg.train.schedule_by_time:
+                    lr_used = cfg.optim.lr * factor
+                else:
+                    lr_used = _lr_of_step(self.backend, self.step, cfg)
                 self.step += 1
                 busy += time.perf_counter() - t0
                 bar.update(1)
-                last = self.step == total
+                out_of_time = self._over_budget()
+                last = self.step == total or out_of_time  # a spent budget ends the run like its last step
                 if (cfg.train.log_every and self.step % cfg.train.log_every == 0) or last or self.step == 1:
                     values = {k: float(v) / n_micro for k, v in sums.items()}
                     values = dist_utils.all_reduce_mean(values)
@@ -632,22 +742,41 @@ class _Run:
                     self._evaluate(writer)
                 if (cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0) or last:
                     self._save()
-            if folder is not None and self.step == total and not self.last_eval:
-                self._evaluate(writer)  # a finished run started again: report its evaluation
+            if self.step == first_step and not self.last_eval:
+                self._evaluate(writer)  # a finished (or out-of-budget) run started again: report its evaluation
         finally:
             bar.close()
             writer.close()
+        stopped_by = "steps" if self.step >= total else "max_seconds"
+        elapsed = self.elapsed()
+        if stopped_by == "max_seconds" and info.is_main:
+            logger.info(
+                "train.max_seconds=%g reached after %.1f s: stopped at step %d of %d planned (%.0f%%)",
+                cfg.train.max_seconds,
+                elapsed,
+                self.step,
+                total,
+                100.0 * self.step / total,
+            )
         export = self._export()
         if not info.is_main:
             return None
-        return {
+        summary = {
             "output_dir": str(self.out),
             "steps": self.step,
+            "planned_steps": total,
+            "stopped_by": stopped_by,
+            "elapsed_s": round(elapsed, 3),
+            "max_seconds": cfg.train.max_seconds,
             "resumed_from": str(folder) if folder else None,
             "train": self.last_train,
             "eval": self.last_eval,
             "export": export,
         }
+        from mmtok.hub import atomic_write_text
+
+        atomic_write_text(self.out / "run_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+        return summary
 
     def _export(self) -> str | None:
         if not self.cfg.train.export:
@@ -663,7 +792,5 @@ class _Run:
 def _lr_of_step(backend: Any, step: int, cfg: RunConfig) -> float:
     """The learning rate the step just taken used (the scheduler has already moved to the next one)."""
     if isinstance(backend, TorchBackend) or "scheduler" not in getattr(backend, "ds_config", {}):
-        from mmtok.train.optim import lr_factor
-
         return cfg.optim.lr * lr_factor(step, cfg.optim, cfg.train.steps)
     return backend.lr()
