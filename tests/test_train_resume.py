@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mmtok.hub import CheckpointError
 from mmtok.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,3 +153,81 @@ def test_toy_config_cli_train_and_eval_run(fmnist_shards, tmp_path):
         cwd=REPO,
     )
     assert bad.returncode == 2 and "not a run folder" in bad.stderr
+
+
+# -- resume past a damaged checkpoint -----------------------------------------------------------------------
+
+
+def _truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+DAMAGE = {
+    "optimizer_truncated": lambda d: _truncate(d / ckpt.OPTIM_NAME),
+    "optimizer_deleted": lambda d: (d / ckpt.OPTIM_NAME).unlink(),
+    "optimizer_empty": lambda d: (d / ckpt.OPTIM_NAME).write_bytes(b""),
+    "weights_truncated": lambda d: _truncate(d / ckpt.MODEL_NAME),
+    "weights_cut_in_header": lambda d: (d / ckpt.MODEL_NAME).write_bytes((d / ckpt.MODEL_NAME).read_bytes()[:20]),
+    "weights_deleted": lambda d: (d / ckpt.MODEL_NAME).unlink(),
+    "state_garbled": lambda d: (d / ckpt.STATE_NAME).write_text('{"step": 5'),
+}
+
+
+@pytest.fixture(scope="module")
+def short_run(fmnist_shards, tmp_path_factory):
+    """A finished 50-step toy run with checkpoints at steps 25 and 50, and its summary."""
+    out = tmp_path_factory.mktemp("short") / "run"
+    summary = _run(_cmd(fmnist_shards, out, "train.steps=50", "train.keep_last=3"))
+    names = [p.name for p in ckpt.list_checkpoints(out / "checkpoints")]
+    assert names == ["step-00000025", "step-00000050"]
+    return out, summary
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_auto_resume_skips_a_damaged_newest_checkpoint(short_run, tmp_path, caplog, damage):
+    run = _copy_run(short_run[0], tmp_path / "run")
+    root = run / "checkpoints"
+    newest = root / "step-00000050"
+    assert ckpt.checkpoint_problem(newest) is None
+    DAMAGE[damage](newest)
+    assert ckpt.checkpoint_problem(newest) is not None
+    with caplog.at_level("WARNING", logger="mmtok.train.checkpoint"):
+        assert ckpt.resolve_resume("auto", root).name == "step-00000025"
+    assert "step-00000050" in caplog.text  # the warning names what was skipped, and why
+    assert ckpt.find_latest(root).name == "step-00000025"
+    assert ckpt.resolve_resume(str(run), root).name == "step-00000025"  # a run folder: the same fallback
+    with pytest.raises(CheckpointError, match="damaged"):  # named explicitly: refused with the reason
+        ckpt.resolve_resume(str(newest), root)
+    # Nothing complete left: refuse (naming each) rather than silently start from step 0.
+    DAMAGE[damage](root / "step-00000025")
+    with pytest.raises(CheckpointError, match="no complete checkpoint.*step-00000050.*step-00000025.*--resume never"):
+        ckpt.resolve_resume("auto", root)
+
+
+def test_cli_resume_auto_falls_back_past_damage(short_run, fmnist_shards, tmp_path):
+    """`mmtok train --resume auto` on a run whose newest checkpoint lost its optimizer state: it resumes from
+    the older one, says so, and (deterministic CPU) ends bitwise equal to the undamaged run."""
+    done, summary_done = short_run
+    run = _copy_run(done, tmp_path / "run")
+    _truncate(run / "checkpoints" / "step-00000050" / ckpt.OPTIM_NAME)
+    shutil.rmtree(run / "export")
+    cmd = _cmd(fmnist_shards, run, "train.steps=50", "train.keep_last=3")
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "step-00000050" in res.stderr and "optimizer.pt" in res.stderr and "Traceback" not in res.stderr
+    summary = json.loads(res.stdout[res.stdout.index("{") :])
+    assert summary["resumed_from"].endswith("step-00000025") and summary["steps"] == 50
+    a, b = _weights(done / "export"), _weights(run / "export")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert ckpt.checkpoint_problem(run / "checkpoints" / "step-00000050") is None  # rewritten whole
+    # Every checkpoint damaged: one line, exit status 2, nothing started.
+    for step in ("step-00000025", "step-00000050"):
+        (run / "checkpoints" / step / ckpt.MODEL_NAME).unlink()
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert res.returncode == 2 and "no complete checkpoint" in res.stderr and "Traceback" not in res.stderr

@@ -15,6 +15,15 @@ never a partial folder under a final name. Stale ``.tmp-*`` folders are removed 
 
 RNG states (Python, NumPy, torch CPU, every CUDA device) are stored as JSON (torch states as base64)
 so that nothing is ever unpickled on load.
+
+Damage after the fact (a disk that filled up, a file truncated or deleted by hand) is found before any
+process loads anything: :func:`checkpoint_problem` checks that the state parses, that ``model.safetensors``
+is exactly as long as its header says, and that every ``.pt`` file (``optimizer.pt``, DeepSpeed's states)
+is a whole zip archive; it reads headers and sizes only, never the tensors. ``--resume auto`` (and a
+``--resume`` given a run or checkpoints folder) then falls back to the newest complete checkpoint, logging
+what it skipped and why; with no complete one left it refuses rather than silently start afresh. A
+checkpoint folder named explicitly is refused with the same diagnosis. A file damaged in place without a
+change of length is not detected here; loading it then fails or, for raw tensor bytes, cannot know.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ import os
 import random
 import re
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -104,17 +115,124 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot be loaded whole (missing, cut short, bad header), or None."""
+    if not path.is_file():
+        return f"{path.name} is missing"
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path.name} is truncated ({size} bytes)"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"{path.name} is truncated inside its header ({size} bytes, header of {n})"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:  # ValueError covers JSON and UTF-8 errors
+        return f"{path.name} has an unreadable header ({type(e).__name__}: {e})"
+    if not isinstance(header, dict):
+        return f"{path.name} has a malformed header"
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        return f"{path.name} has a malformed header"
+    if 8 + n + end != size:  # safetensors requires the data to end exactly at the file's end
+        return f"{path.name} is truncated or padded ({size} bytes, its header describes {8 + n + end})"
+    return None
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    """Why a ``torch.save`` file cannot be loaded (missing, not a whole zip archive), or None.
+
+    ``torch.save`` writes a zip archive whose directory sits at the end of the file, so a truncated file
+    has none; the directory's entries must also lie inside the file.
+    """
+    if not path.is_file():
+        return f"{path.name} is missing"
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.header_offset + info.compress_size > size:
+                    return f"{path.name} is truncated ({size} bytes; member {info.filename} ends past it)"
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        return f"{path.name} is truncated or not a torch.save archive ({size} bytes: {e})"
+    return None
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """What makes ``folder`` unusable for a resume, or None when it is complete.
+
+    Checks (headers and sizes only, no tensor is read): ``trainer_state.json`` parses and has a step;
+    ``model.safetensors`` is whole; without DeepSpeed ``optimizer.pt`` is a whole archive; with DeepSpeed its
+    model states exist, its optimizer states (if any) number one per rank, and every ``.pt`` is whole.
+    """
+    folder = Path(folder)
+    try:
+        state = json.loads((folder / STATE_NAME).read_text())
+    except FileNotFoundError:
+        return f"{STATE_NAME} is missing"
+    except (OSError, ValueError) as e:
+        return f"{STATE_NAME} is unreadable ({type(e).__name__}: {e})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return f"{STATE_NAME} has no step"
+    problem = _safetensors_problem(folder / MODEL_NAME)
+    if problem:
+        return problem
+    if state.get("backend") == "deepspeed":
+        files = sorted(folder.glob("*.pt"))
+        if not any(f.name.endswith("model_states.pt") for f in files):
+            return "DeepSpeed's model states (*model_states.pt) are missing"
+        optim = [f for f in files if f.name.endswith("optim_states.pt")]
+        ranks = state.get("world_size")
+        if optim and isinstance(ranks, int) and len(optim) != ranks:
+            return f"{len(optim)} DeepSpeed optimizer state files for {ranks} ranks"
+    else:
+        files = [folder / OPTIM_NAME]
+    for f in files:
+        problem = _torch_file_problem(f)
+        if problem:
+            return problem
+    return None
+
+
 def find_latest(root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint: the ``latest`` pointer if valid, else the highest step folder."""
+    """The newest complete checkpoint: the ``latest`` pointer if valid, else the highest step folder.
+
+    Folders that :func:`checkpoint_problem` finds damaged are skipped with a warning naming each one and
+    what is wrong with it.
+    """
     root = Path(root)
     pointer = root / LATEST_NAME
+    target = None
     if pointer.is_file():
-        cand = root / pointer.read_text().strip()
-        if (cand / STATE_NAME).is_file():
+        target = root / pointer.read_text().strip()
+        if (target / STATE_NAME).is_file() and checkpoint_problem(target) is None:
+            return target
+    skipped = []
+    for cand in reversed(list_checkpoints(root)):
+        problem = checkpoint_problem(cand)
+        if problem is None:
+            if skipped or target is not None:
+                logger.warning("using checkpoint %s%s", cand, _skipped_text(skipped, target))
             return cand
-        logger.warning("%s points to %s, which is not a complete checkpoint; scanning the folder", pointer, cand)
-    found = list_checkpoints(root)
-    return found[-1] if found else None
+        skipped.append((cand, problem))
+    if target is not None and not skipped:
+        logger.warning("%s points to %s, which is not a complete checkpoint, and there is no other", pointer, target)
+    return None
+
+
+def _skipped_text(skipped: list[tuple[Path, str]], target: Path | None) -> str:
+    parts = [f"{p.name} ({why})" for p, why in skipped]
+    if target is not None and not (target / STATE_NAME).is_file() and all(p != target for p, _ in skipped):
+        parts.append(f"{target.name} named by {LATEST_NAME} (not a complete checkpoint)")
+    return ", skipping the newer damaged " + "; ".join(parts) if parts else ""
+
+
+def damaged_checkpoints(root: str | os.PathLike) -> list[tuple[Path, str]]:
+    """``(folder, problem)`` of every checkpoint folder under ``root`` that is not usable, oldest first."""
+    return [(p, why) for p in list_checkpoints(root) if (why := checkpoint_problem(p)) is not None]
 
 
 def resolve_resume(resume: str, root: str | os.PathLike) -> Path | None:
@@ -122,17 +240,37 @@ def resolve_resume(resume: str, root: str | os.PathLike) -> Path | None:
     if resume in ("never", "no", "none", "", None):
         return None
     if resume == "auto":
-        return find_latest(root)
+        latest = find_latest(root)
+        if latest is None and (damaged := damaged_checkpoints(root)):
+            raise CheckpointError(_all_damaged(root, damaged))
+        return latest
     path = Path(resume)
     if path.is_dir() and not (path / STATE_NAME).is_file():
         latest = find_latest(path)  # a checkpoints/ folder or a run folder
         latest = latest or find_latest(path / "checkpoints")
         if latest is None:
+            damaged = damaged_checkpoints(path) or damaged_checkpoints(path / "checkpoints")
+            if damaged:
+                raise CheckpointError(_all_damaged(path, damaged))
             raise CheckpointError(f"--resume {path}: no complete checkpoint (step-XXXXXXXX/{STATE_NAME}) in it")
         return latest
     if not (path / STATE_NAME).is_file():
         raise CheckpointError(f"--resume {path}: not a checkpoint folder (no {STATE_NAME}); pass auto, never or a path")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(
+            f"--resume {path}: the checkpoint is damaged ({problem}); pass an older checkpoint folder, or the run "
+            "folder to use the newest complete one"
+        )
     return path
+
+
+def _all_damaged(root: str | os.PathLike, damaged: list[tuple[Path, str]]) -> str:
+    listed = "; ".join(f"{p.name}: {why}" for p, why in reversed(damaged))
+    return (
+        f"no complete checkpoint under {root} to resume from (damaged: {listed}); restore the files, or pass "
+        "--resume never to start afresh (keep a copy of the folder: new checkpoints replace these)"
+    )
 
 
 def clean_stale(root: str | os.PathLike) -> None:
