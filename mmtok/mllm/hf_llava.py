@@ -5,6 +5,11 @@ we then move its parts into an :class:`~mmtok.mllm.modeling.MLLM`: the HF vision
 ``hf_siglip`` tower, ``multi_modal_projector`` the ``mlp2x_gelu`` projector (same parameter names), and the
 language model + ``lm_head`` a causal LM of the text config's family. Nothing is copied by name guessing, so a
 mismatch fails loudly in ``load_state_dict``.
+
+Weights are read from safetensors only (``model.safetensors`` or a sharded ``model.safetensors.index.json``):
+transformers would otherwise fall back to ``pytorch_model.bin``, a pickle that runs code when loaded. A folder
+holding only pickled weights is refused with a message naming the file and the one-line conversion the user
+can run on a file they trust (``torch.load(..., weights_only=True)`` then safetensors' ``save_file``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,43 @@ import torch
 
 from mmtok import hub
 
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+# Weight files a folder may hold that we refuse to unpickle; trainer leftovers are not weights.
+PICKLED_WEIGHTS = ("*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt")
+_NOT_WEIGHTS = ("training_args", "optimizer", "scheduler", "rng_state")
+
+
+def check_safetensors_weights(path: Path) -> None:
+    """Refuse a model folder whose weights are not safetensors, naming the file and how to convert it.
+
+    Raises:
+        hub.CheckpointError: no ``model.safetensors`` (or its sharded index) in ``path``.
+    """
+    if any((path / name).is_file() for name in SAFE_WEIGHTS):
+        return
+    pickled = sorted(
+        {p.name for pattern in PICKLED_WEIGHTS for p in path.glob(pattern) if p.is_file()}
+        - {n for n in (p.name for p in path.iterdir()) if n.startswith(_NOT_WEIGHTS)}
+    )
+    if not pickled:
+        raise hub.CheckpointError(f"{path}: no model.safetensors (or model.safetensors.index.json) with the weights")
+    refusal = (
+        f"{path}: the weights are in {', '.join(pickled)} (a pickle, which can run code when loaded), and mmtok "
+        "loads safetensors only. If you trust the file, convert it once with: "
+    )
+    if len(pickled) == 1:
+        src, dst = path / pickled[0], path / "model.safetensors"
+        raise hub.CheckpointError(
+            refusal + 'python -c "import torch; from safetensors.torch import save_file; '
+            f"sd = torch.load('{src}', map_location='cpu', weights_only=True); "
+            f"save_file({{k: v.contiguous().clone() for k, v in sd.items()}}, '{dst}', metadata={{'format': 'pt'}})\""
+        )
+    # Sharded: transformers reads the shards (weights_only) and writes safetensors shards plus their index.
+    raise hub.CheckpointError(
+        refusal + 'python -c "from transformers import LlavaForConditionalGeneration as M; '
+        f"M.from_pretrained('{path}', use_safetensors=False).save_pretrained('{path}')\""
+    )
+
 
 def load_hf_llava(path: str | Path, **overrides: Any):
     """Build an mmtok MLLM from a local transformers LLaVA folder.
@@ -23,6 +65,9 @@ def load_hf_llava(path: str | Path, **overrides: Any):
     Args:
         path: Folder with ``config.json`` (``model_type: llava``) and safetensors weights.
         overrides: MLLMConfig fields to override (e.g. ``attn_implementation``).
+
+    Raises:
+        hub.CheckpointError: the folder has no safetensors weights (e.g. only ``pytorch_model.bin``).
     """
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
@@ -30,9 +75,11 @@ def load_hf_llava(path: str | Path, **overrides: Any):
     from mmtok.mllm.towers import CLIP_MEAN, CLIP_STD, _hf_dict
 
     path = Path(path)
+    check_safetensors_weights(path)
     attn = overrides.get("attn_implementation", "sdpa")
+    # use_safetensors=True: transformers must never fall back to a pickle it finds beside the safetensors.
     hf = LlavaForConditionalGeneration.from_pretrained(
-        path, local_files_only=True, dtype=torch.float32, attn_implementation=attn
+        path, local_files_only=True, dtype=torch.float32, attn_implementation=attn, use_safetensors=True
     )
     cfg = hf.config
     layer = cfg.vision_feature_layer
