@@ -300,3 +300,23 @@ def test_bad_codes_are_rejected(tmp_path, bad):
     assert keys == ["c000", "c001", "c003"] and ds.stats == {"bad_codes": 1}
     with pytest.raises(DataError, match="bad_codes.*c002"):
         _run(path, "raise")
+
+
+def test_raise_from_a_worker_is_still_a_data_error(tmp_path):
+    """DataLoader re-creates a worker's exception from its text: it must stay a DataError with its reason."""
+    samples = [_good(i) for i in range(6)]
+    BAD_CASES["bad_json"](samples[4])
+    path = _write(tmp_path, samples)
+    loader = ShardLoader(ShardDataset(path, on_error="raise"), batch_size=2, num_workers=2)
+    with pytest.raises(DataError, match="bad_json.*k004") as e:
+        list(loader)
+    assert e.value.reason == "bad_json"
+    import pickle
+
+    err = pickle.loads(pickle.dumps(DataError("bad_cls", "not a number", "k1", "a.tar")))
+    assert (err.reason, err.key, err.url, str(err)) == (
+        "bad_cls",
+        "k1",
+        "a.tar",
+        "bad_cls: not a number (key 'k1' in a.tar)",
+    )

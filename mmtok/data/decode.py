@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -54,10 +55,22 @@ class DataError(ValueError):
         url: The shard it came from.
     """
 
-    def __init__(self, reason: str, message: str, key: str = "", url: str = ""):
+    def __init__(self, reason: str, message: str | None = None, key: str = "", url: str = ""):
+        if message is None:
+            # One string: a DataError re-created from its text, as a DataLoader worker's exception is re-raised
+            # in the main process. Keep the type (so ``except DataError`` works with workers) and the reason.
+            found = re.search(r"DataError: (\w+): ", reason)
+            super().__init__(reason)
+            self.reason, self.key, self.url, self._message = (found.group(1) if found else "data_error"), "", "", None
+            return
         where = " ".join(x for x in (f"key {key!r}" if key else "", f"in {url}" if url else "") if x)
         super().__init__(f"{reason}: {message}" + (f" ({where})" if where else ""))
-        self.reason, self.key, self.url = reason, key, url
+        self.reason, self.key, self.url, self._message = reason, key, url, message
+
+    def __reduce__(self) -> tuple:  # pickles with its fields, not just the formatted text
+        if self._message is None:
+            return type(self), (self.args[0],)
+        return type(self), (self.reason, self._message, self.key, self.url)
 
 
 class ShardPatternError(FileNotFoundError):
