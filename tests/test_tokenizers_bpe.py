@@ -134,3 +134,33 @@ def test_bad_inputs_raise_clear_errors():
         BPEVocab(3, [(0, 1, "v"), (3, 2, "h")])
     with pytest.raises(BPEError, match=r"\[B, H, W\]"):
         vocab.encode(np.zeros((2, 2), dtype=int))
+
+
+def test_decode_refuses_float_ids_instead_of_truncating():
+    rng = np.random.default_rng(0)
+    grids = smooth_grids(rng, 20, 4, 4, 6)
+    vocab = train_bpe(grids, 12, num_codes=6)
+    ids = vocab.encode_one(grids[0])
+    assert np.array_equal(vocab.decode(ids, (4, 4)), grids[0])
+    assert np.array_equal(vocab.decode(ids.tolist(), (4, 4)), grids[0])  # a list of ints is fine
+    # ids that went through a float array: 3.7 used to decode as token 3, painting wrong codes silently
+    for bad in (ids.astype(np.float64) + 0.7, ids.astype(np.float32), [float(i) for i in ids]):
+        with pytest.raises(BPEError, match="must be integers"):
+            vocab.decode(bad, (4, 4))
+    layout = vocab.layout(text_vocab_size=100)
+    with pytest.raises(BPEError, match="must be integers"):
+        layout.wrap(ids.astype(np.float64) + 0.5)
+    with pytest.raises(BPEError, match="must be integers"):
+        layout.unwrap(np.asarray(layout.wrap(ids), dtype=np.float64))
+    with pytest.raises(BPEError, match="uncovered"):  # no ids at all is not a dtype problem
+        vocab.decode([], (4, 4))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_train_bpe_refuses_min_frequency_below_one(bad):
+    grids = smooth_grids(np.random.default_rng(1), 5, 4, 4, 4)
+    with pytest.raises(BPEError, match="min_frequency must be an integer >= 1"):
+        train_bpe(grids, 4, num_codes=4, min_frequency=bad)
+    with pytest.raises(BPEError, match="num_merges must be an integer >= 0"):
+        train_bpe(grids, 2.5, num_codes=4)
+    assert train_bpe(grids, 4, num_codes=4, min_frequency=1).num_merges == 4

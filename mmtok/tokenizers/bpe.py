@@ -233,6 +233,20 @@ def _group(keys: np.ndarray, anchors: np.ndarray) -> tuple[list[int], list[np.nd
     return ks[np.concatenate([[0], cuts])].tolist(), np.split(an, cuts)
 
 
+def as_int_ids(ids: Any, what: str) -> np.ndarray:
+    """``ids`` (list, array or tensor) as a flat int64 array; non-integer input is an error, never truncated.
+
+    A float id such as ``3.7`` (e.g. ids that went through a float tensor) would otherwise become ``3``
+    and decode to a wrong grid without a word; an empty input is an empty int64 array.
+    """
+    arr = np.asarray(ids.detach().cpu().numpy() if hasattr(ids, "detach") else ids)
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise BPEError(f"{what} must be integers, got dtype {arr.dtype}; pass token ids as an int array or list")
+    return arr.astype(np.int64).reshape(-1)
+
+
 def as_grids(grids: Any) -> list[np.ndarray]:
     """Normalise input to a list of 2D integer arrays.
 
@@ -294,11 +308,11 @@ class ImageTokenLayout:
 
     def wrap(self, ids: np.ndarray | Sequence[int]) -> list[int]:
         """``[<boi>, offset + ids..., <eoi>]`` as LLM ids."""
-        return [self.boi, *(int(i) + self.offset for i in ids), self.eoi]
+        return [self.boi, *(int(i) + self.offset for i in as_int_ids(ids, "image token ids")), self.eoi]
 
     def unwrap(self, llm_ids: Sequence[int]) -> np.ndarray:
         """Inverse of :meth:`wrap`: local ids between the first ``<boi>`` and the next ``<eoi>``."""
-        ids = list(llm_ids)
+        ids = as_int_ids(llm_ids, "LLM ids").tolist()
         if self.boi not in ids:
             raise BPEError("no <boi> token in the sequence; it holds no image")
         start = ids.index(self.boi) + 1
@@ -447,11 +461,12 @@ class BPEVocab:
             ``[H, W]`` int64 code grid (``[K]`` when ``shape`` is an int).
 
         Raises:
-            BPEError: an id outside the vocabulary, a token that does not fit, or too few/many tokens.
+            BPEError: a non-integer id (floats are never truncated), an id outside the vocabulary, a token
+                that does not fit, or too few/many tokens.
         """
         one_d = isinstance(shape, (int, np.integer))
         h, w = (1, int(shape)) if one_d else (int(shape[0]), int(shape[1]))
-        ids = np.asarray(ids.detach().cpu().numpy() if hasattr(ids, "detach") else ids, dtype=np.int64).reshape(-1)
+        ids = as_int_ids(ids, "token ids")
         out = np.full((h, w), -1, dtype=np.int64)
         flat = out.reshape(-1)
         pos = 0
@@ -542,7 +557,8 @@ def train_bpe(
         num_merges: Merges to learn; fewer are learned if no pair reaches ``min_frequency``.
         num_codes: Base codebook size C (default: max code + 1). All C codes are in the vocabulary.
         mode: ``"2d"`` (horizontal and vertical pairs) or ``"1d"`` (horizontal pairs within rows).
-        min_frequency: Stop when the most frequent pair occurs fewer times.
+        min_frequency: Stop when the most frequent pair occurs fewer times (an integer >= 1; a pair must
+            occur at least once to be merged, so 0 or less would mean the same as 1 and is refused).
         return_stats: Also return :class:`BPETrainStats`.
 
     Ties between equally frequent pairs go to the smallest key ``((a * V + b) * 2 + dir)`` with
@@ -550,8 +566,10 @@ def train_bpe(
     """
     if mode not in ("1d", "2d"):
         raise BPEError(f"mode must be '1d' or '2d', not {mode!r}")
-    if num_merges < 0:
-        raise BPEError("num_merges must be >= 0")
+    if isinstance(num_merges, bool) or not isinstance(num_merges, (int, np.integer)) or num_merges < 0:
+        raise BPEError(f"num_merges must be an integer >= 0, got {num_merges!r}")
+    if isinstance(min_frequency, bool) or not isinstance(min_frequency, (int, np.integer)) or min_frequency < 1:
+        raise BPEError(f"min_frequency must be an integer >= 1 (a pair must occur to be merged), got {min_frequency!r}")
     grids = as_grids(grids)
     max_code = max(int(g.max()) for g in grids)
     min_code = min(int(g.min()) for g in grids)
