@@ -133,6 +133,43 @@ def test_codebook_stats_hand_computed():
     assert s["usage"] == 0.5 and abs(s["perplexity"] - 2.0) < 1e-9
     s = codebook_stats(torch.tensor([3, 3, 3]), 4)
     assert s["usage"] == 0.25 and abs(s["perplexity"] - 1.0) < 1e-9
+    # usage_ge4 counts codes hit at least 4 times: code 0 (5 hits) yes, 1 (3 hits) and 2 (1 hit) no
+    s = codebook_stats(torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 2, -1]), 8)
+    assert s["usage"] == 3 / 8 and s["usage_ge4"] == 1 / 8 and s["assignments"] == 9  # -1 = empty slot
+
+
+def test_codebook_stats_count_only_the_last_window():
+    # every code once, then code 0 for a whole window: the window sees code 0 only
+    ids = torch.cat([torch.arange(8), torch.zeros(100, dtype=torch.long)])
+    s = codebook_stats(ids, 8, window=100)
+    assert s["usage"] == 1 / 8 and s["usage_ge4"] == 1 / 8 and s["perplexity"] == 1.0 and s["assignments"] == 100
+    # counting all assignments (the old evaluation) would give 100% here
+    assert codebook_stats(ids, 8, window=108)["usage"] == 1.0
+    # the default window is LlamaGen's 65,536: usage cannot grow past it with more data
+    many = torch.cat([torch.arange(8), torch.zeros(65536, dtype=torch.long)])
+    assert codebook_stats(many, 8)["usage"] == 1 / 8
+    with pytest.raises(ValueError, match="window"):
+        codebook_stats(ids, 8, window=0)
+
+
+def test_codebook_stats_average_residual_levels():
+    # level 0 uses codes {0, 1} (4 hits each), level 1 uses {0, 1, 2, 3} (2 hits each); [8, Q=2]
+    ids = torch.stack([torch.tensor([0, 1] * 4), torch.tensor([0, 1, 2, 3] * 2)], dim=-1)
+    s = codebook_stats(ids, 4, levels=2)
+    assert s["usage"] == (2 / 4 + 4 / 4) / 2 and s["usage_ge4"] == (2 / 4 + 0) / 2
+    assert abs(s["perplexity"] - 3.0) < 1e-9  # (2 + 4) / 2
+
+
+def test_usage_right_after_kmeans_init_is_qualified_by_usage_ge4():
+    # k-means init on the first batch places every code on a cluster of that batch, so nearly every code
+    # is hit once: usage reads ~100% by construction; codes hit >= 4 times tell the real story
+    torch.manual_seed(0)
+    q = QUANTIZERS.create("vq", dim=16, codebook_size=32, usage_window=1000)
+    q(torch.randn(1, 48, 16))
+    st = q.stats()
+    assert st["usage"] >= 0.75, st
+    assert st["usage_ge4"] <= 0.25, st
+    assert set(st) == {"usage", "usage_ge4", "perplexity", "assignments"} and st["assignments"] == 48
 
 
 def test_usage_window_slides():

@@ -1,15 +1,20 @@
 """``mmtok eval tokenizer``: reconstruction quality and token statistics on held-out images.
 
-Reports PSNR and SSIM (torchmetrics, images in [0, 1]), codebook usage and perplexity over all
-evaluation assignments, tokens per image before and after BPE (merges learned on *training* codes,
-measured on the held-out codes), a Frechet distance between MobileNetV2 features of originals and
-reconstructions (``fid_mobilenetv2``: FID's formula on the offline ImageNet MobileNetV2's pooled
-features; it is *not* Inception FID and its values are not comparable with published FIDs), the EV(k)
-curve for ordered 1D tokenizers, and a PNG grid (odd rows originals, even rows reconstructions).
+Reports PSNR and SSIM (torchmetrics, images in [0, 1]), codebook health with the training logs'
+definition (:func:`~mmtok.tokenizers.quantizers.codebook_stats`: over the last 65,536 assignments,
+``usage`` = distinct codes / codebook size, ``usage_ge4`` = share of codes hit at least 4 times,
+``perplexity``; ``usage_assignments`` says how many assignments they saw), tokens per image before
+and after BPE (merges learned on *training* codes, measured on the held-out codes), a Frechet distance
+between MobileNetV2 features of originals and reconstructions (``fid_mobilenetv2``: FID's formula on the
+offline ImageNet MobileNetV2's pooled features; it is *not* Inception FID and its values are not
+comparable with published FIDs), the EV(k) curve for ordered 1D tokenizers, and a PNG grid (odd rows
+originals, even rows reconstructions).
 
 Held-out data: ``fmnist`` = the Fashion-MNIST test split; ``photos`` = random crops of bundled
-photographs kept out of training (the ``photos`` shard builder's ``val_photos``); ``shards`` = any shard
-pattern (``--shards``).
+photographs kept out of training (the ``photos`` shard builder's ``val_photos``), alternating between
+them; ``shards`` = any shard pattern (``--shards``). From a split, ``--n`` images are taken at evenly
+spaced positions over the whole split (:func:`spread_positions`), never the first ``n``: shards are often
+written one source after another (a photo's crops, a class), and a prefix would then measure one of them.
 
     mmtok eval tokenizer --tokenizer runs/vq_f4/export --data fmnist --n 1000 --out runs/vq_f4/eval
 """
@@ -27,21 +32,39 @@ import torch
 
 from mmtok import hub
 from mmtok.tokenizers.base import to_model_range, to_unit_range
-from mmtok.tokenizers.quantizers import codebook_stats
-from mmtok.tokenizers.tasks import prepare_images
+from mmtok.tokenizers.quantizers import USAGE_WINDOW, codebook_stats
+from mmtok.tokenizers.tasks import check_upsampling, prepare_images
 
 logger = logging.getLogger(__name__)
+
+
+def spread_positions(total: int, n: int) -> np.ndarray:
+    """``min(n, total)`` sorted, distinct positions evenly spaced over ``[0, total)`` (``i * total // n``).
+
+    Deterministic (the same set for every run and machine) and spread over the whole split, so an
+    evaluation set drawn from a split written source by source still covers every source in proportion.
+    """
+    if n < 1:
+        raise ValueError(f"need at least one evaluation image, got n={n}")
+    if n >= total:
+        return np.arange(total)
+    return (np.arange(n, dtype=np.int64) * total) // n
 
 
 def load_eval_images(
     data: str, n: int, *, shards: str = "", photos: str = "astronaut,chelsea", seed: int = 0, split: str = "test"
 ) -> torch.Tensor:
-    """Held-out images ``[N, C, H, W]`` in [0, 1] (native size and channels)."""
+    """Held-out images ``[N, C, H, W]`` in [0, 1] (native size and channels), spread over the split.
+
+    ``fmnist`` and ``shards`` take the images at :func:`spread_positions` of the split (``split`` is
+    the Fashion-MNIST split); ``photos`` draws ``n`` seeded crops alternating between the named photos.
+    """
     if data == "fmnist":
         from mmtok.data.sources.fashion_mnist import load_fashion_mnist
 
         imgs, _ = load_fashion_mnist(split)
-        return torch.from_numpy(imgs[:n].copy()).float().div(255)[:, None]
+        pick = spread_positions(len(imgs), n)
+        return torch.from_numpy(imgs[pick].copy()).float().div(255)[:, None]
     if data == "photos":
         from PIL import Image
 
@@ -64,11 +87,14 @@ def load_eval_images(
 
         if not shards:
             raise ValueError("--data shards needs --shards PATTERN")
+        ds = ShardDataset(shards)  # stream order: shards in order, samples in file order
+        pick = spread_positions(sum(ds.counts), n)
+        wanted, last = set(pick.tolist()), int(pick[-1])
         out = []
-        for s in ShardDataset(shards):
-            if "image" in s:
+        for pos, s in enumerate(ds):
+            if pos in wanted and "image" in s:
                 out.append(s["image"])
-            if len(out) >= n:
+            if pos >= last:  # no need to decode the rest of the split
                 break
         if not out:
             raise ValueError(f"no images in {shards}")
@@ -128,13 +154,19 @@ def evaluate_tokenizer(
     bpe_merges: int = 0,
     bpe_vocab=None,
     grid_path: str | Path | None = None,
+    usage_window: int = USAGE_WINDOW,
 ) -> dict:
-    """All metrics of one tokenizer on ``images`` ``[N, C, H, W]`` in [0, 1]."""
+    """All metrics of one tokenizer on ``images`` ``[N, C, H, W]`` in [0, 1].
+
+    Codebook statistics are :func:`codebook_stats` over the last ``usage_window`` assignments of the
+    evaluation (all residual levels), the definition of the training logs.
+    """
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     model.eval()
     dev = next(model.parameters()).device
     c, s = model.config.in_channels, model.config.image_size
+    check_upsampling(*images.shape[-2:], s, where="mmtok eval tokenizer")
     x01 = prepare_images(images, s, c)
     recons, ids, psnr, ssim = [], [], 0.0, 0.0
     for i in range(0, x01.shape[0], batch_size):
@@ -150,7 +182,15 @@ def evaluate_tokenizer(
     codes = torch.cat(ids)
     first_level = codes[..., 0] if codes.ndim == len(model.tokens_shape) + 2 else codes  # residual: level 0 grid
     res: dict = {"n_images": n, "image_size": s, "channels": c, "psnr": psnr / n, "ssim": ssim / n}
-    res.update(codebook_stats(codes, model.codebook_size))
+    levels = model.quantizer.levels_per_token
+    health = codebook_stats(codes, model.codebook_size, levels=levels, window=usage_window)
+    res.update(
+        usage=health["usage"],
+        usage_ge4=health["usage_ge4"],
+        perplexity=health["perplexity"],
+        usage_assignments=int(health["assignments"]),
+        usage_window=usage_window,
+    )
     res["codebook_size"] = model.codebook_size
     res["tokens_per_image"] = int(np.prod(codes.shape[1:]))
     if bpe_vocab is None and bpe_merges > 0 and bpe_train_codes is not None:

@@ -11,9 +11,19 @@ What mmtok adds on top of the library:
   releases (EMA decay, rotation trick, dead-code threshold) is passed explicitly from our config.
 * Quantization always runs in fp32, even under bf16 autocast (bf16 nearest-code search picks wrong
   codes and EMA updates lose precision).
-* Codebook health is always measured: usage = distinct codes among the last ``usage_window``
-  assignments / codebook size (LlamaGen's metric, window 65,536) and perplexity = exp(H(p)) of the
-  code frequencies in that window; both are in every training log and in evaluation.
+* Codebook health is always measured, with one definition (:func:`codebook_stats`) in training logs,
+  in the in-training evaluation and in ``mmtok eval tokenizer``: over the last ``usage_window``
+  assignments (65,536 by default, LlamaGen's window; all of them when there are fewer),
+  ``usage`` = distinct codes / codebook size (LlamaGen's metric), ``usage_ge4`` = share of codes
+  assigned at least ``ACTIVE_MIN_HITS`` = 4 times, and ``perplexity`` = exp(H(p)) of the code frequencies;
+  residual VQ reports the mean over levels. ``usage`` alone flatters: a code hit once counts as used,
+  so right after k-means init (every code is the mean of a cluster of the first batch, so nearly every
+  code is hit at once) it is ~100% by construction; ``usage_ge4`` does not have that blind spot. Why 4:
+  with the default window and a 1,024-code book a uniformly used code gets 64 hits, so 4 separates "in
+  use" from "touched by chance"; for books of 16k codes and more (about 4 hits per code at uniform use)
+  read it with care.
+  Counting every assignment instead (as a plain bincount over an evaluation set does) makes usage grow
+  with the number of evaluated images, so evaluation uses the same window.
 * Outside training the nearest-code search is ours and chunked (:func:`nearest_code`): it never
   materialises more than ``search_chunk_bytes`` of distances (the library builds the full N x K matrix,
   ~1 GB for 16k codes and a batch of 16k vectors). Training keeps the library's path, which needs the
@@ -67,7 +77,7 @@ class QuantizerConfig:
     rotation_trick: bool = True  # gradient estimator through the quantizer (False = straight-through)
     num_quantizers: int = 4  # residual VQ depth
     levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])  # FSQ levels per channel
-    usage_window: int = 65536  # assignments kept for the usage / perplexity statistics
+    usage_window: int = 65536  # assignments kept for the usage / perplexity statistics (USAGE_WINDOW)
     search_chunk_bytes: int = 64 << 20  # max distance-matrix bytes per chunk at inference
 
 
@@ -112,23 +122,53 @@ def nearest_code(x: Tensor, codebook: Tensor, cosine: bool = False, chunk_bytes:
     return out
 
 
-def codebook_stats(indices: Tensor, codebook_size: int) -> dict[str, float]:
-    """Usage (distinct codes / codebook size) and perplexity exp(H) of a set of assignments."""
-    flat = indices.reshape(-1)
-    flat = flat[flat >= 0]
-    if flat.numel() == 0:
-        return {"usage": 0.0, "perplexity": 0.0}
-    counts = torch.bincount(flat.long(), minlength=codebook_size).double()
-    p = counts / counts.sum()
-    ent = -(p[p > 0] * p[p > 0].log()).sum()
-    return {"usage": float((counts > 0).sum()) / codebook_size, "perplexity": float(ent.exp())}
+USAGE_WINDOW = 65536  # assignments the usage statistics look at (LlamaGen's window)
+ACTIVE_MIN_HITS = 4  # hits within the window for a code to count in ``usage_ge4``
+
+
+def codebook_stats(
+    indices: Tensor, codebook_size: int, *, levels: int = 1, window: int = USAGE_WINDOW
+) -> dict[str, float]:
+    """Codebook health over the last ``window`` assignments (the one definition used everywhere).
+
+    Args:
+        indices: Code ids in the order they were assigned (batch-major, then raster / sequence order);
+            any shape, flattened; with ``levels > 1`` the last axis holds the residual levels
+            (``[..., Q]``). Negative ids are empty slots and are ignored.
+        codebook_size: K, codes per codebook.
+        levels: Residual levels Q (each has its own book; the statistics are averaged over levels).
+        window: Only the last ``window`` valid assignments of each level count.
+
+    Returns:
+        ``usage``: distinct codes / K in [0, 1]; ``usage_ge4``: share of codes with at least
+        ``ACTIVE_MIN_HITS`` hits, in [0, 1]; ``perplexity``: exp(H) of the code frequencies in
+        [1, K] (0 when there is no assignment); ``assignments``: assignments counted per level.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1 assignment, got {window}")
+    per_level = indices.reshape(-1, levels)  # [M, Q]
+    keys = ("usage", "usage_ge4", "perplexity", "assignments")
+    sums = dict.fromkeys(keys, 0.0)
+    for q in range(levels):
+        flat = per_level[:, q]
+        flat = flat[flat >= 0][-window:]  # the most recent assignments of this level
+        if flat.numel() == 0:
+            continue
+        counts = torch.bincount(flat.long(), minlength=codebook_size).double()
+        p = counts / counts.sum()
+        ent = -(p[p > 0] * p[p > 0].log()).sum()
+        sums["usage"] += float((counts > 0).sum()) / codebook_size
+        sums["usage_ge4"] += float((counts >= ACTIVE_MIN_HITS).sum()) / codebook_size
+        sums["perplexity"] += float(ent.exp())
+        sums["assignments"] += flat.numel()
+    return {k: v / levels for k, v in sums.items()}
 
 
 class Quantizer(nn.Module):
     """Common interface: ``forward(x [B, N, D]) -> QuantizerOutput``, ``indices_to_latents(ids)``.
 
     Keeps a ring buffer of the last ``usage_window`` assignments (per level for residual VQ) seen in
-    training, from which :meth:`stats` reports usage and perplexity.
+    training, from which :meth:`stats` reports :func:`codebook_stats` (usage, usage_ge4, perplexity).
     """
 
     codebook_size: int
@@ -170,9 +210,12 @@ class Quantizer(nn.Module):
         self._ptr.copy_((self._ptr + n) % w)
 
     def stats(self) -> dict[str, float]:
-        """Usage and perplexity over the recent training assignments (mean over residual levels)."""
-        per_level = [codebook_stats(self._recent[:, i], self.codebook_size) for i in range(self.levels_per_token)]
-        return {k: sum(s[k] for s in per_level) / len(per_level) for k in ("usage", "perplexity")}
+        """:func:`codebook_stats` of the recent training assignments (mean over residual levels).
+
+        The buffer holds exactly the last ``usage_window`` assignments (slot order does not matter for
+        counts); empty slots (-1) before the window first fills are ignored.
+        """
+        return codebook_stats(self._recent, self.codebook_size, levels=self.levels_per_token, window=len(self._recent))
 
     def reset_stats(self) -> None:
         self._recent.fill_(-1)

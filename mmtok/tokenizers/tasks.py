@@ -27,7 +27,7 @@ from torch import Tensor
 from mmtok import hub
 from mmtok.registries import TASKS, TOKENIZERS
 from mmtok.tokenizers.base import BaseTokenizer, to_model_range, to_unit_range
-from mmtok.tokenizers.quantizers import codebook_stats
+from mmtok.tokenizers.quantizers import USAGE_WINDOW, codebook_stats
 from mmtok.train.task import Task
 
 logger = logging.getLogger(__name__)
@@ -45,17 +45,50 @@ class TokenizerTaskConfig:
     disc_start: int = 2000  # training forward passes before the discriminator switches on
     disc_width: int = 32
     adaptive_disc_weight: bool = True
+    # images smaller than the tokenizer's input side are upsampled: "warn" (once per size, the default),
+    # "allow" (a recipe that means it, e.g. 28 px Fashion-MNIST into a 32 px ViT) or "error"
+    upsample: str = "warn"
+
+
+UPSAMPLE_POLICIES = ("warn", "allow", "error")
+_warned_sizes: set[tuple[int, int, int]] = set()  # (h, w, size) already warned about in this process
+
+
+def check_upsampling(h: int, w: int, size: int, policy: str = "warn", where: str = "tokenizer input") -> None:
+    """Say when ``h x w`` images will be upsampled to ``size`` (a blurrier input than the recipe assumes).
+
+    Upsampled images are smoother than native ones, so training sees less detail and PSNR reads higher
+    than on real ``size``-px data; the usual cause is shards built at another size (``mmtok shards photos``
+    writes 64 px crops unless given ``size=128``). ``policy``: "warn" logs once per (h, w, size) and
+    process, "allow" says nothing, "error" raises.
+    """
+    if policy not in UPSAMPLE_POLICIES:
+        raise ValueError(f"upsample must be one of {UPSAMPLE_POLICIES}, not {policy!r}")
+    if min(h, w) >= size or policy == "allow":
+        return
+    msg = (
+        f"{where}: images are {h}x{w} px but the tokenizer takes {size}x{size}, so they are upsampled; "
+        f"build data at {size} px (e.g. `mmtok shards photos --out data/photos{size} size={size}`) or set "
+        "task.upsample=allow if this is intended"
+    )
+    if policy == "error":
+        raise ValueError(msg)
+    if (h, w, size) not in _warned_sizes:
+        _warned_sizes.add((h, w, size))
+        logger.warning(msg)
 
 
 class ToTokenizerInput:
     """Sample transform: ``image`` [C, H, W] in [0, 1] -> resized, channel-converted, still [0, 1]."""
 
-    def __init__(self, size: int, channels: int):
-        self.size, self.channels = size, channels
+    def __init__(self, size: int, channels: int, upsample: str = "warn"):
+        self.size, self.channels, self.upsample = size, channels, upsample
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         if "image" not in sample:
             raise KeyError(f"sample {sample.get('__key__', '?')} has no image; tokenizer shards need jpg/png")
+        h, w = sample["image"].shape[-2:]
+        check_upsampling(h, w, self.size, self.upsample, where="tokenizer shards")
         return {"image": prepare_images(sample["image"][None], self.size, self.channels)[0]}
 
 
@@ -81,6 +114,8 @@ class TokenizerTask(Task):
         self.config = config
         if config.recon_loss not in ("l1", "l2"):
             raise ValueError(f"recon_loss must be 'l1' or 'l2', not {config.recon_loss!r}")
+        if config.upsample not in UPSAMPLE_POLICIES:
+            raise ValueError(f"upsample must be one of {UPSAMPLE_POLICIES}, not {config.upsample!r}")
         if config.init_from:
             self.tokenizer: BaseTokenizer = hub.from_pretrained(config.init_from, kind="tokenizer", **config.model)
         else:
@@ -100,7 +135,9 @@ class TokenizerTask(Task):
 
     # -- data -----------------------------------------------------------------------------------
     def sample_transform(self, split: str):
-        return ToTokenizerInput(self.tokenizer.config.image_size, self.tokenizer.config.in_channels)
+        return ToTokenizerInput(
+            self.tokenizer.config.image_size, self.tokenizer.config.in_channels, upsample=self.config.upsample
+        )
 
     def synthetic_batch(self, batch_size: int) -> dict[str, Tensor]:
         c, s = self.tokenizer.config.in_channels, self.tokenizer.config.image_size
@@ -111,6 +148,7 @@ class TokenizerTask(Task):
         x = batch["image"] if isinstance(batch, dict) else batch
         p = next(self.tokenizer.parameters())
         c, s = self.tokenizer.config.in_channels, self.tokenizer.config.image_size
+        check_upsampling(*x.shape[-2:], s, self.config.upsample, where="tokenizer batch")
         return to_model_range(prepare_images(x.to(p.device), s, c))
 
     def forward(self, batch: Any) -> dict[str, Tensor]:
@@ -130,8 +168,9 @@ class TokenizerTask(Task):
             loss = loss + g_term + d_loss
         if self.training:
             self.step += 1
-            for k, v in self.tokenizer.codebook_stats().items():
-                logs[k] = torch.tensor(v)
+            stats = self.tokenizer.codebook_stats()  # usage, usage_ge4, perplexity over the recent window
+            for k in ("usage", "usage_ge4", "perplexity"):
+                logs[k] = torch.tensor(stats[k])
         with torch.no_grad():
             mse = F.mse_loss(to_unit_range(recon), to_unit_range(x))
             logs["psnr"] = 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
@@ -160,11 +199,19 @@ class TokenizerTask(Task):
     # -- evaluation / export --------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Any]) -> dict[str, float]:
-        """PSNR / SSIM ([0, 1] images), recon loss, and usage / perplexity over all eval assignments."""
+        """PSNR / SSIM ([0, 1] images), recon loss, and :func:`codebook_stats` of the evaluation's codes.
+
+        Codebook statistics use the training logs' definition: the last ``usage_window`` assignments
+        (65,536 by default) of this evaluation, every residual level, so they do not grow with the number
+        of evaluation batches once the window is full.
+        """
         from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
         was = self.training
         self.eval()
+        quantizer = self.tokenizer.quantizer
+        levels = quantizer.levels_per_token
+        window = getattr(quantizer.config, "usage_window", USAGE_WINDOW)
         try:
             n, sums, ids = 0, {"psnr": 0.0, "ssim": 0.0, "rec": 0.0}, []
             for batch in batches:
@@ -178,13 +225,11 @@ class TokenizerTask(Task):
                 )
                 sums["ssim"] += float(structural_similarity_index_measure(a, b, data_range=1.0)) * bs
                 sums["rec"] += float((recon - x).abs().mean()) * bs
-                ids.append(
-                    enc.indices.reshape(bs, -1) if enc.indices.ndim <= 3 else enc.indices[..., 0].reshape(bs, -1)
-                )
+                ids.append(enc.indices.reshape(bs, -1, levels).cpu())  # [B, tokens, Q] in assignment order
                 n += bs
             out = {k: v / max(n, 1) for k, v in sums.items()}
             if ids:
-                out.update(codebook_stats(torch.cat(ids), self.tokenizer.codebook_size))
+                out.update(codebook_stats(torch.cat(ids), self.tokenizer.codebook_size, levels=levels, window=window))
             return out
         finally:
             self.train(was)

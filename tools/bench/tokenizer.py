@@ -6,7 +6,11 @@
 3. Quality after a fixed wall-clock CPU budget (``--budget-s`` per model): VQ f4 on Fashion-MNIST
    (28 px, 512 codes; evaluated on 1,000 test images) and VQ f8 on 128x128 photo crops (1024 codes;
    trained on crops of the non-held-out photos, evaluated on crops of the held-out astronaut and
-   chelsea). Reports PSNR, SSIM, codebook usage, perplexity and the steps the budget allowed.
+   chelsea). Reports PSNR, SSIM, codebook health and the steps the budget allowed. Codebook health has
+   one definition (``mmtok.tokenizers.quantizers.codebook_stats``): over the last 65,536 assignments,
+   usage = distinct codes / codebook size, usage >= 4 = share of codes hit at least 4 times, and
+   perplexity; the evaluation figures count the evaluation's assignments (how many is printed), the
+   ``train_window_*`` ones the last training assignments.
 
     python tools/bench/tokenizer.py [--quick] [--json out.json] [--budget-s 300] [--threads 1]
 """
@@ -152,8 +156,12 @@ def quality(budget_s: float, n_eval: int) -> list[dict]:
             "psnr": res["psnr"],
             "ssim": res["ssim"],
             "usage": res["usage"],
+            "usage_ge4": res["usage_ge4"],
             "perplexity": res["perplexity"],
+            "usage_assignments": res["usage_assignments"],
             "train_window_usage": st["usage"],
+            "train_window_usage_ge4": st["usage_ge4"],
+            "train_window_perplexity": st["perplexity"],
         }
     )
     photos = photo_train_crops(2000)
@@ -169,8 +177,12 @@ def quality(budget_s: float, n_eval: int) -> list[dict]:
             "psnr": res["psnr"],
             "ssim": res["ssim"],
             "usage": res["usage"],
+            "usage_ge4": res["usage_ge4"],
             "perplexity": res["perplexity"],
+            "usage_assignments": res["usage_assignments"],
             "train_window_usage": st["usage"],
+            "train_window_usage_ge4": st["usage_ge4"],
+            "train_window_perplexity": st["perplexity"],
         }
     )
     return rows
@@ -207,11 +219,14 @@ def main() -> None:
     if not args.skip_quality:
         results["quality"] = quality(budget, 256 if args.quick else 1000)
         print(f"\nquality after a {budget:.0f} s CPU training budget ({results['threads']} threads):")
-        print(f"{'model':26s} {'data':28s} {'steps':>6s} {'PSNR':>6s} {'SSIM':>6s} {'usage':>6s} {'ppl':>7s}")
+        print(
+            f"{'model':26s} {'data':28s} {'steps':>6s} {'PSNR':>6s} {'SSIM':>6s} {'usage':>6s} {'>=4':>6s} "
+            f"{'ppl':>7s} {'assign':>7s}"
+        )
         for r in results["quality"]:
             print(
                 f"{r['model']:26s} {r['data']:28s} {r['steps']:6d} {r['psnr']:6.2f} {r['ssim']:6.3f} "
-                f"{r['usage']:6.1%} {r['perplexity']:7.1f}"
+                f"{r['usage']:6.1%} {r['usage_ge4']:6.1%} {r['perplexity']:7.1f} {r['usage_assignments']:7d}"
             )
     if args.json:
         with open(args.json, "w") as f:

@@ -9,6 +9,16 @@ Crops follow the RandomResizedCrop recipe (Inception-style, as in torchvision): 
 ``scale`` and aspect ratio in 3/4..4/3, resized to ``size``. Train and val never share a photo: val
 takes the photos named in ``val_photos`` (all their crops). Sample: ``jpg`` (or ``png``) RGB + ``json``
 ``{"source": "photos", "split", "photo", "origin", "crop": [x0, y0, x1, y1], "photo_size": [w, h]}``.
+
+Order: photos are interleaved (crop 0 of every photo of the split, then crop 1 of every photo, ...), so
+any prefix of a split covers all its photos. An evaluation that reads the first N samples in shard order
+(the training engine's capped validation, for one) then sees every held-out photo, not 400 crops of the
+first one. Each photo's crops are drawn from its own generator, so the set of crops does not depend on
+the order.
+
+``size`` defaults to 64 px (what ``configs/mim/mae_photos.yaml`` reads); the f8 tokenizer recipe
+``configs/tokenizer/vq_photos_f8.yaml`` takes 128 px and says so in its header (``size=128``); a
+tokenizer fed smaller crops upsamples them and logs a warning naming both sizes.
 """
 
 from __future__ import annotations
@@ -122,13 +132,15 @@ def build_photos(cfg: PhotosConfig) -> dict:
     summary: dict = {"builder": "photos", "out": str(cfg.out), "photos": sorted(photos), "splits": {}}
 
     def samples(split: str):
+        # one image and one generator per photo of the split; the generator is seeded by the photo's index
+        # among all photos, so a photo's crops are the same whatever the split composition or order
+        members = []
         for pi, (name, path) in enumerate(photos.items()):
-            if (name in val) != (split == "val"):
-                continue
-            img = Image.fromarray(load_photo(path))
-            w, h = img.size
-            rng = np.random.default_rng([cfg.seed, pi])
-            for k in range(cfg.crops):
+            if (name in val) == (split == "val"):
+                members.append((name, path, Image.fromarray(load_photo(path)), np.random.default_rng([cfg.seed, pi])))
+        for k in range(cfg.crops):  # interleaved: crop k of every photo before crop k + 1 of any
+            for name, path, img, rng in members:
+                w, h = img.size
                 box = random_crop_box(rng, w, h, (cfg.scale_min, cfg.scale_max))
                 crop = img.resize((cfg.size, cfg.size), Image.BICUBIC, box=box, reducing_gap=2.0)
                 yield {
