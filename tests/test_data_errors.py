@@ -233,6 +233,13 @@ def test_index_that_undercounts_a_shard(tmp_path, caplog):
     # Split over two consumers (sample-level split of one shard): each extra sample is counted once.
     loader = ShardLoader(ShardDataset(path), batch_size=2, num_workers=2)
     assert sorted(k for b in loader for k in b["__key__"]) == keys and loader.stats == {"unindexed_sample": 2}
+    # An index that lists no samples at all for a shard that has some: counted too, not called empty.
+    paths = write_shards([_good(i) for i in range(5)], tmp_path / "two", prefix="t", maxcount=3)
+    index = json.loads((tmp_path / "two" / "t.json").read_text())
+    index["shards"][1]["count"] = 0
+    (tmp_path / "two" / "t.json").write_text(json.dumps(index))
+    ds, keys = _run("::".join(paths), "skip")
+    assert keys == ["k000", "k001", "k002"] and ds.stats == {"unindexed_sample": 2}
 
 
 def _loader_keys(pattern, on_error="skip", **kw):

@@ -520,12 +520,16 @@ class ShardDataset(IterableDataset):
                 )
 
     def _read_segment(self, seg: tuple[int, int, int, int], start: int) -> Iterator[Any]:
-        """Raw samples (or holes) of kept indices ``start..kept-1`` of one segment."""
+        """Raw samples (or holes) of kept indices ``start..kept-1`` of one segment; returns the extras counted.
+
+        Extras are samples past the shard's count (an index that under-counts it); a shard counted 0 is still
+        read for them.
+        """
         i, kept, first, stride = seg
         url = self.shards[i]
-        if kept <= start:
-            return
-        produced, failed, total = 0, False, self.counts[i]
+        if kept <= start and self.counts[i] > 0:
+            return 0
+        produced, failed, total, extras = 0, False, self.counts[i], 0
         try:
             for j, raw in enumerate(iter_tar(url)):
                 if j < first or (j - first) % stride:
@@ -542,6 +546,7 @@ class ShardDataset(IterableDataset):
                             url,
                         )
                     )
+                    extras += 1
                     continue
                 k = (j - first) // stride
                 produced = k + 1
@@ -556,6 +561,7 @@ class ShardDataset(IterableDataset):
             self._error(DataError("truncated_shard", f"ended after {produced} of {kept} kept samples", url=url))
         for k in range(max(produced, start), kept):  # positions the shard failed to deliver
             yield _Hole(url, f"#{first + k * stride}")
+        return extras
 
     def _source(self, epoch: int, c: int, n: int, start: int) -> Iterator[Any]:
         """Raw samples of consumer ``c`` from position ``start`` on (earlier shards skipped by count)."""
@@ -565,7 +571,13 @@ class ShardDataset(IterableDataset):
             if self.counts[seg[0]] == 0:
                 if pos >= start:  # reported once per pass, not again when a resumed stream skips past it
                     err = self._unreadable.get(seg[0])
-                    self._error(err or DataError("empty_shard", "the shard has no samples", url=self.shards[seg[0]]))
+                    if err is None:
+                        # Read it anyway: an index that lists no samples for a shard that has some is the
+                        # extreme under-count, and those samples are counted as unindexed, not as nothing.
+                        if (yield from self._read_segment(seg, 0)):
+                            continue
+                        err = DataError("empty_shard", "the shard has no samples", url=self.shards[seg[0]])
+                    self._error(err)
                 continue
             if pos + kept <= start:  # whole segment already consumed: skip it without opening the file
                 pos += kept
