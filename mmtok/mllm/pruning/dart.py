@@ -33,14 +33,14 @@ Two modes (``reference`` flag):
   for 63);
   (ii) pivots are visited image pivots first, then text pivots, each group by decreasing key norm (the
   reference's set order depends on where the image sits in the prompt);
-  (iii) keys are the KV heads without repetition and norms/similarities are computed in float32 (a rescaling
-  that changes no ranking except on float ties).
+  (iii) keys are the KV heads without repetition (a rescaling of every norm by the group size) and norms and
+  similarities are computed in float32, which can only reorder near-ties.
   It also degrades gracefully: fewer text tokens after the image than ``pivot_text`` uses those there are;
   ``budget < pivot_image`` keeps ``budget`` image pivots and nothing else; budget >= N keeps everything.
 
 Both modes choose text pivots only from the tokens after the image, as the reference does. (mmtok used to choose
-them among all text tokens: the system prompt and BOS before the image too, and BOS, whose key norm is the largest
-in most LLMs, was then a pivot in nearly every prompt.)
+them among all text tokens, the system prompt and BOS before the image too; BOS, an attention sink, often has the
+largest key norm of the prompt and then became a pivot.)
 No attention matrix is needed, so every layer runs with SDPA. The reference supports batch size 1 only; here
 each sample of a left-padded batch is handled on its own, and a batch gives the same keep sets as single runs.
 """
