@@ -317,6 +317,10 @@ def test_cls_row_without_cls_is_mean_received_attention():
         row = cls_attention_row(tower, hs, 0)
     torch.testing.assert_close(row, att.mean(2).mean(1))
     assert tower.model.config._attn_implementation == "sdpa"
+    # LLaVA's "default" strategy drops patch 0 of a SigLIP tower: the scores of the 15 tokens the LLM sees
+    ctx = PruneContext(num_image_tokens=15, tower=tower, tower_hidden=hs, feature_block=0)
+    scores = _make("cls_attention", num_keep=4).scores(ctx)
+    torch.testing.assert_close(scores, row[:, 1:])
 
 
 def test_fastv_row_matches_eager_attention(model):
