@@ -1,17 +1,43 @@
-"""mmtok's own generic decoder loop over a transformers causal LM (Llama / Qwen2 / Mistral families).
+"""mmtok's own generic decoder loop over a transformers causal LM, for an allow-list of families.
 
 Token pruning inside the LLM (FastV, DART) needs to change the sequence between two decoder layers.
 Reference implementations fork ``LlamaModel.forward`` and break on every transformers release. We do not
 fork or monkeypatch anything: we call the model's public sub-modules ourselves —
 ``model.model.embed_tokens``, ``model.model.rotary_emb(hidden, position_ids)``, each
 ``model.model.layers[i](hidden, attention_mask=..., position_ids=..., cache=..., position_embeddings=...)``,
-``model.model.norm`` and ``model.lm_head`` — with a 4-D additive mask we build, so every family whose
-decoder layers take that signature works, with whatever attention kernel the model uses (SDPA by default).
+``model.model.norm`` and ``model.lm_head`` — with 4-D additive masks we build, with whatever attention kernel
+the model uses (SDPA by default; eager where the family needs it).
+
+What a family's ``XModel.forward`` / ``XForCausalLM.forward`` does outside its decoder layers has to be
+redone here, so only families whose outer code we reproduce exactly, and test against transformers
+(``tests/test_mllm_decoder.py``, ``tests/test_mllm_hf_conformance.py``), are accepted; :data:`FAMILIES`
+records what each one adds (transformers 5.24 modeling code):
+
+* which layers use a sliding window: none (Llama, Gemma, Granite), every layer when
+  ``config.sliding_window`` is set (Mistral), or per layer from ``config.layer_types`` (Qwen2 / Qwen3, where
+  ``use_sliding_window`` + ``max_window_layers`` fill it in; Gemma2, alternating);
+* an input-embedding multiplier applied to the merged embeddings, image features included (Granite's
+  ``embedding_multiplier``; Gemma's ``sqrt(hidden_size)`` lives inside its ``embed_tokens`` and so is
+  applied by whoever embeds the text, exactly as in transformers' LLaVA);
+* a logits divisor (Granite's ``logits_scaling``) and a final logit soft-cap (Gemma2): :func:`lm_logits`.
+  transformers' LLaVA wrappers skip both (they apply their own ``lm_head`` to the text model's output), so
+  :func:`lm_logits` offers both conventions: the family's causal-LM head and LLaVA's plain head;
+* an attention-score soft-cap (Gemma2), which only eager attention applies, so such a model must run eagerly.
+
+Residual / attention multipliers and per-layer norms live inside the decoder layers and need nothing here.
+Anything else (another ``model_type``, an unknown layer type, an attention kernel other than eager / SDPA)
+raises :class:`UnsupportedLLMError` when the MLLM is built.
+
+Differences from transformers, by design: the sliding window is measured on position ids, not on cache
+indices (the same for every unpruned sequence, left padding included; after in-LLM pruning a kept token
+still sees exactly the tokens within ``window`` original positions). The KV cache is a plain
+``DynamicCache`` that keeps every key of sliding layers too (their masks hide the old ones): after pruning
+the cache lengths differ per layer group, and the pruners read full keys of layer ``K - 1``.
 
 Cache after in-LLM pruning at layer K: layers ``< K`` saw every token and keep all of them in their cache;
 layers ``>= K`` only ever see the kept tokens. The two groups therefore have caches of different lengths;
-:class:`DecodeState` keeps one key-validity mask (and key positions, for sliding windows) per group so that
-each decoding step builds the right mask per layer. Position ids are the original positions (never
+:class:`DecodeState` keeps one key-validity mask and key positions per group so that each decoding step
+builds the right mask per layer (and per window). Position ids are the original positions (never
 re-indexed), and a generated token gets position ``last original position + 1``.
 """
 
@@ -24,17 +50,169 @@ import torch
 from torch import nn
 
 
+class UnsupportedLLMError(ValueError):
+    """The causal LM is of a family (or configuration) mmtok's decoder loop does not reproduce exactly."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one transformers family does outside its decoder layers; every field names a config attribute.
+
+    Attributes:
+        windows: ``"none"`` (every layer full causal), ``"all"`` (``config.sliding_window`` on every layer,
+            None = full) or ``"layer_types"`` (``config.layer_types[i]`` is ``full_attention`` or
+            ``sliding_attention``).
+        embedding_multiplier: Attribute the input embeddings are multiplied by before the first layer.
+        logits_divisor: Attribute the logits are divided by.
+        final_softcap: Attribute ``c`` of the final soft-cap ``logits -> c * tanh(logits / c)`` (None = off).
+        attn_softcap: Attribute of the attention-score soft-cap (applied by eager attention only).
+    """
+
+    windows: str = "none"
+    embedding_multiplier: str | None = None
+    logits_divisor: str | None = None
+    final_softcap: str | None = None
+    attn_softcap: str | None = None
+
+
+# The allow-list: every entry is tested against transformers' own model (logits and greedy generation).
+FAMILIES: dict[str, Family] = {
+    "llama": Family(),
+    "mistral": Family(windows="all"),
+    "qwen2": Family(windows="layer_types"),
+    "qwen3": Family(windows="layer_types"),
+    "gemma": Family(),
+    "gemma2": Family(
+        windows="layer_types", final_softcap="final_logit_softcapping", attn_softcap="attn_logit_softcapping"
+    ),
+    "granite": Family(embedding_multiplier="embedding_multiplier", logits_divisor="logits_scaling"),
+}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  # kernels that take our 4-D additive masks (tested)
+
+
+def family_of(llm: nn.Module) -> Family:
+    """The :class:`Family` entry of ``llm`` (by ``config.model_type``), or :class:`UnsupportedLLMError`."""
+    cfg = llm.config
+    model_type = getattr(cfg, "model_type", None)
+    fam = FAMILIES.get(model_type)
+    if fam is None:
+        raise UnsupportedLLMError(
+            f"LLM family {model_type!r} ({type(llm).__name__}) is not supported by mmtok's decoder loop; the "
+            f"families reproduced exactly and tested against transformers are {', '.join(sorted(FAMILIES))}. "
+            "Use one of them, or add the family to mmtok.mllm.decoder.FAMILIES together with a conformance test"
+        )
+    impl = getattr(cfg, "_attn_implementation", None) or "sdpa"
+    if impl not in ATTN_IMPLEMENTATIONS:
+        raise UnsupportedLLMError(
+            f"attention implementation {impl!r} is not supported by mmtok's decoder loop (it passes 4-D additive "
+            f"masks); load the LLM with attn_implementation in {ATTN_IMPLEMENTATIONS}"
+        )
+    if fam.attn_softcap and getattr(cfg, fam.attn_softcap, None) is not None and impl != "eager":
+        raise UnsupportedLLMError(
+            f"{model_type} soft-caps attention scores ({fam.attn_softcap}={getattr(cfg, fam.attn_softcap)}), "
+            f"which only eager attention applies; load it with attn_implementation='eager', not {impl!r}"
+        )
+    return fam
+
+
 def decoder_parts(llm: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module, nn.Module, nn.Module]:
-    """``(embed_tokens, layers, norm, rotary_emb, lm_head)`` of a transformers causal LM, or a clear error."""
+    """``(embed_tokens, layers, norm, rotary_emb, lm_head)`` of an accepted causal LM, or a clear error.
+
+    Raises:
+        UnsupportedLLMError: The family, its layer types or its attention kernel are not supported.
+        TypeError: The model lacks the sub-modules the loop calls.
+    """
+    family_of(llm)
     base = getattr(llm, "model", None)
     parts = [getattr(base, n, None) for n in ("embed_tokens", "layers", "norm", "rotary_emb")]
     head = getattr(llm, "lm_head", None)
     if base is None or any(p is None for p in parts) or head is None:
         raise TypeError(
-            f"{type(llm).__name__} does not look like a Llama/Qwen2/Mistral-family causal LM "
+            f"{type(llm).__name__} does not look like a transformers causal LM of its family "
             "(needs .model.embed_tokens/.layers/.norm/.rotary_emb and .lm_head)"
         )
+    layer_windows(llm)  # validates layer_types
+    if len(parts[1]) > llm.config.num_hidden_layers:  # transformers runs only the first num_hidden_layers
+        parts[1] = parts[1][: llm.config.num_hidden_layers]
     return (*parts, head)  # type: ignore[return-value]
+
+
+def layer_windows(llm: nn.Module) -> list[int | None]:
+    """Sliding window of every decoder layer (None = full causal attention), as transformers masks them.
+
+    Returns:
+        ``num_hidden_layers`` entries.
+    """
+    cfg = llm.config
+    fam = family_of(llm)
+    n = cfg.num_hidden_layers
+    window = getattr(cfg, "sliding_window", None)
+    if fam.windows == "none":  # such families ignore a stray config.sliding_window, and so do we
+        return [None] * n
+    if fam.windows == "all":
+        return [None if window is None else int(window)] * n
+    types = getattr(cfg, "layer_types", None)
+    if types is None or len(types) < n:
+        raise UnsupportedLLMError(f"{cfg.model_type} config needs layer_types for its {n} layers, got {types!r}")
+    out: list[int | None] = []
+    for i, kind in enumerate(types[:n]):
+        if kind == "full_attention":
+            out.append(None)
+        elif kind == "sliding_attention":
+            if window is None:
+                raise UnsupportedLLMError(
+                    f"layer {i} is 'sliding_attention' but config.sliding_window is None: set a window "
+                    "(Qwen2/Qwen3: use_sliding_window=True) or make the layer 'full_attention'"
+                )
+            out.append(int(window))
+        else:
+            raise UnsupportedLLMError(
+                f"layer {i} has attention type {kind!r}; mmtok's decoder loop supports 'full_attention' and "
+                "'sliding_attention' only"
+            )
+    return out
+
+
+def scale_embeddings(llm: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
+    """Input embeddings ``[B, L, D]`` as the family's first layer sees them (Granite's embedding multiplier).
+
+    Applied to the merged sequence (image features included), as transformers' LLaVA passes ``inputs_embeds``
+    to the language model, which multiplies them.
+    """
+    fam = family_of(llm)
+    if fam.embedding_multiplier:
+        embeds = embeds * getattr(llm.config, fam.embedding_multiplier)
+    return embeds
+
+
+LOGITS_CONVENTIONS = ("causal_lm", "llava")
+
+
+def lm_logits(llm: nn.Module, hidden: torch.Tensor, *, convention: str = "causal_lm") -> torch.Tensor:
+    """Next-token logits ``[..., V]`` from normed hidden states ``[..., D]``.
+
+    Args:
+        llm: A causal LM of an accepted family.
+        hidden: ``[..., D]`` after the final norm (:attr:`LayerRunOutput.hidden`).
+        convention: ``"causal_lm"``: as the family's ``XForCausalLM`` computes them: ``lm_head``, then
+            Granite's division by ``logits_scaling`` and Gemma2's final soft-cap ``c * tanh(logits / c)``
+            (values in ``(-c, c)``); the right head for an LLM trained on its own. ``"llava"``: ``lm_head``
+            alone, as transformers' LLaVA wrappers compute them (their own ``lm_head`` after the text model,
+            so neither the divisor nor the soft-cap is applied): the right head for a LLaVA checkpoint.
+    """
+    if convention not in LOGITS_CONVENTIONS:
+        raise ValueError(f"convention must be one of {LOGITS_CONVENTIONS}, not {convention!r}")
+    fam = family_of(llm)
+    cfg = llm.config
+    logits = llm.lm_head(hidden)
+    if convention == "llava":
+        return logits
+    if fam.logits_divisor:
+        logits = logits / getattr(cfg, fam.logits_divisor)
+    cap = getattr(cfg, fam.final_softcap, None) if fam.final_softcap else None
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +221,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE as the Llama/Qwen2/Mistral families apply it: ``x [B, H, T, d]``, ``cos/sin [B, T, d]``."""
+    """RoPE as the accepted families apply it: ``x [B, H, T, d]``, ``cos/sin [B, T, d]``."""
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
@@ -60,10 +238,11 @@ def additive_mask(
     """Causal + padding mask ``[B, 1, Q, S]`` (0 = attend, dtype-min = blocked).
 
     The ``Q`` queries are the last ``Q`` entries of the ``S`` keys (prefill: Q == S; decoding: Q == 1), so
-    causality is by index. ``key_valid [B, S]`` marks real (non-pad) keys. A sliding window (Mistral,
-    Qwen2 with ``use_sliding_window``) is applied on position ids. ``bidirectional_tail = T`` lets the last
-    ``T`` tokens see each other both ways (the all-mask head's block of mask tokens, STAMP); everything
-    before them stays causal and cannot see them.
+    causality is by index. ``key_valid [B, S]`` marks real (non-pad) keys. A sliding window (a query sees
+    keys less than ``sliding_window`` positions back, the query itself included) is applied on position
+    ids ``key_pos [B, S]`` / ``query_pos [B, Q]``. ``bidirectional_tail = T`` lets the last ``T`` tokens see
+    each other both ways (the all-mask head's block of mask tokens, STAMP); everything before them stays
+    causal and cannot see them.
     """
     b, s = key_valid.shape
     dev = key_valid.device
@@ -74,18 +253,36 @@ def additive_mask(
         tail = s - bidirectional_tail
         allowed = allowed | ((q_idx[:, None] >= tail) & (k_idx[None, :] >= tail))
     allowed = allowed[None] & key_valid[:, None, :].bool()  # [B, Q, S]
-    if sliding_window is not None and key_pos is not None and query_pos is not None:
+    if sliding_window is not None:
+        if key_pos is None or query_pos is None:
+            raise ValueError("a sliding window needs key_pos and query_pos")
         allowed = allowed & (query_pos[:, :, None] - key_pos[:, None, :] < sliding_window)
     mask = torch.zeros(b, 1, num_queries, s, dtype=dtype, device=dev)
     return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
 
-def sliding_window_of(llm: nn.Module) -> int | None:
-    cfg = llm.config
-    window = getattr(cfg, "sliding_window", None)
-    if window is None or (hasattr(cfg, "use_sliding_window") and not cfg.use_sliding_window):
-        return None
-    return int(window)
+def _masks(
+    windows: list[int | None],
+    key_valid: torch.Tensor,
+    num_queries: int,
+    dtype: torch.dtype,
+    key_pos: torch.Tensor,
+    query_pos: torch.Tensor,
+    bidirectional_tail: int,
+) -> dict[int | None, torch.Tensor]:
+    """One :func:`additive_mask` per distinct window in ``windows`` (a model has at most two)."""
+    return {
+        w: additive_mask(
+            key_valid,
+            num_queries,
+            dtype,
+            key_pos=key_pos,
+            query_pos=query_pos,
+            sliding_window=w,
+            bidirectional_tail=bidirectional_tail,
+        )
+        for w in dict.fromkeys(windows)
+    }
 
 
 @dataclass
@@ -121,6 +318,26 @@ class LayerRunOutput:
 PruneHook = Callable[..., "torch.Tensor | None"]
 
 
+def _call_layer(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    pos_emb: tuple[torch.Tensor, torch.Tensor],
+    cache: object = None,
+    use_cache: bool = False,
+) -> torch.Tensor:
+    # keywords only: the families order their layer arguments differently (Gemma2 puts position_embeddings second)
+    return layer(
+        hidden,
+        attention_mask=mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=use_cache,
+        position_embeddings=pos_emb,
+    )
+
+
 def run_layers(
     llm: nn.Module,
     hidden: torch.Tensor,
@@ -137,8 +354,9 @@ def run_layers(
     """Run every decoder layer on ``hidden [B, L, D]`` (prefill or training), optionally pruning at one layer.
 
     Args:
-        llm: A transformers causal LM.
-        hidden: Input embeddings ``[B, L, D]``.
+        llm: A transformers causal LM of an accepted family (:data:`FAMILIES`).
+        hidden: Input embeddings ``[B, L, D]`` (as ``embed_tokens`` gives them, image features merged in);
+            the family's embedding multiplier is applied here.
         key_valid: ``[B, L]`` True for real tokens, False for (left) padding.
         position_ids: ``[B, L]`` position of each token.
         use_cache: Build a :class:`DecodeState` with a ``DynamicCache`` for generation.
@@ -148,22 +366,19 @@ def run_layers(
         grad_checkpointing: Recompute each layer in the backward pass (training memory).
         bidirectional_tail: The last this many tokens attend to each other both ways (see
             :func:`additive_mask`); they are never pruned (they follow every image token).
+
+    Returns:
+        :class:`LayerRunOutput` with the normed hidden states (logits: :func:`lm_logits`).
     """
     from transformers import DynamicCache
 
     _, layers, norm, rotary, _ = decoder_parts(llm)
-    window = sliding_window_of(llm)
+    windows = layer_windows(llm)
+    # a plain cache (no config): sliding layers keep every key too, see the module docstring
     cache = DynamicCache() if use_cache else None
     dtype = hidden.dtype
-    mask = additive_mask(
-        key_valid,
-        hidden.shape[1],
-        dtype,
-        key_pos=position_ids,
-        query_pos=position_ids,
-        sliding_window=window,
-        bidirectional_tail=bidirectional_tail,
-    )
+    hidden = scale_embeddings(llm, hidden)
+    masks = _masks(windows, key_valid, hidden.shape[1], dtype, position_ids, position_ids, bidirectional_tail)
     pos_emb = rotary(hidden, position_ids)
     group_start, valids, positions = [0], [key_valid], [position_ids]
     saved: dict[int, torch.Tensor] = {}
@@ -175,14 +390,8 @@ def run_layers(
                 hidden = _take(hidden, keep_index)
                 key_valid = key_valid.gather(1, keep_index)
                 position_ids = position_ids.gather(1, keep_index)
-                mask = additive_mask(
-                    key_valid,
-                    hidden.shape[1],
-                    dtype,
-                    key_pos=position_ids,
-                    query_pos=position_ids,
-                    sliding_window=window,
-                    bidirectional_tail=bidirectional_tail,
+                masks = _masks(
+                    windows, key_valid, hidden.shape[1], dtype, position_ids, position_ids, bidirectional_tail
                 )
                 pos_emb = rotary(hidden, position_ids)
                 group_start.append(i)
@@ -190,19 +399,13 @@ def run_layers(
                 positions.append(position_ids)
         if i in keep_inputs_of:
             saved[i] = hidden
+        mask = masks[windows[i]]
         if grad_checkpointing and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
-            hidden = checkpoint(layer, hidden, mask, position_ids, None, False, pos_emb, use_reentrant=False)
+            hidden = checkpoint(_call_layer, layer, hidden, mask, position_ids, pos_emb, use_reentrant=False)
         else:
-            hidden = layer(
-                hidden,
-                attention_mask=mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=use_cache,
-                position_embeddings=pos_emb,
-            )
+            hidden = _call_layer(layer, hidden, mask, position_ids, pos_emb, cache, use_cache)
     hidden = norm(hidden)
     state = None
     if use_cache:
@@ -221,41 +424,25 @@ def decode_chunk(
 ) -> torch.Tensor:
     """Append ``T`` tokens ``embeds [B, T, D]`` after the cached sequence -> normed hidden ``[B, T, D]``.
 
-    The new tokens see every valid cached key (per layer group, so in-LLM pruning is respected) and each
-    other causally, or both ways with ``bidirectional=True`` (the all-mask head's mask tokens). They get
-    the positions ``next_pos .. next_pos + T - 1``.
+    The new tokens see every valid cached key (per layer group, so in-LLM pruning is respected, and within
+    each layer's sliding window) and each other causally, or both ways with ``bidirectional=True`` (the
+    all-mask head's mask tokens). They get the positions ``next_pos .. next_pos + T - 1``. ``embeds`` come
+    from ``embed_tokens``; the family's embedding multiplier is applied here.
     """
     _, layers, norm, rotary, _ = decoder_parts(llm)
-    window = sliding_window_of(llm)
+    windows = layer_windows(llm)
     b, t = embeds.shape[:2]
     pos = state.next_pos[:, None] + torch.arange(t, device=embeds.device)[None, :]  # [B, T]
     ones = torch.ones(b, t, dtype=torch.bool, device=embeds.device)
     state.key_valid = [torch.cat([v.bool(), ones], dim=1) for v in state.key_valid]
     state.key_pos = [torch.cat([p, pos], dim=1) for p in state.key_pos]
-    masks = [
-        additive_mask(
-            v,
-            t,
-            embeds.dtype,
-            key_pos=p,
-            query_pos=pos,
-            sliding_window=window,
-            bidirectional_tail=t if bidirectional else 0,
-        )
-        for v, p in zip(state.key_valid, state.key_pos)
-    ]
-    pos_emb = rotary(embeds, pos)
-    hidden = embeds
+    tail = t if bidirectional else 0
+    masks = [_masks(windows, v, t, embeds.dtype, p, pos, tail) for v, p in zip(state.key_valid, state.key_pos)]
+    hidden = scale_embeddings(llm, embeds)
+    pos_emb = rotary(hidden, pos)
     for i, layer in enumerate(layers):
-        g = state.group_of(i)
-        hidden = layer(
-            hidden,
-            attention_mask=masks[g],
-            position_ids=pos,
-            cache=state.cache,
-            use_cache=True,
-            position_embeddings=pos_emb,
-        )
+        mask = masks[state.group_of(i)][windows[i]]
+        hidden = _call_layer(layer, hidden, mask, pos, pos_emb, state.cache, True)
     state.next_pos = state.next_pos + t
     return norm(hidden)
 
@@ -296,15 +483,28 @@ def layer_query_rows(
 def attention_rows(
     llm: nn.Module, layer: int, q_rows: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor
 ) -> torch.Tensor:
-    """Softmax attention of a few (last) query rows over all keys: ``[B, H, R, L]``.
+    """Softmax attention of the last few query rows over all keys of an unpruned sequence: ``[B, H, R, L]``.
 
-    ``q_rows [B, H, R, d]``, ``keys [B, H_kv, L, d]`` (grouped-query heads are repeated); the rows are the
-    last ``R`` tokens, so every valid key is visible to them (causal).
+    ``q_rows [B, H, R, d]`` are the queries of the last ``R`` tokens, ``keys [B, H_kv, L, d]`` every key
+    (grouped-query heads are repeated), ``key_valid [B, L]``. As the layer itself computes them: its scaling,
+    its score soft-cap (Gemma2), causal among the rows, and its sliding window (by index, which is the
+    position difference on an unpruned sequence, left padding included).
     """
     _, layers, _, _, _ = decoder_parts(llm)
     attn = layers[layer].self_attn
+    fam = family_of(llm)
     groups = q_rows.shape[1] // keys.shape[1]
     keys = keys.repeat_interleave(groups, dim=1)
     scores = (q_rows.float() @ keys.float().transpose(-1, -2)) * attn.scaling  # [B, H, R, L]
-    scores = scores.masked_fill(~key_valid.bool()[:, None, None, :], float("-inf"))
+    cap = getattr(llm.config, fam.attn_softcap, None) if fam.attn_softcap else None
+    if cap is not None:
+        scores = torch.tanh(scores / cap) * cap
+    r, s = q_rows.shape[2], keys.shape[2]
+    q_idx = torch.arange(s - r, s, device=keys.device)[:, None]  # [R, 1]
+    k_idx = torch.arange(s, device=keys.device)[None, :]  # [1, L]
+    allowed = (k_idx <= q_idx) & key_valid.bool()[:, None, None, :]  # [B, 1, R, L]
+    window = layer_windows(llm)[layer]
+    if window is not None:
+        allowed = allowed & (q_idx - k_idx < window)
+    scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.softmax(scores, dim=-1)
