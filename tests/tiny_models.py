@@ -27,3 +27,19 @@ def tiny_fashion_mllm(model_type: str = "qwen2", tie_word_embeddings: bool = Fal
         },
         "llm": llm,
     }
+
+
+def tiny_seg_mllm(grid: int = 4) -> dict[str, Any]:
+    """``llava_fashion_seg`` overrides: the tiny fashion MLLM (16 image tokens = a 4 x 4 grid) with the seg tokenizer.
+
+    Pass it as ``model_overrides`` of the ``mllm_seg`` task (the task adds ``seg_heads`` from its ``heads``);
+    :func:`tiny_seg_heads` gives the three heads with a text grid matching the 4 x 4 patch grid.
+    """
+    spec = tiny_fashion_mllm("llama")
+    spec["tokenizer"] = "builtin:fashion-seg"
+    spec["llm"]["vocab_size"] = 1136
+    return spec
+
+
+def tiny_seg_heads(grid: int = 4) -> dict[str, Any]:
+    return {"allmask": {}, "text": {"grid": grid, "max_new_tokens": 48}, "segtoken": {"dim": 16}}

@@ -12,6 +12,7 @@ TARGETS: dict[str, tuple[str, str]] = {
     "tokenizer": ("mmtok.tokenizers.evaluate", "PSNR/SSIM, codebook usage, FID-style score, EV(k), recon grid"),
     "mim": ("mmtok.mim.evaluate", "linear probe / fine-tune of a masked-modeling encoder, recon figure"),
     "mllm": ("mmtok.mllm.evaluate", "answer accuracy of an MLLM on a held-out VQA split, under pruning"),
+    "seg": ("mmtok.mllm.seg.evaluate", "segmentation gIoU/cIoU/mIoU of an MLLM per head, refinement and pruner"),
     "run": ("mmtok.train.evaluate", "evaluate a training run's checkpoint with its task's evaluate()"),
 }
 

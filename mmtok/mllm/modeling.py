@@ -766,16 +766,16 @@ MLLMS.add(
         "tower": {
             "name": "timm_vit",
             "model_name": "vit_tiny_patch16_224",
-            "kwargs": {"img_size": 64, "patch_size": 4, "embed_dim": 96, "depth": 3, "num_heads": 3},
+            "kwargs": {"img_size": 64, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2},
         },
         "feature_layer": -1,
         "llm": {
             "model_type": "llama",
-            "hidden_size": 128,
-            "intermediate_size": 384,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 4,
+            "hidden_size": 96,
+            "intermediate_size": 256,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 3,
+            "num_key_value_heads": 3,
             "vocab_size": 1136,
             "max_position_embeddings": 2048,
             "tie_word_embeddings": True,
@@ -784,7 +784,7 @@ MLLMS.add(
         "freeze_tower": False,
         "seg_heads": {},
     },
-    help="fashion-scenes segmentation model: timm ViT (64 px, patch 4, 256 tokens) + 4-layer width-128 Llama",
+    help="fashion-scenes segmentation model: timm ViT (64 px, patch 4, 256 tokens) + 3-layer width-96 Llama",
 )
 MLLMS.add(
     "llava_smollm2_135m",

@@ -167,29 +167,28 @@ class SegTask(MLLMTask):
                         meters[h].update(pred.cpu().numpy(), gt.cpu().numpy(), repairs=rep)
         out = {k: v / counts[k] for k, v in sums.items()}
         for h, m in meters.items():
-            if m.count:
+            if len(m):
                 s = m.summary()
                 out[f"{h}/giou"], out[f"{h}/ciou"] = s["giou"], s["ciou"]
         return out
 
     def synthetic_batch(self, batch_size: int) -> dict[str, Any]:
-        """Random scenes with a square mask, one head per sample in turn (benchmarks, smoke tests)."""
-        side = int(self.model.tower.config.__dict__.get("image_size", 0) or 64)
+        """Scenes of one red square on a dark noisy canvas, the square as the mask (benchmarks, smoke tests).
+
+        The square moves with the sample index, so a head must read the image (not a fixed prior) to fit it.
+        """
+        side = int(self.model.tower.image_size)
+        gen = torch.Generator().manual_seed(0)
         samples = []
         transform = self.sample_transform("train")
         for i in range(batch_size):
             mask = torch.zeros(side, side, dtype=torch.long)
-            mask[side // 4 : side // 2, side // 4 : side // 2] = 1
-            samples.append(
-                transform(
-                    {
-                        "__key__": f"synthetic_{i}",
-                        "image": torch.rand(3, side, side),
-                        "mask": mask,
-                        "json": {"expression": "the red bag", "class_name": "bag"},
-                    }
-                )
-            )
+            y, x = (side // 8) * (i % 4), (side // 8) * ((i // 4) % 4)
+            mask[y : y + side // 2, x : x + side // 2] = 1
+            image = torch.rand(3, side, side, generator=gen) * 0.15
+            image[0] = torch.where(mask.bool(), 0.9, image[0])
+            meta = {"expression": "the red bag", "class_name": "bag"}
+            samples.append(transform({"__key__": f"synthetic_{i}", "image": image, "mask": mask, "json": meta}))
         return self.collate(samples)
 
 

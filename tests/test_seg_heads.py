@@ -1,0 +1,358 @@
+"""MLLM segmentation heads: the all-mask attention pattern, training path = inference path, batching, pruning,
+a tiny fine-tuning run per head, save/reload, errors, and the `mmtok segment` / `mmtok eval seg` commands."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import tiny_seg_heads, tiny_seg_mllm
+
+from mmtok import registries
+from mmtok.mllm import decoder as dec
+from mmtok.mllm.seg import heads as H
+from mmtok.mllm.text import chat_prompt, encode_prompts
+
+EXPRS = ["the red bag", "the blue sneaker on the left"]
+
+
+def make_task(**kw):
+    torch.manual_seed(0)
+    return registries.get("task").create(
+        "mllm_seg", model="llava_fashion_seg", model_overrides=tiny_seg_mllm(), heads=tiny_seg_heads(), **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_task().model.eval()
+
+
+def _images(n: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_bidirectional_tail_mask_matches_hand_built():
+    valid = torch.tensor([[False, True, True, True, True]])
+    m = dec.additive_mask(valid, 5, torch.float32, bidirectional_tail=2)
+    allowed = m[0, 0] == 0
+    expected = torch.tensor(
+        [
+            [0, 0, 0, 0, 0],  # a padding query sees nothing valid before it
+            [0, 1, 0, 0, 0],
+            [0, 1, 1, 0, 0],  # the history stays causal and never sees the mask tokens
+            [0, 1, 1, 1, 1],  # mask tokens: the whole history and each other, both ways
+            [0, 1, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(allowed, expected)
+    # decoding a chunk of 2 after 3 cached keys: same rows as the last two above
+    chunk = dec.additive_mask(valid, 2, torch.float32, bidirectional_tail=2)
+    assert torch.equal(chunk[0, 0] == 0, expected[3:])
+
+
+def _training_path_scores(model, texts, images):
+    tok = model.tokenizer
+    n = model.num_image_tokens
+    ids, att = encode_prompts(tok, texts, "cpu")
+    mid = H.token_id(model, "<mask>")
+    ids = torch.cat([ids, torch.full((len(texts), n), mid)], 1)
+    att = torch.cat([att, torch.ones(len(texts), n, dtype=att.dtype)], 1)
+    prep = model.prepare(ids, att, images)
+    feats = prep.ctx.image_features
+    prep.embeds = torch.cat([prep.embeds[:, :-n], prep.embeds[:, -n:] + feats], 1)
+    out, _ = model._run(prep, None, use_cache=False, bidirectional_tail=n)
+    return out, model.seg_heads["allmask"].logits(out.hidden[:, -n:]).sigmoid()
+
+
+@torch.no_grad()
+def test_allmask_cached_chunk_equals_training_path_with_padding(model):
+    tok = model.tokenizer
+    h = model.seg_heads["allmask"]
+    texts = [chat_prompt(tok, H.question_for(e), h.answer_text(e)) for e in EXPRS]  # different lengths
+    images = _images()
+    scores, keep = H._patch_scores(model, h, texts, images, None)
+    _, ref = _training_path_scores(model, texts, images)
+    assert keep is None and scores.shape == (2, 4, 4)
+    torch.testing.assert_close(scores.flatten(1), ref, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_mask_tokens_see_each_other_but_the_answer_never_sees_them(model):
+    tok = model.tokenizer
+    n = model.num_image_tokens
+    texts = [chat_prompt(tok, H.question_for(EXPRS[0]), model.seg_heads["allmask"].answer_text(EXPRS[0]))]
+    images = _images(1)
+    base, s0 = _training_path_scores(model, texts, images)
+    # perturb the LAST mask token's input: every mask token's output moves (bidirectional), the history does not
+    ids, att = encode_prompts(tok, texts, "cpu")
+    ids = torch.cat([ids, torch.full((1, n), H.token_id(model, "<mask>"))], 1)
+    prep = model.prepare(ids, torch.ones_like(ids), images)
+    feats = prep.ctx.image_features.clone()
+    feats[:, -1] += 5.0
+    prep.embeds = torch.cat([prep.embeds[:, :-n], prep.embeds[:, -n:] + feats], 1)
+    out, _ = model._run(prep, None, use_cache=False, bidirectional_tail=n)
+    assert (out.hidden[0, -n:-1] - base.hidden[0, -n:-1]).abs().amax(-1).min() > 1e-6
+    torch.testing.assert_close(out.hidden[:, :-n], base.hidden[:, :-n])
+
+
+@pytest.mark.parametrize("head", ["allmask", "segtoken", "text"])
+@torch.no_grad()
+def test_segment_is_the_same_batched_and_alone(model, head):
+    images = _images()
+    both = model.segment(images, EXPRS, head=head)
+    for i in range(2):
+        one = model.segment(images[i : i + 1], EXPRS[i : i + 1], head=head)
+        assert torch.equal(one.masks[0], both.masks[i])
+        torch.testing.assert_close(one.scores[0], both.scores[i], atol=1e-5, rtol=1e-5)
+        if head == "text":
+            assert one.text == both.text[i : i + 1] and one.repairs == both.repairs[i : i + 1]
+    assert both.masks.shape == (2, 32, 32) and both.masks.dtype == torch.bool
+    assert (both.text is not None) == (head == "text")
+
+
+@pytest.mark.parametrize("pruner", ["random", "pool", "cls_attention", "fastv", "dart"])
+@pytest.mark.parametrize("head", ["allmask", "segtoken", "text"])
+@torch.no_grad()
+def test_segment_under_pruning_keeps_the_budget(model, head, pruner):
+    res = model.segment(_images(), EXPRS, head=head, prune=pruner, keep=8)
+    assert res.masks.shape == (2, 32, 32)
+    assert res.image_keep is not None and res.image_keep.shape == (2, 8)
+
+
+@pytest.mark.parametrize("refine", ["none", "bilinear", "guided"])
+def test_refinements_give_masks_at_image_size(model, refine):
+    res = model.segment(_images(), EXPRS, head="allmask", refine=refine)
+    assert res.masks.shape == (2, 32, 32)
+
+
+@pytest.mark.parametrize("head", ["allmask", "segtoken", "text"])
+def test_tiny_finetuning_per_head_learns_and_outputs_parse(head):
+    task = make_task(head_mix={head: 1.0})
+    batch = task.synthetic_batch(4)
+    assert list(batch["groups"]) == [head]
+    opt = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(60):
+        out = task(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(float(out["loss"]))
+    assert losses[-1] < 0.3 * losses[0], losses[::10]
+    task.eval()
+    g = batch["groups"][head]
+    res = task.model.segment(batch["images"][g["index"]], g["phrases"], head=head, questions=g["questions"])
+    gt = g["masks"].bool()
+    iou = (res.masks & gt).sum() / (res.masks | gt).sum()
+    assert float(iou) > 0.5, f"{head}: IoU {float(iou):.2f} on the batch it was fitted to"
+    if head == "text":
+        assert all("<seg>" in t for t in res.text) and res.repairs == [0] * len(res.repairs), res.text
+
+
+def test_heads_survive_save_and_reload(model, tmp_path):
+    from mmtok.mllm.modeling import MLLM
+
+    model.save_pretrained(tmp_path / "seg")
+    again = MLLM.from_pretrained(tmp_path / "seg").eval()
+    assert list(again.seg_heads) == list(model.seg_heads)
+    assert again.config.seg_heads == model.config.seg_heads
+    for head in ("allmask", "segtoken", "text"):
+        a, b = model.segment(_images(), EXPRS, head=head), again.segment(_images(), EXPRS, head=head)
+        assert torch.equal(a.masks, b.masks)
+
+
+def test_segment_errors_say_what_to_do(model):
+    with pytest.raises(ValueError, match="empty"):
+        model.segment(_images(1), ["  "])
+    with pytest.raises(ValueError, match="no 'bogus' head"):
+        model.segment(_images(1), ["the bag"], head="bogus")
+    with pytest.raises(ValueError, match="2 images but 1 expressions"):
+        model.segment(_images(2), ["the bag"])
+    plain = registries.get("mllm").create("llava_fashion_seg", **tiny_seg_mllm())
+    with pytest.raises(ValueError, match="no segmentation heads"):
+        plain.segment(_images(1), ["the bag"])
+
+
+def test_task_groups_a_mixed_batch_and_trains_vqa_samples_too():
+    task = make_task()
+    tr = task.sample_transform("train")
+    samples = [
+        tr(
+            {
+                "__key__": f"k{i}",
+                "image": torch.rand(3, 32, 32),
+                "mask": torch.ones(32, 32, dtype=torch.long),
+                "json": {"expression": "the bag", "class_name": "bag"},
+            }
+        )
+        for i in range(12)
+    ]
+    samples.append(
+        tr(
+            {
+                "__key__": "q",
+                "image": torch.rand(3, 32, 32),
+                "json": {"question": "how many items are there ?", "answer": "one"},
+            }
+        )
+    )
+    batch = task.collate(samples)
+    assert set(batch["groups"]) == {"allmask", "segtoken", "text", "vqa"}
+    assert sorted(i for g in batch["groups"].values() for i in g["index"].tolist()) == list(range(13))
+    n = task.model.num_image_tokens
+    mid = H.token_id(task.model, "<mask>")
+    am = batch["groups"]["allmask"]
+    assert (am["input_ids"][:, -n:] == mid).all() and (am["labels"][:, -n:] == -100).all()
+    out = task(batch)
+    assert torch.isfinite(out["loss"]) and "vqa/loss" in out
+    # the same key always draws the same head (a resumed run sees the same samples)
+    assert (
+        tr(
+            dict(
+                samples
+                and {
+                    "__key__": "k3",
+                    "image": torch.rand(3, 32, 32),
+                    "mask": torch.ones(32, 32, dtype=torch.long),
+                    "json": {"expression": "the bag"},
+                }
+            )
+        )["head"]
+        == samples[3]["head"]
+    )
+
+
+def test_semantic_target_uses_class_names():
+    from mmtok.mllm.seg.tasks import semantic_target
+
+    inst = np.array([[0, 1, 1], [2, 2, 3]])
+    items = [{"class_name": "bag"}, {"class_name": "sneaker"}, {"class_name": "bag"}]
+    lab, names = semantic_target(inst, items)
+    assert names == ["bag", "sneaker"]
+    assert lab.tolist() == [[0, 1, 1], [2, 2, 1]]
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    from mmtok.data.sources.scenes import FashionScenesConfig, build_fashion_scenes
+
+    out = tmp_path_factory.mktemp("scenes")
+    build_fashion_scenes(FashionScenesConfig(out=str(out), train=8, val=4, test=6, canvas=32))
+    return out
+
+
+def test_cli_segment_and_eval_seg(model, scenes, tmp_path, capsys):
+    from PIL import Image
+
+    from mmtok.cli.main import main
+
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    img = tmp_path / "scene.png"
+    Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)).save(img)
+    out = tmp_path / "out" / "mask.png"
+    rc = main(
+        [
+            "segment",
+            "--model",
+            str(folder),
+            "--image",
+            str(img),
+            "--expression",
+            "the red bag",
+            "--head",
+            "text",
+            "--prune",
+            "dart",
+            "--keep",
+            "8",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "time to mask" in printed and "8 of 16 image tokens kept" in printed
+    assert Image.open(out).size == (32, 32) and (out.parent / "mask.overlay.png").is_file()
+
+    js, md, grid = tmp_path / "seg.json", tmp_path / "seg.md", tmp_path / "grid.png"
+    rc = main(
+        [
+            "eval",
+            "seg",
+            "--model",
+            str(folder),
+            "--data",
+            f"{scenes}/test-*.tar",
+            "--heads",
+            "allmask",
+            "text",
+            "--refine",
+            "none",
+            "bilinear",
+            "--prune",
+            "dart",
+            "--keeps",
+            "8",
+            "--semantic",
+            "--json",
+            str(js),
+            "--md",
+            str(md),
+            "--grid",
+            str(grid),
+        ]
+    )
+    assert rc == 0
+    rows = json.loads(js.read_text())["rows"]
+    assert {(r["head"], r["refine"], r["method"]) for r in rows} == {
+        (h, r, m) for h in ("allmask", "text") for r in ("none", "bilinear") for m in ("none",)
+    } | {(h, "none", "dart") for h in ("allmask", "text")}
+    assert all(0.0 <= r["ciou"] <= 1.0 and r["n"] == 6 for r in rows)
+    assert "| head | refine |" in md.read_text() and grid.is_file()
+    assert "semantic" in json.loads(js.read_text())
+
+
+@pytest.mark.parametrize(
+    ("args", "msg"),
+    [
+        (["--image", "missing.png", "--expression", "the bag"], "cannot read image"),
+        (["--image", "IMG", "--expression", "   "], "empty"),
+        (["--image", "IMG", "--expression", "x" * 600], "limit"),
+    ],
+)
+def test_cli_segment_bad_input_is_one_line(model, tmp_path, capsys, args, msg):
+    from PIL import Image
+
+    from mmtok.cli.main import main
+
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    img = tmp_path / "scene.png"
+    Image.new("RGB", (32, 32)).save(img)
+    args = [str(img) if a == "IMG" else a for a in args]
+    assert main(["segment", "--model", str(folder), *args]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_segment_refuses_a_folder_that_is_not_a_model(tmp_path, capsys):
+    from PIL import Image
+
+    from mmtok.cli.main import main
+
+    img = tmp_path / "scene.png"
+    Image.new("RGB", (32, 32)).save(img)
+    assert main(["segment", "--model", str(tmp_path), "--image", str(img), "--expression", "the bag"]) == 2
+    assert "cannot load model" in capsys.readouterr().err
+
+
+def test_seg_config_validates():
+    from mmtok.config import load_run_config
+
+    run = load_run_config(["configs/mllm/seg_scenes_cpu.yaml"])
+    assert run.task["name"] == "mllm_seg" and set(run.task["heads"]) == {"allmask", "text", "segtoken"}
