@@ -1,4 +1,5 @@
-"""The mmtok Gradio demo: visual tokenizers, masked image modeling, and an MLLM with visual-token pruning.
+"""The mmtok Gradio demo: visual tokenizers, masked image modeling, an MLLM with visual-token pruning, and
+referring segmentation.
 
     mmtok demo --models runs            # http://127.0.0.1:7860
 
@@ -9,10 +10,19 @@
 2. Masked modeling: an MAE, any registered masker and a mask ratio; original / masked / reconstruction.
 3. MLLM + pruning: a fashion scene (or an upload), a question, any registered pruner and a keep budget; the
    answers with and without pruning, which image tokens were kept, and both prefill times.
+4. Segment: an MLLM with segmentation heads, a fashion scene (or an upload) and a referring expression; the
+   head (text / allmask / segtoken), a pruner with its budget and the refinement; the overlay, the mask, the
+   text head's descriptors, and the latency, decode repairs and image tokens kept.
 
 A kind with no model folder gets a tab that says which ``mmtok train`` command makes one. Models load once
 (CPU) and are cached. Nothing is downloaded: Gradio's telemetry and version check are off, and the theme
 uses system fonts only (the default theme would make the browser fetch web fonts).
+
+Through ``gradio_client`` each tab is one named endpoint (``/reconstruct``, ``/mask``, ``/answer``,
+``/segment``) whose every parameter has a default and whose outputs are named by their labels; the UI's own
+helpers (showing and hiding inputs, redrawing a scene) are private. Bad input (an empty expression, a missing
+upload, ...) raises :class:`core.DemoError` in the handlers, which reaches the page as a message saying what
+to change, never as Gradio's bare "Error".
 
 The computations live in ``demo/core.py`` (no Gradio there, so tests call them directly); this file is the
 layout. ``demo/`` is deliberately not a package (a top-level ``demo`` would shadow other modules): this file
@@ -21,6 +31,7 @@ is loaded by path (``mmtok demo`` does so) and loads its siblings by path under 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -57,12 +68,33 @@ def load_sibling(name: str) -> Any:
 
 core = load_sibling("core")
 
-TAB_TITLES = {core.TOKENIZER: "Tokenizer", core.MIM: "Masked modeling", core.MLLM_KIND: "MLLM + pruning"}
+TAB_TITLES = {
+    core.TOKENIZER: "Tokenizer",
+    core.MIM: "Masked modeling",
+    core.MLLM_KIND: "MLLM + pruning",
+    core.SEG: "Segment",
+}
 NO_MODEL = "No {what} was found under `{root}`. Train one, then restart the demo:\n\n```bash\n{how}\n```"
 CSS = """
 .mmtok-stats {font-variant-numeric: tabular-nums;}
+.mmtok-caption p {margin: 0 0 2px 0; font-size: var(--block-label-text-size); color: var(--block-label-text-color);}
 footer {display: none !important;}
 """
+PRIVATE = {"api_visibility": "private"}  # UI helpers: not in the API page, not callable by gradio_client
+
+
+def user_errors(fn: Any) -> Any:
+    """Turn a :class:`core.DemoError` raised by a handler into a ``gr.Error``, which the page shows with its
+    message (any other exception would reach the page as Gradio's bare "Error")."""
+
+    @functools.wraps(fn)  # Gradio names the API parameters after the wrapped function's signature
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except core.DemoError as e:
+            raise gr.Error(str(e), title="Cannot run this", print_exception=False) from e
+
+    return wrapper
 
 
 def theme() -> gr.themes.Base:
@@ -74,6 +106,7 @@ class DemoApp:
     """State and event handlers of the demo: found models, the model cache, one ``run_*`` method per tab.
 
     The ``run_*`` methods take and return exactly what the UI components hold, so tests call them directly.
+    Their parameter names and defaults are what ``gradio_client`` users see.
     """
 
     def __init__(self, models_dir: str | os.PathLike = "runs"):
@@ -92,7 +125,8 @@ class DemoApp:
                 return m
         if not label and self.models[kind]:
             return self.models[kind][0]
-        raise gr.Error(f"unknown {kind} folder {label!r}; pick one from the list")
+        choices = "; ".join(self.labels(kind)) or f"none under {self.models_dir}"
+        raise core.DemoError(f"unknown {kind} folder {label!r}; pick one of: {choices}")
 
     def load(self, kind: str, label: str | None) -> Any:
         return self.cache.get(self.folder(kind, label))
@@ -113,18 +147,21 @@ class DemoApp:
                 self._bpe[key] = (vocab, f"{how} (no `mmtok-bpe` vocabulary file beside the model)")
         return self._bpe[key]
 
-    @staticmethod
-    def _image(source: str, index: Any, photo: str, upload: Any, canvas: int = 96) -> Any:
-        try:
-            return core.pick_image(source, index, photo, upload, canvas)
-        except core.DemoError as e:
-            raise gr.Error(str(e)) from e
-
     # -- tab 1 --------------------------------------------------------------------------------------------
-    def run_tokenizer(self, label: str, source: str, index: Any, photo: str, upload: Any, use_bpe: bool = True):
-        """-> (original, reconstruction, code-id map, BPE map or None, stats markdown)."""
+    @user_errors
+    def run_tokenizer(
+        self,
+        model_folder: str | None = None,
+        source: str = "Fashion-MNIST",
+        index: Any = 0,
+        photo: str = "",
+        upload: Any = None,
+        use_bpe: bool = True,
+    ):
+        """Tokenize an image and decode its ids: -> (original, reconstruction, code-id map, BPE map, statistics)."""
+        label = model_folder
         model = self.load(core.TOKENIZER, label)
-        img = self._image(source, index, photo, upload)
+        img = core.pick_image(source, index, photo, upload)
         bpe, origin = self.bpe_for(label, model) if use_bpe else (None, "")
         r = core.run_tokenizer(model, img, bpe, origin)
         cfg = model.config
@@ -141,26 +178,33 @@ class DemoApp:
         return r.original, r.recon, r.code_map, r.bpe_map, "\n\n".join(lines)
 
     # -- tab 2 --------------------------------------------------------------------------------------------
+    @user_errors
     def run_mim(
-        self, label: str, source: str, index: Any, photo: str, upload: Any, masker: str, ratio: float, seed: Any = 0
+        self,
+        model_folder: str | None = None,
+        source: str = "Fashion-MNIST",
+        index: Any = 0,
+        photo: str = "",
+        upload: Any = None,
+        masker: str = "random",
+        ratio: float = 0.75,
+        seed: Any = 0,
     ):
-        """-> (original, masked, reconstruction, info markdown)."""
-        model = self.load(core.MIM, label)
-        img = self._image(source, index, photo, upload)
-        try:
-            r = core.run_masking(model, img, masker, float(ratio), int(seed or 0))
-        except core.DemoError as e:
-            raise gr.Error(str(e)) from e
+        """Mask an image and let the MAE fill the hidden patches: -> (original, masked, reconstruction, info)."""
+        model = self.load(core.MIM, model_folder)
+        img = core.pick_image(source, index, photo, upload)
+        r = core.run_masking(model, img, masker, float(ratio), int(seed or 0))
         info = f"**{r.hidden} of {r.total}** patches hidden ({masker}, ratio {float(ratio):.2f})"
         return r.original, r.masked, r.recon, info + (f"\n\n{r.note}" if r.note else "")
 
     # -- tab 3 --------------------------------------------------------------------------------------------
-    def mllm_info(self, label: str) -> tuple[int, int]:
+    def mllm_info(self, label: str | None) -> tuple[int, int]:
         """``(image tokens N, tower resolution)`` of an MLLM."""
         model = self.load(core.MLLM_KIND, label)
         return model.num_image_tokens, model.tower.image_size
 
-    def scene(self, label: str, seed: Any):
+    @user_errors
+    def scene(self, label: str | None, seed: Any):
         """-> (scene image, question dropdown update, ground-truth markdown) for scene ``seed``."""
         from mmtok.mllm.data import questions_for
 
@@ -173,32 +217,33 @@ class DemoApp:
         md = f"Scene {int(seed or 0)}: {len(items)} item(s): {desc}.\n\nExpected answers: {truth}"
         return core.upscale(img), gr.update(choices=choices, value=choices[0]), md
 
+    @user_errors
     def run_mllm(
         self,
-        label: str,
-        source: str,
-        seed: Any,
-        upload: Any,
-        question: str,
-        pruner: str,
-        budget: Any,
+        model_folder: str | None = None,
+        source: str = "fashion scene",
+        seed: Any = 0,
+        upload: Any = None,
+        question: str = "how many items are there ?",
+        pruner: str = "dart",
+        budget: Any = 0,
         max_new_tokens: int = 16,
         repeats: int = 3,
     ):
-        """-> (answers markdown, kept-token overlay, timing markdown)."""
-        model = self.load(core.MLLM_KIND, label)
+        """Answer a question with and without visual-token pruning: -> (answers, kept-token overlay, timing).
+
+        ``budget`` 0 keeps a quarter of the image tokens.
+        """
+        model = self.load(core.MLLM_KIND, model_folder)
         n, canvas = model.num_image_tokens, model.tower.image_size
         if source == "upload":
-            img = self._image("upload", 0, "", upload)
+            img = core.pick_image("upload", 0, "", upload)
         else:
             img = core.fashion_scene(int(seed or 0), canvas)[0]
         x = core.to_tensor(img)
-        try:
-            a = core.answer_with_pruning(
-                model, x, question, pruner, int(budget or n), max_new_tokens=max_new_tokens, repeats=repeats
-            )
-        except core.DemoError as e:
-            raise gr.Error(str(e)) from e
+        a = core.answer_with_pruning(
+            model, x, question, pruner, int(budget or max(1, n // 4)), max_new_tokens=max_new_tokens, repeats=repeats
+        )
         seen = core.to_uint8(F.interpolate(x, size=(canvas, canvas), mode="bilinear"))
         prefix = n - model.tower.num_patches  # [CLS] kept as an image token when feature_select is cls_patch
         overlay = core.keep_overlay(seen, a.keep, model.tower.num_patches, prefix)
@@ -217,6 +262,68 @@ class DemoApp:
         )
         return answers, overlay, timing
 
+    # -- tab 4 --------------------------------------------------------------------------------------------
+    def seg_info(self, label: str | None) -> tuple[list[str], int]:
+        """``(head names, image tokens N)`` of a segmentation model."""
+        model = self.load(core.SEG, label)
+        return core.seg_heads(model), int(model.num_image_tokens)
+
+    @user_errors
+    def seg_scene(self, label: str | None, seed: Any):
+        """-> (scene image, the first item's expression, scene markdown) for scene ``seed`` at the tower's size."""
+        model = self.load(core.SEG, label)
+        img, items = core.seg_scene(model, int(seed or 0))
+        exprs = "; ".join(f"*{it['expression']}*" for it in items)
+        md = f"Scene {int(seed or 0)}: {len(items)} item(s), e.g. {exprs}"
+        return core.fit(img), items[0]["expression"], md
+
+    @user_errors
+    def seg_model_changed(self, label: str | None, head: str | None, keep: Any):
+        """-> (head radio update, keep slider update) for another segmentation model."""
+        heads, n = self.seg_info(label)
+        return (
+            gr.update(choices=heads, value=head if head in heads else heads[0]),
+            gr.update(maximum=n, value=min(int(keep or 1), n)),
+        )
+
+    @user_errors
+    def run_segment(
+        self,
+        model_folder: str | None = None,
+        source: str = "fashion scene",
+        seed: Any = 0,
+        upload: Any = None,
+        expression: str = "",
+        head: str = "",
+        pruner: str = "none",
+        keep: Any = 64,
+        refine: str = "bilinear",
+    ):
+        """Segment what the expression refers to: -> (image, overlay, mask, descriptor text, summary).
+
+        ``head`` "" is the model's first head; ``keep`` only matters with a pruner.
+        """
+        model = self.load(core.SEG, model_folder)
+        if source == "upload":
+            img = core.pick_image("upload", 0, "", upload)
+        else:
+            img = core.seg_scene(model, int(seed or 0))[0]
+        r = core.run_segment(model, img, expression, head, pruner, int(keep or 1), refine)
+        where = "" if pruner == "none" else f" by {pruner}"
+        if r.text is None:
+            text = f"(the {r.head} head writes no descriptors: its mask comes from one score per image patch)"
+        else:
+            text = r.text
+        summary = (
+            f"**{r.head}** head: mask in **{r.seconds * 1e3:.0f} ms** (CPU, one call) · "
+            f"**kept {r.kept} of {r.num_image_tokens}** image tokens{where} · "
+            f"decode repairs **{r.repairs}** · "
+            + (f"**{r.tokens}** tokens generated · " if r.text is not None else "")
+            + f"mask covers {100 * r.area:.1f}% of the image ({refine} refinement of a "
+            f"{r.scores.shape[0]} x {r.scores.shape[1]} grid)"
+        )
+        return core.fit(core.seg_input(img)), r.overlay, r.mask_image, text, summary
+
 
 # --------------------------------------------------------------------------------------------------------------
 # layout
@@ -226,6 +333,12 @@ def _no_model(app: DemoApp, kind: str, what: str) -> None:
         NO_MODEL.format(what=what, root=app.models_dir, how=core.HOW_TO_TRAIN[kind]),
         elem_id=f"missing-{kind.split()[0]}",
     )
+
+
+def _model_dropdown(labels: list[str], label: str, elem_id: str) -> gr.Dropdown:
+    """The model picker, on a row of its own: folder paths plus entry names are too long for a side column."""
+    with gr.Row():
+        return gr.Dropdown(labels, value=labels[0], label=label, elem_id=elem_id)
 
 
 def _image_picker(prefix: str, default_source: str = "Fashion-MNIST") -> list[gr.components.Component]:
@@ -243,21 +356,34 @@ def _image_picker(prefix: str, default_source: str = "Fashion-MNIST") -> list[gr
             gr.update(visible=src == "upload"),
         )
 
-    source.change(show, source, [index, photo, upload])
+    source.change(show, source, [index, photo, upload], **PRIVATE)
     return [source, index, photo, upload]
 
 
-def _out_image(label: str, elem_id: str) -> gr.Image:
-    return gr.Image(label=label, type="numpy", format="png", interactive=False, height=256, elem_id=elem_id)
+def _out_image(label: str, elem_id: str, value: Any = None) -> gr.Image:
+    """An output image with its caption above it (Gradio's own label floats over the image's top rows)."""
+    with gr.Column(min_width=200):
+        gr.Markdown(label, elem_classes="mmtok-caption", elem_id=f"{elem_id}-caption")
+        return gr.Image(
+            value,
+            label=label,  # still names the output in the API
+            show_label=False,
+            type="numpy",
+            format="png",
+            interactive=False,
+            height=256,
+            buttons=[],  # the download / fullscreen / share icons would float over the image's top-right cells
+            elem_id=elem_id,
+        )
 
 
 def _tokenizer_tab(app: DemoApp) -> None:
     labels = app.labels(core.TOKENIZER)
     if not labels:
         return _no_model(app, core.TOKENIZER, "tokenizer")
+    model = _model_dropdown(labels, "Tokenizer folder", "tok-model")
     with gr.Row():
         with gr.Column(scale=1, min_width=260):
-            model = gr.Dropdown(labels, value=labels[0], label="Tokenizer folder", elem_id="tok-model")
             picker = _image_picker("tok")
             use_bpe = gr.Checkbox(value=True, label="count tokens after 2D BPE")
             button = gr.Button("Reconstruct", variant="primary", elem_id="tok-run")
@@ -268,8 +394,10 @@ def _tokenizer_tab(app: DemoApp) -> None:
             with gr.Row():
                 codes = _out_image("Code ids (colour = id)", "tok-codes")
                 bpe = _out_image("BPE tokens (one colour per merged token)", "tok-bpe")
-            stats = gr.Markdown(elem_id="tok-stats", elem_classes="mmtok-stats")
-    button.click(app.run_tokenizer, [model, *picker, use_bpe], [original, recon, codes, bpe, stats])
+            stats = gr.Markdown(label="Statistics", elem_id="tok-stats", elem_classes="mmtok-stats")
+    button.click(
+        app.run_tokenizer, [model, *picker, use_bpe], [original, recon, codes, bpe, stats], api_name="reconstruct"
+    )
 
 
 def _mim_tab(app: DemoApp) -> None:
@@ -279,9 +407,9 @@ def _mim_tab(app: DemoApp) -> None:
     if not labels:
         return _no_model(app, core.MIM, "masked-autoencoder (MAE) model")
     maskers = registries.get("masker").list()
+    model = _model_dropdown(labels, "MAE folder", "mim-model")
     with gr.Row():
         with gr.Column(scale=1, min_width=260):
-            model = gr.Dropdown(labels, value=labels[0], label="MAE folder", elem_id="mim-model")
             picker = _image_picker("mim")
             masker = gr.Dropdown(maskers, value="random" if "random" in maskers else maskers[0], label="Masker")
             ratio = gr.Slider(0.05, 0.95, value=0.75, step=0.05, label="Mask ratio", elem_id="mim-ratio")
@@ -292,8 +420,8 @@ def _mim_tab(app: DemoApp) -> None:
                 original = _out_image("Original", "mim-original")
                 masked = _out_image("Masked (grey = hidden)", "mim-masked")
                 recon = _out_image("Reconstruction", "mim-recon")
-            info = gr.Markdown(elem_id="mim-info")
-    button.click(app.run_mim, [model, *picker, masker, ratio, seed], [original, masked, recon, info])
+            info = gr.Markdown(label="Masking", elem_id="mim-info")
+    button.click(app.run_mim, [model, *picker, masker, ratio, seed], [original, masked, recon, info], api_name="mask")
 
 
 def _mllm_tab(app: DemoApp) -> None:
@@ -305,9 +433,9 @@ def _mllm_tab(app: DemoApp) -> None:
     pruners = registries.get("pruner").list()
     n, _ = app.mllm_info(labels[0])
     img0, q0, truth0 = app.scene(labels[0], 0)
+    model = _model_dropdown(labels, "MLLM folder", "mllm-model")
     with gr.Row():
         with gr.Column(scale=1, min_width=280):
-            model = gr.Dropdown(labels, value=labels[0], label="MLLM folder", elem_id="mllm-model")
             source = gr.Radio(["fashion scene", "upload"], value="fashion scene", label="Image")
             seed = gr.Number(value=0, precision=0, label="Scene seed", elem_id="mllm-seed")
             upload = gr.Image(type="numpy", label="Upload", visible=False, height=160)
@@ -324,33 +452,103 @@ def _mllm_tab(app: DemoApp) -> None:
             button = gr.Button("Answer", variant="primary", elem_id="mllm-run")
         with gr.Column(scale=3):
             with gr.Row():
-                scene = gr.Image(img0, label="Image", format="png", interactive=False, height=256, elem_id="mllm-scene")
+                scene = _out_image("Image", "mllm-scene", img0)
                 overlay = _out_image("Kept image tokens (dimmed = pruned)", "mllm-overlay")
-            truth = gr.Markdown(truth0)
-            answer = gr.Markdown(elem_id="mllm-answer")
-            timing = gr.Markdown(elem_id="mllm-timing", elem_classes="mmtok-stats")
+            truth = gr.Markdown(truth0, label="Scene")
+            answer = gr.Markdown(label="Answers", elem_id="mllm-answer")
+            timing = gr.Markdown(label="Timing", elem_id="mllm-timing", elem_classes="mmtok-stats")
 
     def on_model(label: str, budget_now: float):
         n, _ = app.mllm_info(label)
         return gr.update(maximum=n, value=min(int(budget_now), n))
 
     source.change(
-        lambda s: (gr.update(visible=s != "upload"), gr.update(visible=s == "upload")), source, [seed, upload]
+        lambda s: (gr.update(visible=s != "upload"), gr.update(visible=s == "upload")),
+        source,
+        [seed, upload],
+        **PRIVATE,
     )
-    seed.change(app.scene, [model, seed], [scene, question, truth])
-    model.change(on_model, [model, budget], budget).then(app.scene, [model, seed], [scene, question, truth])
-    button.click(app.run_mllm, [model, source, seed, upload, question, pruner, budget], [answer, overlay, timing])
+    seed.change(app.scene, [model, seed], [scene, question, truth], **PRIVATE)
+    model.change(on_model, [model, budget], budget, **PRIVATE).then(
+        app.scene, [model, seed], [scene, question, truth], **PRIVATE
+    )
+    button.click(
+        app.run_mllm,
+        [model, source, seed, upload, question, pruner, budget],
+        [answer, overlay, timing],
+        api_name="answer",
+    )
+
+
+def _seg_tab(app: DemoApp) -> None:
+    from mmtok import registries
+
+    labels = app.labels(core.SEG)
+    if not labels:
+        return _no_model(app, core.SEG, "segmentation model (an MLLM with segmentation heads)")
+    pruners = registries.get("pruner").list()
+    heads, n = app.seg_info(labels[0])
+    img0, expr0, scene0 = app.seg_scene(labels[0], 0)
+    model = _model_dropdown(labels, "Segmentation model folder", "seg-model")
+    with gr.Row():
+        with gr.Column(scale=1, min_width=280):
+            source = gr.Radio(["fashion scene", "upload"], value="fashion scene", label="Image", elem_id="seg-source")
+            seed = gr.Number(value=0, precision=0, label="Scene seed", elem_id="seg-seed")
+            upload = gr.Image(type="numpy", label="Upload", visible=False, height=160, elem_id="seg-upload")
+            expression = gr.Textbox(expr0, label="Expression (what to segment)", elem_id="seg-expression")
+            head = gr.Radio(heads, value=heads[0], label="Mask head", elem_id="seg-head")
+            pruner = gr.Dropdown(
+                pruners, value="none" if "none" in pruners else pruners[0], label="Pruner", elem_id="seg-pruner"
+            )
+            keep = gr.Slider(
+                1, n, value=max(1, n // 4), step=1, label="Image tokens kept (with a pruner)", elem_id="seg-keep"
+            )
+            refines = core.refine_names()
+            refine = gr.Radio(
+                refines,
+                value="bilinear" if "bilinear" in refines else refines[0],
+                label="Refinement (patch grid -> pixels)",
+                elem_id="seg-refine",
+            )
+            button = gr.Button("Segment", variant="primary", elem_id="seg-run")
+        with gr.Column(scale=3):
+            with gr.Row():
+                scene = _out_image("Image", "seg-scene", img0)
+                overlay = _out_image("Overlay (tinted = mask)", "seg-overlay")
+                mask = _out_image("Mask (white = the referred item)", "seg-mask")
+            scene_md = gr.Markdown(scene0, label="Scene")
+            stats = gr.Markdown(label="Summary", elem_id="seg-stats", elem_classes="mmtok-stats")
+            text = gr.Textbox(label="Descriptor text (text head)", lines=3, interactive=False, elem_id="seg-text")
+
+    source.change(
+        lambda s: (gr.update(visible=s != "upload"), gr.update(visible=s == "upload")),
+        source,
+        [seed, upload],
+        **PRIVATE,
+    )
+    seed.change(app.seg_scene, [model, seed], [scene, expression, scene_md], **PRIVATE)
+    model.change(app.seg_model_changed, [model, head, keep], [head, keep], **PRIVATE).then(
+        app.seg_scene, [model, seed], [scene, expression, scene_md], **PRIVATE
+    )
+    button.click(
+        app.run_segment,
+        [model, source, seed, upload, expression, head, pruner, keep, refine],
+        [scene, overlay, mask, text, stats],
+        api_name="segment",
+    )
 
 
 def build_demo(models_dir: str = "runs") -> gr.Blocks:
     """The demo over the model folders found under ``models_dir`` (the ``DemoApp`` is ``demo.mmtok_app``)."""
     app = DemoApp(models_dir)
-    counts = [len(app.models[k]) for k in core.KINDS]
-    found = ", ".join(f"{c} {what}{'s' if c != 1 else ''}" for c, what in zip(counts, ("tokenizer", "MAE", "MLLM")))
+    kinds = (core.TOKENIZER, core.MIM, core.MLLM_KIND, core.SEG)
+    words = ("tokenizer", "MAE", "MLLM", "segmentation model")
+    counts = [len(app.models[k]) for k in kinds]
+    found = ", ".join(f"{c} {what}{'s' if c != 1 else ''}" for c, what in zip(counts, words))
     with gr.Blocks(title="mmtok demo", analytics_enabled=False) as demo:
         gr.Markdown(
-            "# mmtok demo\nVisual tokenizers, masked image modeling, and an MLLM with visual-token pruning, "
-            f"on the CPU with the models under `{app.models_dir}` ({found})."
+            "# mmtok demo\nVisual tokenizers, masked image modeling, an MLLM with visual-token pruning, and "
+            f"referring segmentation, on the CPU with the models under `{app.models_dir}` ({found})."
         )
         with gr.Tabs():
             with gr.Tab(TAB_TITLES[core.TOKENIZER], id="tokenizer"):
@@ -359,6 +557,8 @@ def build_demo(models_dir: str = "runs") -> gr.Blocks:
                 _mim_tab(app)
             with gr.Tab(TAB_TITLES[core.MLLM_KIND], id="mllm"):
                 _mllm_tab(app)
+            with gr.Tab(TAB_TITLES[core.SEG], id="segment"):
+                _seg_tab(app)
     demo.mmtok_app = app
     return demo
 

@@ -1,5 +1,6 @@
 """What the Gradio demo computes, without any Gradio: model discovery, a model cache, image sources, and
-one function per tab (tokenizer reconstruction, masked modeling, MLLM answer with visual-token pruning).
+one function per tab (tokenizer reconstruction, masked modeling, MLLM answer with visual-token pruning, referring
+segmentation with a choice of mask head, pruner and refinement).
 
 Everything here runs on the CPU with the models found under a folder, reads only local files (Fashion-MNIST
 IDX files, scikit-image's bundled photos) and never downloads anything. Results are plain numpy images and
@@ -28,8 +29,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 DISPLAY = 256  # side (pixels) of every image the demo shows; small images are upscaled (nearest)
-TOKENIZER, MIM, MLLM_KIND = "tokenizer", "mim model", "mllm"
-KINDS = (TOKENIZER, MIM, MLLM_KIND)
+TOKENIZER, MIM, MLLM_KIND, SEG = "tokenizer", "mim model", "mllm", "seg model"
+KINDS = (TOKENIZER, MIM, MLLM_KIND, SEG)  # SEG = an MLLM folder with segmentation heads (listed as an MLLM too)
 SKIP_DIRS = {"checkpoints", "tb", "eval", "__pycache__"}  # run sub-folders that never hold an exported model
 
 # What to run when a kind has no model folder (the recipes' own comment headers list the same commands).
@@ -46,6 +47,10 @@ HOW_TO_TRAIN = {
         "mmtok shards fashion-vqa --out data/fashion-vqa\n"
         "mmtok train --config configs/mllm/fashion_vqa_scratch.yaml   # -> runs/mllm_fashion_vqa/export"
     ),
+    SEG: (
+        "mmtok shards fashion-scenes --out data/scenes\n"
+        "mmtok train --config configs/mllm/seg_scenes_cpu.yaml   # -> runs/seg_scenes_cpu/export"
+    ),
 }
 
 
@@ -61,21 +66,27 @@ class ModelFolder:
     """One model folder found under the models folder."""
 
     path: Path
-    kind: str  # "tokenizer" | "mim model" | "mllm"
+    kind: str  # "tokenizer" | "mim model" | "mllm" | "seg model"
     name: str  # registry entry (or "hf llava")
     label: str  # what the dropdowns show: relative path and entry name
 
 
-def _classify(path: Path) -> tuple[str, str] | None:
-    """``(kind, entry name)`` of a folder the demo can show, else None."""
+def _classify(path: Path) -> tuple[tuple[str, ...], str] | None:
+    """``(kinds, entry name)`` of a folder the demo can show, else None.
+
+    An MLLM with segmentation heads (a non-empty ``seg_heads`` in its config) is both an MLLM and a seg model,
+    so it is offered in the MLLM tab and in the Segment tab.
+    """
     from mmtok import hub
 
     try:
         raw = json.loads((path / hub.CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(raw, dict):
         return None
     if raw.get("model_type") == "llava":  # a transformers LLaVA checkpoint: MLLM.from_pretrained reads it
-        return MLLM_KIND, "hf llava"
+        return (MLLM_KIND,), "hf llava"
     try:
         meta = hub.read_config(path)
     except hub.CheckpointError:
@@ -86,35 +97,52 @@ def _classify(path: Path) -> tuple[str, str] | None:
         # VideoMAE clips are out of scope for a one-image tab.
         is_mae = meta.get("module") == "mmtok.mim.mae"
         is_video = cfg.get("num_frames", 1) > 1 or cfg.get("tubelet_size", 1) > 1
-        return (kind, meta["name"]) if is_mae and not is_video else None
-    return (kind, meta["name"]) if kind in KINDS else None
+        return ((kind,), meta["name"]) if is_mae and not is_video else None
+    if kind == MLLM_KIND and isinstance(cfg.get("seg_heads"), dict) and cfg["seg_heads"]:
+        return (MLLM_KIND, SEG), meta["name"]
+    return ((kind,), meta["name"]) if kind in KINDS else None
 
 
 def discover_models(models_dir: str | os.PathLike, max_depth: int = 5) -> dict[str, list[ModelFolder]]:
-    """Every model folder under ``models_dir`` the demo can show, by kind (sorted by path).
+    """Every model folder under ``models_dir`` the demo can show, by kind (sorted by label).
 
     A model folder is one with a ``config.json`` written by ``mmtok.hub.save_pretrained`` (or a transformers
     LLaVA checkpoint). Hidden folders, training checkpoints and TensorBoard folders are skipped, and the
-    walk does not descend into a model folder.
+    walk does not descend into a model folder. Links are followed, but each real folder is visited once: a
+    link to a folder inside ``models_dir`` is skipped (the folder is listed under its own name), and a folder
+    reached twice through links (a link loop, two links to one place) is listed once.
     """
     root = Path(models_dir)
     found: dict[str, list[ModelFolder]] = {k: [] for k in KINDS}
     if not root.is_dir():
         return found
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):  # depth-bounded, so links cannot loop
+    real_root = root.resolve()
+    seen: set[Path] = {real_root}  # real paths already walked: a link loop ends here
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = Path(dirpath)
         depth = len(here.relative_to(root).parts)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS)
-        if depth >= max_depth:
-            dirnames[:] = []
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith(".") or d in SKIP_DIRS:
+                continue
+            child = here / d
+            real = child.resolve()
+            if child.is_symlink() and real.is_relative_to(real_root) and real != real_root:
+                continue  # the walk reaches the target under its real name (a link to the root itself: a loop)
+            if real in seen:
+                continue
+            seen.add(real)
+            keep.append(d)
+        dirnames[:] = keep if depth < max_depth else []
         if "config.json" not in filenames:
             continue
-        kind_name = _classify(here)
-        if kind_name is None:
+        kinds_name = _classify(here)
+        if kinds_name is None:
             continue
-        kind, name = kind_name
+        kinds, name = kinds_name
         rel = here.relative_to(root).as_posix()
-        found[kind].append(ModelFolder(here, kind, name, f"{rel if rel != '.' else here.name}  [{name}]"))
+        for kind in kinds:
+            found[kind].append(ModelFolder(here, kind, name, f"{rel if rel != '.' else here.name}  [{name}]"))
         dirnames[:] = []  # a model folder holds no further models
     for k in found:
         found[k].sort(key=lambda m: m.label)
@@ -145,7 +173,7 @@ class ModelCache:
         from mmtok import hub
 
         logger.info("loading %s (%s) from %s", folder.name, folder.kind, folder.path)
-        if folder.kind == MLLM_KIND:
+        if folder.kind in (MLLM_KIND, SEG):
             from mmtok.mllm.modeling import MLLM
 
             model = MLLM.from_pretrained(folder.path)
@@ -591,3 +619,150 @@ def keep_overlay(img: np.ndarray, keep: np.ndarray, num_patches: int, num_prefix
     border = edge & cell_kept if g <= 48 else np.zeros_like(edge)
     out[border] = (60, 230, 90)
     return out.clip(0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tab 4: referring segmentation
+# ----------------------------------------------------------------------------------------------------------
+MASK_COLOUR = (255, 60, 40)  # the overlay's tint (the colour `mmtok segment` and `mmtok eval seg` use)
+
+
+@dataclass
+class SegResult:
+    """What the Segment tab shows (images are uint8 RGB, the long side ``DISPLAY`` pixels)."""
+
+    overlay: np.ndarray  # the image with the mask tinted
+    mask_image: np.ndarray  # white = the referred object, black = the rest, in a 2-pixel grey frame
+    mask: np.ndarray  # bool [H, W] at the resolution the model was given
+    scores: np.ndarray  # float [gh, gw] in [0, 1] on the head's grid
+    head: str
+    text: str | None  # the descriptor text the text head wrote (None for the per-patch heads)
+    repairs: int  # fixes the total decoder made to that text (0 for the per-patch heads)
+    tokens: int  # tokens generated by the text head (0 for the per-patch heads)
+    kept: int  # image tokens the LLM saw (all of them without a pruner)
+    num_image_tokens: int
+    seconds: float  # wall time of ``model.segment``
+
+    @property
+    def area(self) -> float:
+        """Share of the image's pixels in the mask, in [0, 1]."""
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+
+def refine_names() -> list[str]:
+    """The registered refinements (grid scores -> full-resolution mask): ``none``, ``bilinear``, ``guided``."""
+    from mmtok.mllm.seg.refine import REFINERS
+
+    return list(REFINERS)
+
+
+def seg_heads(model: Any) -> list[str]:
+    """The segmentation heads of an MLLM (``allmask``, ``segtoken``, ``text``), in the order the model holds them."""
+    return list(getattr(model, "seg_heads", None) or [])
+
+
+def seg_scene(model: Any, seed: int) -> tuple[np.ndarray, list[dict]]:
+    """A fashion scene drawn at the resolution of the model's vision tower (64 px for ``llava_fashion_seg``)."""
+    return fashion_scene(int(seed), int(model.tower.image_size))
+
+
+def seg_input(img: np.ndarray, max_side: int = DISPLAY) -> np.ndarray:
+    """Any uint8 grey / RGB / RGBA image -> uint8 RGB ``[H, W, 3]`` with its long side at most ``max_side``.
+
+    The model's tower resizes every input to its own square size anyway; the cap only bounds the cost of
+    refining the mask (``guided`` works at the input resolution) for large uploads. The aspect ratio is kept.
+    """
+    from PIL import Image
+
+    arr = np.asarray(img)
+    if arr.dtype != np.uint8:  # floats from a numpy upload: assume [0, 1]
+        arr = (np.clip(arr.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
+    rgb = to_uint8(to_tensor(arr))  # validates the shape, drops alpha, replicates grey
+    h, w = rgb.shape[:2]
+    if max(h, w) <= max_side:
+        return rgb
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.BICUBIC))
+
+
+def fit(img: np.ndarray, size: int = DISPLAY) -> np.ndarray:
+    """Nearest-neighbour resize so the long side is ``size`` (keeps the aspect ratio and the mask's edges)."""
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    if max(h, w) == size:
+        return img
+    scale = size / max(h, w)
+    return np.asarray(Image.fromarray(img).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.NEAREST))
+
+
+@torch.inference_mode()
+def run_segment(
+    model: Any,
+    img: np.ndarray,
+    expression: str,
+    head: str = "",
+    pruner_name: str = "none",
+    keep: int = 64,
+    refine: str = "bilinear",
+) -> SegResult:
+    """Segment what ``expression`` refers to in ``img`` with one of the model's heads.
+
+    Args:
+        model: An MLLM with segmentation heads (``mmtok train --config configs/mllm/seg_scenes_cpu.yaml``).
+        img: uint8 ``[H, W]``, ``[H, W, 3]`` or ``[H, W, 4]``; see :func:`seg_input`.
+        expression: The referring expression, e.g. "the red bag on the left".
+        head: ``text`` | ``allmask`` | ``segtoken`` ("" = the model's first head).
+        pruner_name: A registered pruner, or ``none``.
+        keep: Image tokens the pruner keeps (clamped to ``1..N``).
+        refine: A name from :func:`refine_names`.
+
+    Raises:
+        DemoError: The model has no heads, the expression is empty, or the head / pruner / refinement is unknown.
+    """
+    from mmtok import registries
+    from mmtok.mllm.seg.cli import overlay
+
+    heads = seg_heads(model)
+    if not heads:
+        raise DemoError("this MLLM has no segmentation heads; pick a folder trained with configs/mllm/seg_*.yaml")
+    expression = " ".join((expression or "").split())
+    if not expression:
+        raise DemoError("type what to segment, e.g. 'the red bag on the left'")
+    head = head or heads[0]
+    if head not in heads:
+        raise DemoError(f"this model has no {head!r} head; choose one of {', '.join(heads)}")
+    if refine not in refine_names():
+        raise DemoError(f"unknown refinement {refine!r}; choose one of {', '.join(refine_names())}")
+    pruners = registries.get("pruner").list()
+    if pruner_name not in pruners:
+        raise DemoError(f"unknown pruner {pruner_name!r}; choose one of {', '.join(pruners)}")
+    n = int(model.num_image_tokens)
+    try:
+        pruner = None if pruner_name == "none" else make_pruner(pruner_name, int(keep), n)
+    except ValueError as e:
+        raise DemoError(f"pruner {pruner_name} keeping {keep}: {e}") from e
+    rgb = seg_input(img)
+    x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None].float().div(255)  # [1, 3, H, W] in [0, 1]
+    try:
+        out = model.segment(x.to(model.device), [expression], head=head, pruner=pruner, refine=refine)
+    except ValueError as e:  # the library's own input checks (expression, head) say what to change
+        raise DemoError(str(e)) from e
+    mask = out.masks[0].cpu().numpy().astype(bool)  # [H, W]
+    mask_image = fit(np.repeat(mask[..., None], 3, axis=-1).astype(np.uint8) * 255).copy()
+    # a grey frame, so that a mask covering the whole image still reads as an image on the white page
+    mask_image[:2], mask_image[-2:], mask_image[:, :2], mask_image[:, -2:] = 128, 128, 128, 128
+    return SegResult(
+        overlay=fit(np.asarray(overlay(rgb, mask, MASK_COLOUR))),
+        mask_image=mask_image,
+        mask=mask,
+        scores=out.scores[0].cpu().numpy(),
+        head=head,
+        text=out.text[0] if out.text is not None else None,
+        repairs=int(out.repairs[0]) if out.repairs else 0,
+        tokens=int(out.tokens[0]) if out.tokens else 0,
+        kept=int(out.image_keep.shape[1]) if out.image_keep is not None else n,
+        num_image_tokens=n,
+        seconds=float(out.seconds),
+    )

@@ -1,8 +1,10 @@
-"""The Gradio demo: discovery, every tab's handler on tiny random-init models, the CLI, and a real browser run.
+"""The Gradio demo: discovery, every tab's handler on tiny random-init models, the API, the CLI, and a real
+browser run.
 
 The models are built from the registries with tiny configs and saved with ``save_pretrained`` into a
 temporary ``runs`` folder, laid out like real runs (``<run>/export``, MAE's ``export/mae`` + ``export/encoder``,
-a training checkpoint folder that must be ignored). The browser test drives Debian's headless Chromium.
+a training checkpoint folder that must be ignored, an MLLM with segmentation heads, and symlinks that loop).
+The browser test drives Debian's headless Chromium.
 """
 
 from __future__ import annotations
@@ -22,6 +24,18 @@ gr = pytest.importorskip("gradio")
 
 MLLM_TINY = tiny_fashion_mllm("qwen2")
 N_IMAGE_TOKENS = 16  # 32 px / patch 8 -> 4 x 4
+SEG_HEADS = {"allmask": {}, "text": {"grid": 4, "max_new_tokens": 24}, "segtoken": {"dim": 16}}
+
+
+def tiny_seg_model():
+    """The tiny fashion MLLM (Llama, 4 x 4 image tokens) with the seg tokenizer and all three segmentation heads."""
+    spec = tiny_fashion_mllm("llama")
+    spec["tokenizer"] = "builtin:fashion-seg"
+    spec["llm"]["vocab_size"] = 1136  # the fashion-seg word list
+    task = registries.get("task").create(
+        "mllm_seg", model="llava_fashion_seg", model_overrides=spec, heads=dict(SEG_HEADS)
+    )
+    return task.model
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +62,13 @@ def models_dir(tmp_path_factory):
     mllm.save_pretrained(root / "mllm" / "export")
     (root / "mllm" / "notes").mkdir()
     (root / "mllm" / "notes" / "config.json").write_text(json.dumps({"hello": 1}))  # not a model folder
+    tiny_seg_model().save_pretrained(root / "seg" / "export")
+    # links: a loop back to the root, a second name for a run, and a loop that leaves the root and comes back
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    (root / "latest").symlink_to(root / "mllm", target_is_directory=True)
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "back").symlink_to(root, target_is_directory=True)
+    (root / "outside").symlink_to(outside, target_is_directory=True)
     return root
 
 
@@ -73,7 +94,23 @@ def test_discovery_finds_each_kind_and_skips_the_rest(demo_app):
     labels = {k: [m.label for m in v] for k, v in app.models.items()}
     assert labels[core.TOKENIZER] == ["titok/export  [titok_tiny_k16]", "vq/export  [vq_tiny_f4]"]
     assert labels[core.MIM] == ["mae/export/mae  [mae_micro]"]  # not the encoder, not the checkpoint
-    assert labels[core.MLLM_KIND] == ["mllm/export  [llava_fashion_small]"]
+    # an MLLM with segmentation heads is offered in the MLLM tab and in the Segment tab; the symlinks add nothing
+    assert labels[core.MLLM_KIND] == ["mllm/export  [llava_fashion_small]", "seg/export  [llava_fashion_seg]"]
+    assert labels[core.SEG] == ["seg/export  [llava_fashion_seg]"]
+
+
+def test_discovery_follows_links_to_each_place_once(demo_app, models_dir, tmp_path):
+    core = demo_app[0].core
+    root = tmp_path / "runs"
+    root.mkdir()
+    (root / "a").symlink_to(models_dir / "vq", target_is_directory=True)  # a run kept elsewhere: followed
+    (root / "b").symlink_to(models_dir / "vq", target_is_directory=True)  # the same run again: listed once
+    (root / "self").symlink_to(root, target_is_directory=True)
+    (root / "deep").mkdir()
+    (root / "deep" / "up").symlink_to(tmp_path, target_is_directory=True)  # reaches runs/ again from above
+    found = core.discover_models(root)
+    assert [m.label for m in found[core.TOKENIZER]] == ["a/export  [vq_tiny_f4]"]
+    assert not found[core.MLLM_KIND] and not found[core.SEG] and not found[core.MIM]
 
 
 def test_tokenizer_tab(demo_app):
@@ -197,6 +234,119 @@ def test_mllm_tab_scene_and_errors(demo_app):
         app.run_mllm(label, "upload", 0, None, "how many items are there ?", "dart", 4, max_new_tokens=2, repeats=1)
 
 
+@pytest.mark.parametrize("head", list(SEG_HEADS))
+def test_segment_tab_every_head(demo_app, head):
+    app_module, _, app = demo_app
+    core = app_module.core
+    label = app.labels(core.SEG)[0]
+    model = app.load(core.SEG, label)
+    assert sorted(core.seg_heads(model)) == sorted(SEG_HEADS) and model.num_image_tokens == N_IMAGE_TOKENS
+    img, items = core.seg_scene(model, 3)
+    assert img.shape == (32, 32, 3)  # drawn at the tower's resolution
+    expr = items[0]["expression"]
+    r = core.run_segment(model, img, expr, head, "dart", 5, "bilinear")
+    assert r.head == head and r.mask.shape == (32, 32) and r.mask.dtype == bool and r.scores.shape == (4, 4)
+    assert r.kept == 5 and r.num_image_tokens == N_IMAGE_TOKENS and r.seconds > 0
+    _check_image(r.overlay)
+    _check_image(r.mask_image)
+    # the same call straight to the library gives the same mask (the demo adds nothing to the computation)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    want = model.segment(x, [expr], head=head, prune="dart", keep=5, refine="bilinear")
+    assert np.array_equal(r.mask, want.masks[0].numpy()) and want.image_keep.shape == (1, 5)
+    if head == "text":
+        assert r.text == want.text[0] and 0 < r.tokens <= SEG_HEADS["text"]["max_new_tokens"] and r.repairs >= 0
+    else:
+        assert r.text is None and r.tokens == 0 and r.repairs == 0
+    # the displayed images are 8x nearest upscales: tinted exactly where the mask is, untouched elsewhere
+    big = np.kron(r.mask, np.ones((8, 8), bool))
+    seen = core.upscale(img)
+    assert np.array_equal(r.overlay[~big], seen[~big])
+    tinted = seen[big].astype(float) * 0.5 + np.array(core.MASK_COLOUR) * 0.5
+    assert np.abs(r.overlay[big].astype(float) - tinted).max(initial=0) <= 1
+    inner = (slice(2, -2), slice(2, -2))  # inside the grey frame
+    assert np.array_equal(r.mask_image[inner][..., 0] == 255, big[inner])
+    # the handler lays the same result out: image, overlay, mask, descriptor text, one summary line
+    shown, overlay, mask, text, summary = app.run_segment(label, "fashion scene", 3, None, expr, head, "dart", 5)
+    _check_image(shown)
+    assert np.array_equal(overlay, r.overlay) and np.array_equal(mask, r.mask_image)
+    assert "kept 5 of 16" in summary and "ms" in summary and "decode repairs" in summary
+    assert (text == r.text) if head == "text" else "writes no descriptors" in text
+
+
+def test_segment_tab_pruners_refinements_and_uploads(demo_app):
+    app_module, _, app = demo_app
+    core = app_module.core
+    model = app.load(core.SEG, app.labels(core.SEG)[0])
+    img, items = core.seg_scene(model, 1)
+    expr = items[0]["expression"]
+    assert core.run_segment(model, img, expr, "allmask", "none", 5).kept == N_IMAGE_TOKENS  # no pruner: all kept
+    assert core.run_segment(model, img, expr, "allmask", "random", 100).kept == N_IMAGE_TOKENS  # clamped to N
+    assert core.run_segment(model, img, expr, "segtoken", "fastv", 1).kept == 1
+    for refine in core.refine_names():
+        assert core.run_segment(model, img, expr, "allmask", "none", 5, refine).mask.shape == (32, 32)
+    # uploads keep their aspect ratio (RGBA and grey accepted); large ones are capped at 256 px on the long side
+    rgba = np.random.default_rng(0).integers(0, 256, size=(40, 50, 4), dtype=np.uint8)
+    r = core.run_segment(model, rgba, "the bag", "allmask", "dart", 4)
+    assert r.mask.shape == (40, 50) and r.overlay.shape == (205, 256, 3) and r.kept == 4
+    grey = np.random.default_rng(1).integers(0, 256, size=(300, 600), dtype=np.uint8)
+    r = core.run_segment(model, grey, "the bag", "segtoken", "none", 4)
+    assert r.mask.shape == (128, 256) and r.overlay.shape == (128, 256, 3)
+
+
+def test_segment_tab_scene_and_bad_input(demo_app):
+    app_module, _, app = demo_app
+    core = app_module.core
+    label = app.labels(core.SEG)[0]
+    model = app.load(core.SEG, label)
+    img, expr, md = app.seg_scene(label, 2)
+    _, items = core.seg_scene(model, 2)
+    _check_image(img)
+    assert expr == items[0]["expression"] and expr in md
+    head_update, keep_update = app.seg_model_changed(label, "segtoken", 40)
+    assert sorted(head_update["choices"]) == sorted(SEG_HEADS) and head_update["value"] == "segtoken"
+    assert keep_update["maximum"] == N_IMAGE_TOKENS and keep_update["value"] == N_IMAGE_TOKENS
+    scene = core.seg_scene(model, 0)[0]
+    for expression in ("", "   "):
+        with pytest.raises(core.DemoError, match="type what to segment"):
+            core.run_segment(model, scene, expression, "allmask")
+    with pytest.raises(core.DemoError, match="no 'box' head"):
+        core.run_segment(model, scene, "the bag", "box")
+    with pytest.raises(core.DemoError, match="unknown refinement"):
+        core.run_segment(model, scene, "the bag", "allmask", refine="sharp")
+    with pytest.raises(core.DemoError, match="unknown pruner"):
+        core.run_segment(model, scene, "the bag", "allmask", "best")
+    plain = app.load(core.MLLM_KIND, app.labels(core.MLLM_KIND)[0])
+    with pytest.raises(core.DemoError, match="no segmentation heads"):
+        core.run_segment(plain, scene, "the bag")
+    # through the handlers the same messages become gr.Error, which the page shows with the message
+    with pytest.raises(gr.Error, match="type what to segment"):
+        app.run_segment(label, "fashion scene", 0, None, " ", "text", "none", 4)
+    with pytest.raises(gr.Error, match="no image uploaded"):
+        app.run_segment(label, "upload", 0, None, "the bag", "allmask", "none", 4)
+    with pytest.raises(gr.Error, match="unknown seg model folder 'nope'"):
+        app.run_segment("nope", "fashion scene", 0, None, "the bag")
+
+
+def test_api_endpoints_are_named_with_defaults(demo_app):
+    """Each tab is one named endpoint whose parameters all have defaults and whose outputs have names."""
+    _, demo, _ = demo_app
+    info = demo.get_api_info()
+    assert set(info["named_endpoints"]) == {"/reconstruct", "/mask", "/answer", "/segment"}
+    assert not info["unnamed_endpoints"]
+    for name, endpoint in info["named_endpoints"].items():
+        missing = [p["parameter_name"] for p in endpoint["parameters"] if not p["parameter_has_default"]]
+        assert not missing, (name, missing)
+        unnamed = [r["label"] for r in endpoint["returns"] if not r["label"] or r["label"].startswith("value_")]
+        assert not unnamed, (name, unnamed)
+    seg = info["named_endpoints"]["/segment"]
+    assert [p["parameter_name"] for p in seg["parameters"]] == [
+        "model_folder", "source", "seed", "upload", "expression", "head", "pruner", "keep", "refine"
+    ]  # fmt: skip
+    # the UI's helpers exist but are private (not callable through gradio_client)
+    helpers = [fn for fn in demo.fns.values() if fn.api_visibility != "public"]
+    assert helpers and all(fn.api_visibility == "private" for fn in helpers)
+
+
 def test_empty_models_folder_says_how_to_train(tmp_path):
     from mmtok.cli.demo import load_app
 
@@ -207,6 +357,7 @@ def test_empty_models_folder_says_how_to_train(tmp_path):
         "configs/tokenizer/vq_fmnist.yaml",
         "configs/mim/mae_fmnist.yaml",
         "configs/mllm/fashion_vqa_scratch.yaml",
+        "configs/mllm/seg_scenes_cpu.yaml",
     ):
         assert f"mmtok train --config {recipe}" in joined
 
@@ -220,15 +371,35 @@ def test_cli_defaults_to_localhost(models_dir, monkeypatch):
     monkeypatch.setattr(app_module, "launch", lambda demo, host, port, block: calls.append((demo, host, port, block)))
     assert main(["demo", "--models", str(models_dir), "--port", "7999"]) == 0
     demo, host, port, block = calls[0]
-    assert host == "127.0.0.1" and port == 7999 and block and len(demo.mmtok_app.models["mllm"]) == 1
+    assert host == "127.0.0.1" and port == 7999 and block and len(demo.mmtok_app.models["mllm"]) == 2
     with pytest.raises(SystemExit) as e:
         main(["demo", "--help"])
     assert e.value.code == 0
 
 
-@pytest.mark.browser  # about 5 s on an idle 2-core machine (28 s under heavy load): not marked slow
+def test_gradio_client_calls_every_endpoint_with_its_defaults(demo_app):
+    """What a ``gradio_client`` user does: call each endpoint with no arguments; the helpers are not reachable."""
+    client_mod = pytest.importorskip("gradio_client")
+    app_module, demo, _ = demo_app
+    port = app_module.load_sibling("browser").free_port()
+    app_module.launch(demo, "127.0.0.1", port, block=False, quiet=True)
+    try:
+        client = client_mod.Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
+        assert "PSNR" in client.predict(api_name="/reconstruct")[-1]
+        assert "patches hidden" in client.predict(api_name="/mask")[-1]
+        answers, _, timing = client.predict(api_name="/answer")
+        assert "kept 4 of 16" in answers and "prefill" in timing  # dart at a quarter of the tokens
+        *images, text, summary = client.predict(api_name="/segment")
+        assert len(images) == 3 and "kept 16 of 16" in summary  # no pruner by default
+        with pytest.raises(ValueError, match="seg_scene"):
+            client.predict("seg/export  [llava_fashion_seg]", 1, api_name="/seg_scene")
+    finally:
+        demo.close()
+
+
+@pytest.mark.browser  # about 10 s on an idle 2-core machine (under a minute under heavy load): not marked slow
 def test_browser_click_through(demo_app, tmp_path):
-    """Serve the demo on 127.0.0.1, drive headless Chromium through two tabs, assert on the page, screenshot."""
+    """Serve the demo on 127.0.0.1, drive headless Chromium through three tabs, assert on the page, screenshot."""
     app_module, demo, _ = demo_app
     browser = app_module.load_sibling("browser")
     reason = browser.missing_browser()
@@ -240,13 +411,15 @@ def test_browser_click_through(demo_app, tmp_path):
         with browser.Browser(1400, 1100, profile_dir=tmp_path / "chromium-profile") as b:
             b.open(f"http://127.0.0.1:{port}/")
             body = b.driver.find_element("tag name", "body").text
-            assert "Tokenizer" in body and "Masked modeling" in body and "MLLM + pruning" in body
+            for title in ("Tokenizer", "Masked modeling", "MLLM + pruning", "Segment"):
+                assert title in body
             # tab 1: reconstruct the default Fashion-MNIST image, wait for the output image and the stats
             assert b.image_src("tok-recon") == ""
             b.click("tok-run")
             assert b.wait_image("tok-recon", timeout=120).startswith(("http", "data:"))
             stats = b.wait_text("tok-stats", "PSNR", timeout=60)
             assert "tokens per image" in stats and "dB" in stats
+            _captions_clear(b, ["tok-original", "tok-recon", "tok-codes", "tok-bpe"])
             b.screenshot(tmp_path / "tokenizer.png")
             # tab 3: pick the random pruner and a budget of 6, answer, check the kept count and timing table
             b.click_tab("MLLM + pruning")
@@ -257,14 +430,88 @@ def test_browser_click_through(demo_app, tmp_path):
             answer = b.wait_text("mllm-answer", "kept 6 of 16", timeout=120)
             assert "Answer with random" in answer
             assert "prefill (ms)" in b.wait_text("mllm-timing", "prefill", timeout=30)
+            _captions_clear(b, ["mllm-scene", "mllm-overlay"])
+            _shows_whole_value(b, "mllm-model", "mllm/export  [llava_fashion_small]")
             shot = b.screenshot(tmp_path / "mllm.png")
             assert shot.stat().st_size > 10_000
+            # tab 4: the text head with DART keeping 6 image tokens: overlay, mask, descriptors, the summary line
+            b.click_tab("Segment")
+            _shows_whole_value(b, "seg-model", "seg/export  [llava_fashion_seg]")
+            assert _text_value(b, "seg-expression").startswith("the ")  # the scene's first item
+            _set_radio(b, "seg-head", "text")
+            _set_dropdown(b, "seg-pruner", "dart")
+            _set_number(b, "seg-keep", 6)
+            b.click("seg-run")
+            b.wait_image("seg-overlay", timeout=120)
+            b.wait_image("seg-mask", timeout=30)
+            summary = b.wait_text("seg-stats", "kept 6 of 16", timeout=120)
+            assert "text head" in summary and "ms" in summary and "decode repairs" in summary
+            descriptors = b.wait(lambda d: _text_value(b, "seg-text"), 30, "descriptor text")
+            assert "writes no descriptors" not in descriptors
+            _captions_clear(b, ["seg-scene", "seg-overlay", "seg-mask"])
+            b.screenshot(tmp_path / "segment.png")
+            # bad input: the page shows the demo's own message, not Gradio's bare "Error"
+            _set_text(b, "seg-expression", "")
+            b.click("seg-run")
+            b.wait(lambda d: "type what to segment" in d.find_element("tag name", "body").text, 60, "the message")
             # offline: every resource the page loaded came from the demo's own server
             urls = b.driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
             local = (f"http://127.0.0.1:{port}", "data:", "blob:")
             assert urls and not [u for u in urls if not u.startswith(local)]
     finally:
         demo.close()
+
+
+def _captions_clear(b, elem_ids: list[str]) -> None:
+    """Each output image's caption sits above the image, and no Gradio label floats over it."""
+    for elem_id in elem_ids:
+        assert not [e for e in b.css(f"#{elem_id} [data-testid='block-label']") if e.is_displayed()], elem_id
+        caption = b.css(f"#{elem_id}-caption")[0].rect
+        img = b.wait(lambda d, sel=f"#{elem_id} img": b.css(sel)[0], 30, f"#{elem_id} img").rect
+        assert caption["y"] + caption["height"] <= img["y"] + 1, (elem_id, caption, img)
+
+
+def _shows_whole_value(b, elem_id: str, value: str) -> None:
+    """A dropdown shows ``value`` in full: the text, in the box's font, ends before the arrow icon starts."""
+    box = b.wait(lambda d: d.find_element("css selector", f"#{elem_id} input"), 30, f"#{elem_id} input")
+    assert box.get_attribute("value") == value
+    text_end, room_end = b.driver.execute_script(
+        """const box = arguments[0], style = getComputedStyle(box), r = box.getBoundingClientRect();
+        const ctx = document.createElement('canvas').getContext('2d');
+        ctx.font = style.font;
+        const icon = box.parentElement.querySelector('.icon-wrap');
+        const end = icon ? Math.min(icon.getBoundingClientRect().left, r.right) : r.right;
+        return [r.left + parseFloat(style.paddingLeft) + ctx.measureText(box.value).width, end];""",
+        box,
+    )
+    assert text_end <= room_end, (elem_id, value, text_end, room_end)
+
+
+def _text_value(b, elem_id: str) -> str:
+    boxes = b.css(f"#{elem_id} textarea") or b.css(f"#{elem_id} input")
+    return boxes[0].get_attribute("value") if boxes else ""
+
+
+def _set_text(b, elem_id: str, value: str) -> None:
+    """Replace the text of a Gradio textbox."""
+    from selenium.webdriver.common.keys import Keys
+
+    box = b.wait(lambda d: (b.css(f"#{elem_id} textarea") or b.css(f"#{elem_id} input"))[0], 30, f"#{elem_id}")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.BACKSPACE)
+    if value:
+        box.send_keys(value)
+    b.wait(lambda d: box.get_attribute("value") == value, 30, f"#{elem_id} = {value!r}")
+
+
+def _set_radio(b, elem_id: str, value: str) -> None:
+    """Pick the choice ``value`` of a Gradio radio group."""
+
+    def choice(d):
+        return next((e for e in b.css(f"#{elem_id} label") if e.text.strip() == value), None)
+
+    b.wait(choice, 30, f"#{elem_id} choice {value!r}").click()
+    b.wait(lambda d: choice(d).find_element("css selector", "input").is_selected(), 30, f"#{elem_id} = {value!r}")
 
 
 def _set_dropdown(b, elem_id: str, value: str) -> None:
