@@ -52,6 +52,7 @@ def main() -> int:
                 ("Tokenizer", core.TOKENIZER, "tok-run", "tok-recon", "1_tokenizer.png"),
                 ("Masked modeling", core.MIM, "mim-run", "mim-recon", "2_masked_modeling.png"),
                 ("MLLM + pruning", core.MLLM_KIND, "mllm-run", "mllm-overlay", "3_mllm_pruning.png"),
+                ("Segment", core.SEG, "seg-run", "seg-overlay", "4_segment.png"),
             ]
             for title, kind, button, output, name in tabs:
                 b.click_tab(title)
@@ -59,6 +60,7 @@ def main() -> int:
                     b.click(button)
                     b.wait_image(output, timeout=args.timeout)
                     time.sleep(0.5)  # let the markdown next to the images settle
+                    b.driver.execute_script("window.scrollTo(0, 0)")  # pressing the button scrolled the page
                 shots.append(b.screenshot(out / name))
                 print(f"{title}: {shots[-1]}", flush=True)
     finally:
