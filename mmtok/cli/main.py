@@ -28,6 +28,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "MLLM token pruning",
     ),
     "segment": ("mmtok.mllm.seg.cli", "segment an image by writing the mask as text", "MLLM text-as-mask segmentation"),
+    "convert": (
+        "mmtok.cli.convert",
+        "convert an official MAE .pth or a transformers ViTMAE folder into an mmtok folder (safetensors)",
+        "checkpoint conversion",
+    ),
     "bench": ("mmtok.cli.bench", "run a benchmark script from tools/bench", "benchmarks"),
     "demo": ("mmtok.cli.demo", "launch the Gradio demo on 127.0.0.1", "Gradio demo"),
     "list": ("mmtok.cli.listing", "list registered components (tokenizers, maskers, pruners, tasks, ...)", "registry"),
