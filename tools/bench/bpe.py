@@ -15,9 +15,11 @@ Same codes and number of merges for every trainer:
   and on one thread (``RAYON_NUM_THREADS=1``). On a 2-core machine its pool is slower than one thread.
 
 How each side runs: mmtok's trainer is numpy in one process (its element-wise work is single-threaded);
-the recount baseline likewise. Every trainer is timed ``--repeats`` times (default 3) and the table
-shows the median (min and max are in the JSON); the load average before the run is printed, because
-on a shared machine it moves every figure.
+the recount baseline likewise. Every trainer is timed ``--repeats`` times (default 3), round robin (one
+run of each trainer, then the next round), so a change of machine load touches every trainer alike;
+the table shows the median wall time and the median CPU time of the timed process (all its threads;
+on a busy shared machine CPU time of a one-thread run moves less than its wall time). Min, max and
+every run are in the JSON, and the load average before and after is printed.
 
 Codes: ``--codes file.npy`` ([B, H, W] ints), or ``--tokenizer DIR`` (an mmtok tokenizer encoding
 Fashion-MNIST images), or by default a 1024-code k-means patch tokenizer (4x4 patches of Fashion-MNIST
@@ -105,7 +107,7 @@ def recount_train(grids: np.ndarray, num_merges: int, num_codes: int, mode: str,
 
 
 def hf_train(grids: np.ndarray, num_merges: int, num_codes: int, min_frequency: int = 2):
-    """HF tokenizers BPE on rows of codes (1D). Returns (tokenizer, seconds)."""
+    """HF tokenizers BPE on rows of codes (1D). Returns (tokenizer, lines, wall s, CPU s of the process)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     alphabet = [chr(0xF0000 + c) for c in range(num_codes)]
@@ -120,10 +122,10 @@ def hf_train(grids: np.ndarray, num_merges: int, num_codes: int, min_frequency: 
         show_progress=False,
         special_tokens=[],
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tok.train_from_iterator(lines, trainer=trainer)
-    dt = time.perf_counter() - t0
-    return tok, lines, dt
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return tok, lines, dt, cpu
 
 
 HF_MODES = {
@@ -133,18 +135,15 @@ HF_MODES = {
 }
 
 
-def hf_worker(codes_path: str, num_merges: int, num_codes: int, repeats: int) -> None:
-    """Child-process entry: train HF BPE ``repeats`` times on the saved grids, print JSON timings."""
+def hf_worker(codes_path: str, num_merges: int, num_codes: int) -> None:
+    """Child-process entry: train HF BPE once on the saved grids, print JSON (wall, CPU, merges, tokens)."""
     grids = np.load(codes_path)
-    times, tok, lines = [], None, None
-    for _ in range(repeats):
-        tok, lines, dt = hf_train(grids, num_merges, num_codes)
-        times.append(dt)
+    tok, lines, dt, cpu = hf_train(grids, num_merges, num_codes)
     tpi = float(np.mean([len(e.ids) for e in tok.encode_batch(lines)]))
-    print(json.dumps({"times": times, "merges": tok.get_vocab_size() - num_codes, "tokens_per_image": tpi}))
+    print(json.dumps({"wall": dt, "cpu": cpu, "merges": tok.get_vocab_size() - num_codes, "tokens_per_image": tpi}))
 
 
-def hf_timed(grids: np.ndarray, num_merges: int, num_codes: int, repeats: int, env_changes: dict) -> dict:
+def hf_timed(codes_path: str, num_merges: int, num_codes: int, env_changes: dict) -> dict:
     """Run :func:`hf_worker` in a fresh process with ``env_changes`` applied; returns its JSON."""
     env = dict(os.environ)
     for k, v in env_changes.items():
@@ -152,17 +151,28 @@ def hf_timed(grids: np.ndarray, num_merges: int, num_codes: int, repeats: int, e
             env.pop(k, None)
         else:
             env[k] = v
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "codes.npy")
-        np.save(path, grids)
-        cmd = [sys.executable, __file__, "--hf-worker", path, "--merges", str(num_merges)]
-        cmd += ["--num-codes", str(num_codes), "--repeats", str(repeats)]
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    cmd = [sys.executable, __file__, "--hf-worker", codes_path, "--merges", str(num_merges)]
+    cmd += ["--num-codes", str(num_codes)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def summary(times: list[float]) -> dict:
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "times_s": times}
+def summary(walls: list[float], cpus: list[float]) -> dict:
+    return {
+        "median_s": statistics.median(walls),
+        "min_s": min(walls),
+        "max_s": max(walls),
+        "times_s": walls,
+        "cpu_median_s": statistics.median(cpus),
+        "cpu_s": cpus,
+    }
+
+
+def timed(fn):
+    """(result, wall s, CPU s of this process) of ``fn()``."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - t0, time.process_time() - c0
 
 
 def main() -> None:
@@ -181,7 +191,7 @@ def main() -> None:
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
     if args.hf_worker:
-        hf_worker(args.hf_worker, args.merges, args.num_codes, args.repeats)
+        hf_worker(args.hf_worker, args.merges, args.num_codes)
         return
     if args.quick:
         args.grids, args.merges, args.recount_merges = 1000, 256, 64
@@ -203,8 +213,9 @@ def main() -> None:
         f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}"
     )
     print(
-        "mmtok and recount: numpy, one process; HF: a fresh process per mode, default Rust pool vs RAYON_NUM_THREADS=1"
+        "mmtok and recount: numpy, this process; HF: a fresh process per run, default Rust pool / RAYON_NUM_THREADS=1"
     )
+    print("trainers run round robin; medians over the rounds")
 
     rows = []
     results: dict = {
@@ -218,77 +229,108 @@ def main() -> None:
         "usable_cpus": affinity,
         "load_average": list(load),
     }
+    n_rc = min(args.recount_merges, args.merges)
+    names = ["mmtok 1d", "mmtok 2d", "recount 1d", *(f"hf 1d, {m}" for m in HF_MODES)]
+    walls: dict[str, list[float]] = {k: [] for k in names}
+    cpus: dict[str, list[float]] = {k: [] for k in names}
     vocabs: dict[str, BPEVocab] = {}
+    stats: dict = {}
+    hf_out: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        codes_path = os.path.join(tmp, "codes.npy")
+        np.save(codes_path, grids)
+        for _ in range(args.repeats):  # round robin: load drift reaches every trainer alike
+            for mode in ("1d", "2d"):
+                (vocab, st), dt, cpu = timed(
+                    lambda mode=mode: train_bpe(grids, args.merges, num_codes=num_codes, mode=mode, return_stats=True)
+                )
+                vocabs[mode], stats[mode] = vocab, st
+                walls[f"mmtok {mode}"].append(dt)
+                cpus[f"mmtok {mode}"].append(cpu)
+            (rc_merges, _), dt, cpu = timed(lambda: recount_train(grids, n_rc, num_codes, "1d"))
+            walls["recount 1d"].append(dt)
+            cpus["recount 1d"].append(cpu)
+            for mode, env_changes in HF_MODES.items():
+                hf = hf_timed(codes_path, args.merges, num_codes, env_changes)
+                hf_out[mode] = hf
+                walls[f"hf 1d, {mode}"].append(hf["wall"])
+                cpus[f"hf 1d, {mode}"].append(hf["cpu"])
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpus.items()}
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    results["load_average_after"] = list(load_after)
+
     for mode in ("1d", "2d"):
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            vocab, stats = train_bpe(grids, args.merges, num_codes=num_codes, mode=mode, return_stats=True)
-            times.append(time.perf_counter() - t0)
-        dt = statistics.median(times)
-        vocabs[mode] = vocab
-        t0 = time.perf_counter()
-        enc = vocab.encode(grids)
-        enc_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ok = sum(np.array_equal(vocab.decode(e, (h, w)), g) for e, g in zip(enc, grids))
-        dec_s = time.perf_counter() - t0
+        vocab = vocabs[mode]
+        enc, enc_s, _ = timed(lambda vocab=vocab: vocab.encode(grids))
+        ok, dec_s, _ = timed(
+            lambda vocab=vocab, enc=enc: sum(np.array_equal(vocab.decode(e, (h, w)), g) for e, g in zip(enc, grids))
+        )
         tpi = float(np.mean([len(e) for e in enc]))
-        rows.append((f"mmtok {mode}", dt, vocab.num_merges, tpi, f"{100 * ok / b:.1f}%"))
+        name = f"mmtok {mode}"
+        rows.append((name, med[name], med_cpu[name], vocab.num_merges, tpi, f"{100 * ok / b:.1f}%"))
         results[f"mmtok_{mode}"] = {
-            "train_s": dt,
-            **summary(times),
+            "train_s": med[name],
+            **summary(walls[name], cpus[name]),
             "merges": vocab.num_merges,
             "tokens_per_image": tpi,
             "tokens_per_image_before": h * w,
             "roundtrip_ok": ok / b,
             "encode_s": enc_s,
             "decode_s": dec_s,
-            "train_tokens_after": stats.tokens_after,
+            "train_tokens_after": stats[mode].tokens_after,
         }
 
-    n_rc = min(args.recount_merges, args.merges)
-    rc_times = []
-    for _ in range(args.repeats):
-        rc_merges, rc_s = recount_train(grids, n_rc, num_codes, "1d")
-        rc_times.append(rc_s)
-    rc_s = statistics.median(rc_times)
     same = rc_merges == vocabs["1d"].merges[:n_rc]
-    rc_full = rc_s * args.merges / max(len(rc_merges), 1)
-    rows.append((f"recount 1d ({len(rc_merges)} merges, extrapolated)", rc_full, args.merges, float("nan"), "-"))
+    scale = args.merges / max(len(rc_merges), 1)
+    rc_full, rc_full_cpu = med["recount 1d"] * scale, med_cpu["recount 1d"] * scale
+    rows.append((f"recount 1d ({len(rc_merges)} merges, extrapolated)", rc_full, rc_full_cpu, args.merges, None, "-"))
     results["recount_1d"] = {
         "measured_merges": len(rc_merges),
-        "measured_s": rc_s,
+        "measured_s": med["recount 1d"],
         "extrapolated_s": rc_full,
-        **summary(rc_times),
+        "extrapolated_cpu_s": rc_full_cpu,
+        **summary(walls["recount 1d"], cpus["recount 1d"]),
     }
     results["recount_merges_equal_mmtok"] = same
 
     for mode, env_changes in HF_MODES.items():
-        hf = hf_timed(grids, args.merges, num_codes, args.repeats, env_changes)
-        hf_s = statistics.median(hf["times"])
-        rows.append((f"hf tokenizers 1d, {mode}", hf_s, hf["merges"], hf["tokens_per_image"], "-"))
-        key = "hf_1d_" + mode.replace(" ", "_")
-        results[key] = {
-            "train_s": hf_s,
+        name, hf = f"hf 1d, {mode}", hf_out[mode]
+        env_text = ", ".join(f"{k}={v}" for k, v in env_changes.items() if v is not None) or "env unset"
+        rows.append(
+            (
+                f"hf tokenizers 1d, {mode} ({env_text})",
+                med[name],
+                med_cpu[name],
+                hf["merges"],
+                hf["tokens_per_image"],
+                "-",
+            )
+        )
+        results["hf_1d_" + mode.replace(" ", "_")] = {
+            "train_s": med[name],
             "merges": hf["merges"],
             "tokens_per_image": hf["tokens_per_image"],
-            "env": {k: v for k, v in env_changes.items()},
-            **summary(hf["times"]),
+            "env": dict(env_changes),
+            **summary(walls[name], cpus[name]),
         }
-    results["speedup_vs_recount_1d"] = rc_full / results["mmtok_1d"]["train_s"]
-    results["ratio_to_hf_1d_default_pool"] = results["mmtok_1d"]["train_s"] / results["hf_1d_default_pool"]["train_s"]
-    results["ratio_to_hf_1d_1_thread"] = results["mmtok_1d"]["train_s"] / results["hf_1d_1_thread"]["train_s"]
+    mm = results["mmtok_1d"]
+    results["speedup_vs_recount_1d"] = rc_full / mm["train_s"]
+    for key in ("hf_1d_default_pool", "hf_1d_1_thread"):
+        results[f"ratio_to_{key}"] = mm["train_s"] / results[key]["train_s"]
+        results[f"cpu_ratio_to_{key}"] = mm["cpu_median_s"] / results[key]["cpu_median_s"]
 
     head = f"trainer (median of {args.repeats})"
-    print(f"\n{head:48s} {'train s':>9s} {'merges':>7s} {'tok/img':>8s} {'lossless':>9s}")
-    for name, s, m, tpi, ok in rows:
-        print(f"{name:48s} {s:9.2f} {m:7d} {tpi:8.1f} {ok:>9s}")
-    print(f"\ntokens per image before BPE: {h * w}")
+    print(f"\n{head:58s} {'wall s':>8s} {'cpu s':>8s} {'merges':>7s} {'tok/img':>8s} {'lossless':>9s}")
+    for name, s_wall, s_cpu, m, tpi, ok in rows:
+        tpi_text = "-" if tpi is None else f"{tpi:.1f}"
+        print(f"{name:58s} {s_wall:8.2f} {s_cpu:8.2f} {m:7d} {tpi_text:>8s} {ok:>9s}")
+    print(f"\ntokens per image before BPE: {h * w}; load average after: {load_after[0]:.2f}")
+    print(f"mmtok 1d vs recount: {results['speedup_vs_recount_1d']:.1f}x faster")
     print(
-        f"mmtok 1d vs recount: {results['speedup_vs_recount_1d']:.1f}x faster; time relative to HF: "
-        f"{results['ratio_to_hf_1d_default_pool']:.2f}x its default pool, "
-        f"{results['ratio_to_hf_1d_1_thread']:.2f}x its single thread"
+        f"mmtok 1d time / HF time: {results['ratio_to_hf_1d_default_pool']:.2f}x its default pool, "
+        f"{results['ratio_to_hf_1d_1_thread']:.2f}x its single thread (wall); CPU time: "
+        f"{results['cpu_ratio_to_hf_1d_default_pool']:.2f}x, {results['cpu_ratio_to_hf_1d_1_thread']:.2f}x"
     )
     print(f"recount baseline merges identical to mmtok 1d: {same}")
     if args.json:
