@@ -9,8 +9,8 @@ import torch
 from tiny_models import tiny_fashion_mllm
 
 from mmtok import registries
-from mmtok.config import load_run_config
 from mmtok.mllm.modeling import MLLM
+from mmtok.train.config import load_run_config
 
 TINY = tiny_fashion_mllm("llama", tie_word_embeddings=True)
 
@@ -147,3 +147,54 @@ def test_mmtok_train_runs_the_scratch_config(shards, tmp_path):
     model = MLLM.from_pretrained(tmp_path / "run" / "export")
     assert model.tokenizer is not None and model.num_image_tokens == 16
     assert summary is not None
+
+
+# -- inputs and suite hygiene these tasks rely on -------------------------------------------------------------------
+def test_folder_shards_keep_images_without_a_mask(tmp_path):
+    """missing_mask=keep: the mask-less image is written *and read* (the reader skips a sample lacking a field most
+    of its shard carries unless the writer declared it optional)."""
+    import numpy as np
+    from PIL import Image
+
+    from mmtok.data.reader import ShardDataset
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "mask").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(tmp_path / "img" / f"p{i}.png")
+        if i < 3:  # 3 of 4 images have a mask
+            Image.fromarray((np.arange(64).reshape(8, 8) % 2).astype(np.uint8)).save(tmp_path / "mask" / f"p{i}.png")
+    build = registries.get("shard builder").get("folder").target
+    cfg = registries.get("shard builder").build_config(
+        "folder",
+        out=str(tmp_path / "out"),
+        images=str(tmp_path / "img"),
+        masks=str(tmp_path / "mask"),
+        missing_mask="keep",
+    )
+    assert build(cfg)["splits"]["train"]["samples"] == 4
+    ds = ShardDataset(str(tmp_path / "out" / "train-*.tar"))
+    samples = list(ds)
+    assert sorted(s["__key__"] for s in samples) == ["p0", "p1", "p2", "p3"] and not ds.stats
+    assert sum("mask" in s for s in samples) == 3  # decoded under "mask"
+
+
+def test_run_config_lives_in_the_engine():
+    import mmtok.train as engine
+    from mmtok.train import config as run_config
+    from mmtok.train import engine as loop
+
+    assert engine.RunConfig is run_config.RunConfig and engine.load_run_config is run_config.load_run_config
+    assert engine.preflight is loop.preflight
+    assert load_run_config is run_config.load_run_config
+
+
+def test_hypothesis_writes_outside_the_repo():
+    """conftest points hypothesis' storage (examples, caches) at a temp folder: `make test` leaves the tree clean."""
+    from pathlib import Path
+
+    from hypothesis.configuration import storage_directory
+
+    repo = Path(__file__).resolve().parents[1]
+    where = storage_directory("examples", intent_to_write=False).path.resolve()
+    assert repo not in where.parents, where

@@ -7,7 +7,7 @@
 - Masks (optional): for image ``a/b.jpg`` the first existing of ``masks/a/b.png``, ``masks/a/b_mask.png``,
   ``masks/a/b.jpg``; stored as ``mask.png`` (single channel, values kept). An image without a mask follows
   ``missing_mask``: "skip" (default: leave the sample out, count and log it), "keep" (write it without a
-  mask) or "raise".
+  mask, declared optional in the index so the reader keeps it too) or "raise".
 - Metadata (optional): a JSON object ``{"a/b.jpg" or "a/b": {...}}``, a JSON list of objects, or a CSV
   with a header; rows are matched by a ``file``/``image``/``filename``/``path`` column (relative path, with
   or without extension, or the bare file name). Fields go into the sample's ``json``; an integer
@@ -38,6 +38,9 @@ from mmtok.registries import SHARD_BUILDERS
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+# Fields some samples lack on purpose: a mask (missing_mask="keep") and a label (metadata for some images only).
+# Declared to the writer, or the reader would skip a sample lacking a field most of its shard carries.
+OPTIONAL_FIELDS = ("mask.png", "cls")
 
 
 @dataclass
@@ -220,7 +223,14 @@ def build_folder(cfg: FolderConfig) -> dict:
     for want_val, prefix in ((False, cfg.prefix), (True, "val")):
         if want_val and not to_val.any():
             continue
-        paths = write_shards(samples(want_val), cfg.out, prefix=prefix, maxcount=cfg.maxcount, maxsize=cfg.maxsize)
+        paths = write_shards(
+            samples(want_val),
+            cfg.out,
+            prefix=prefix,
+            maxcount=cfg.maxcount,
+            maxsize=cfg.maxsize,
+            optional=OPTIONAL_FIELDS,
+        )
         if paths:
             index = json.loads((Path(cfg.out) / f"{prefix}.json").read_text())
             summary["splits"][prefix] = {
