@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmtok import registries
-from mmtok.config import load_run_config
+from mmtok.train.config import load_run_config
 
 pytestmark = pytest.mark.gpu
 

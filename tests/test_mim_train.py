@@ -131,8 +131,8 @@ def _mae_overrides(shards: Path, out: Path, steps: int = 12) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("masker", ["random", "hard_patch"])
 def test_mmtok_train_mae_end_to_end(tmp_path, masker):
-    from mmtok.config import load_run_config
     from mmtok.mim import ViTEncoder
+    from mmtok.train.config import load_run_config
     from mmtok.train.engine import train
 
     shards = _fmnist_shards(tmp_path / "shards")
@@ -160,9 +160,9 @@ def test_mmtok_train_mae_end_to_end(tmp_path, masker):
 
 @pytest.mark.slow
 def test_mmtok_train_mtm_on_token_shards(tmp_path):
-    from mmtok.config import load_run_config
     from mmtok.data import write_shards
     from mmtok.mim import MTM
+    from mmtok.train.config import load_run_config
     from mmtok.train.engine import train
 
     rng = np.random.default_rng(0)

@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from mmtok.config import ConfigError, load_run_config
+from mmtok.config import ConfigError
 from mmtok.hub import CheckpointError
 from mmtok.train import checkpoint as ckpt
+from mmtok.train.config import load_run_config
 
 logger = logging.getLogger(__name__)
 

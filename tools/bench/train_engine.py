@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mmtok.config import load_run_config
+from mmtok.train.config import load_run_config
 from mmtok.train.engine import create_task, seed_everything, train
 
 
