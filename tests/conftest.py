@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
-import pytest
-import torch
+# Hypothesis keeps its example database and caches (charmap, constants) under $HYPOTHESIS_STORAGE_DIRECTORY, else
+# ./.hypothesis: point it at a temporary folder (removed at exit) before any test imports hypothesis, so the suite
+# writes nothing into the repo. An explicit setting from the environment is respected.
+if "HYPOTHESIS_STORAGE_DIRECTORY" not in os.environ:
+    _HYPOTHESIS_DIR = tempfile.mkdtemp(prefix="mmtok-hypothesis-")
+    os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = _HYPOTHESIS_DIR
+    atexit.register(shutil.rmtree, _HYPOTHESIS_DIR, ignore_errors=True)
+
+import pytest  # noqa: E402 - after the environment above
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
