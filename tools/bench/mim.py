@@ -90,7 +90,7 @@ def bench_throughput(quick: bool, device: torch.device) -> list[dict]:
                 "mask_ratio": ratio,
                 "batch": batch,
                 "tokens": task.model.num_patches,
-                "visible": int(task.model.num_patches * (1 - ratio)),
+                "visible": task.masker.visible_count(task.model.grid_size),  # the masker's own count
                 "per_s": batch / dt,
                 "step_ms": dt * 1000,
                 "activation_MiB": act / 2**20,
