@@ -554,8 +554,20 @@ def load_mllm(folder: str | Path, device: str | torch.device = "cpu") -> MLLMPip
         >>> mllm.answer("scene.png", "which item is on the left ?", prune="fastv", keep=64).text  # doctest: +SKIP
         'sneaker'
     """
+    from safetensors import SafetensorError
+
     from mmtok.mllm.modeling import MLLM
 
     folder = Path(folder)
     _read_json_object(folder / "config.json")
-    return MLLMPipeline(MLLM.from_pretrained(folder).to(_device(device)))
+    # a damaged folder fails in many layers (safetensors, registry names, shapes): each becomes one InputError
+    # naming the folder, so callers (the command line, the demo) can show one line instead of a traceback
+    try:
+        model = MLLM.from_pretrained(folder)
+    except SafetensorError as e:
+        raise InputError(f"{folder}: the weights file is not a readable safetensors file ({e})") from e
+    except KeyError as e:  # unknown registry names and config keys (RegistryError is a KeyError)
+        raise InputError(f"{folder}: {str(e).strip(chr(39))}") from e
+    except (OSError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+        raise InputError(f"{folder}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    return MLLMPipeline(model.to(_device(device)))
