@@ -129,26 +129,28 @@ def test_refinements_give_masks_at_image_size(model, refine):
     assert res.masks.shape == (2, 32, 32)
 
 
-@pytest.mark.parametrize("head", ["allmask", "segtoken", "text"])
-def test_tiny_finetuning_per_head_learns_and_outputs_parse(head):
+@pytest.mark.slow
+@pytest.mark.parametrize(("head", "steps"), [("allmask", 40), ("segtoken", 40), ("text", 150)])
+def test_tiny_finetuning_per_head_learns_and_outputs_parse(head, steps):
     task = make_task(head_mix={head: 1.0})
     batch = task.synthetic_batch(4)
     assert list(batch["groups"]) == [head]
     opt = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=3e-3)
     losses = []
-    for _ in range(60):
+    for _ in range(steps):
         out = task(batch)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
-        losses.append(float(out["loss"]))
+        losses.append(float(out["loss"].detach()))
     assert losses[-1] < 0.3 * losses[0], losses[::10]
     task.eval()
     g = batch["groups"][head]
     res = task.model.segment(batch["images"][g["index"]], g["phrases"], head=head, questions=g["questions"])
     gt = g["masks"].bool()
     iou = (res.masks & gt).sum() / (res.masks | gt).sum()
-    assert float(iou) > 0.5, f"{head}: IoU {float(iou):.2f} on the batch it was fitted to"
+    # the squares sit on the 4 x 4 cell lattice, so a perfect fit has IoU 1 with every head
+    assert float(iou) > 0.85, f"{head}: IoU {float(iou):.2f} on the batch it was fitted to"
     if head == "text":
         assert all("<seg>" in t for t in res.text) and res.repairs == [0] * len(res.repairs), res.text
 

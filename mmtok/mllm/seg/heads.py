@@ -45,6 +45,7 @@ from mmtok.registries import SEG_HEADS
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+HEAD_ORDER = ("allmask", "segtoken", "text")  # also the default head: the first a model has
 
 # Question templates (varied, as Text4Seg's conversation data); {} is the referring expression.
 QUESTIONS = (
@@ -185,8 +186,11 @@ def build_seg_heads(model: Any, specs: dict[str, dict[str, Any]]) -> nn.ModuleDi
     reg = registries.get("seg head")
     width = model.llm.config.hidden_size
     heads = nn.ModuleDict()
-    for name, overrides in specs.items():
-        kwargs = dict(overrides or {})
+    unknown = [n for n in specs if n not in HEAD_ORDER]
+    if unknown:
+        raise ValueError(f"unknown segmentation heads {unknown}; choose from {list(HEAD_ORDER)}")
+    for name in sorted(specs, key=HEAD_ORDER.index):  # a canonical order: saved configs may sort their keys
+        kwargs = dict(specs[name] or {})
         if "width" in {f.name for f in dataclasses.fields(reg.get(name).config)}:
             kwargs["width"] = width
         head = reg.create(name, **kwargs)
@@ -340,6 +344,7 @@ def segment(
         refine: Coarse grid -> full resolution: ``none`` | ``bilinear`` | ``guided`` (see ``seg.refine``).
         questions: Override the prompt per sample (default: the first question template).
     """
+    from mmtok.mllm.seg.refine import refine_decoded
     from mmtok.mllm.text import chat_prompt, encode_prompts
 
     t0 = time.perf_counter()
@@ -359,8 +364,6 @@ def segment(
         pruner = registries.get("pruner").create(prune, num_keep=keep)
     tok = model.tokenizer
     qs = questions or [question_for(e) for e in expressions]
-    height, width = images.shape[-2:]
-    text_out, repairs, n_tokens, image_keep = None, [0] * len(qs), [], None
     if h.kind == "text":
         ids, att = encode_prompts(tok, [chat_prompt(tok, q) for q in qs], model.device)
         gen = model.generate(
@@ -370,17 +373,19 @@ def segment(
         rows = gen.sequences.tolist()
         text_out = [_decode_text(tok, row) for row in rows]
         n_tokens = [_length(tok, row) for row in rows]
+        # referring: every non-background label is the object (a model may misspell its label)
         decoded = [h.format.decode(t) for t in text_out]
+        fg = [dataclasses.replace(d, labels=(d.labels > 0).astype(np.int64)) for d in decoded]
         repairs = [d.repairs for d in decoded]
-        if h.format.name == "bricks":  # bricks place their in-box grid inside a box: score at full resolution
-            scores = torch.stack([torch.from_numpy((d.mask(height, width) > 0).astype(np.float32)) for d in decoded])
-        else:
-            scores = torch.stack([torch.from_numpy((d.labels > 0).astype(np.float32)) for d in decoded])
-    else:
-        answers = [chat_prompt(tok, q, h.answer_text(e)) for q, e in zip(qs, expressions)]
-        scores, image_keep = _patch_scores(model, h, answers, images, pruner)
+        scores = torch.stack([torch.from_numpy(d.labels.astype(np.float32)) for d in fg])
+        masks = torch.stack(
+            [torch.from_numpy(refine_decoded(d, _rgb(img), refine) > 0.5) for d, img in zip(fg, images)]
+        )
+        return SegOutput(masks, scores, text_out, repairs, time.perf_counter() - t0, image_keep, n_tokens)
+    answers = [chat_prompt(tok, q, h.answer_text(e)) for q, e in zip(qs, expressions)]
+    scores, image_keep = _patch_scores(model, h, answers, images, pruner)
     masks = refine_masks(scores, images, refine)
-    return SegOutput(masks, scores, text_out, repairs, time.perf_counter() - t0, image_keep, n_tokens)
+    return SegOutput(masks, scores, None, [0] * len(qs), time.perf_counter() - t0, image_keep)
 
 
 def _patch_scores(model: Any, head: Any, texts: list[str], images: torch.Tensor, pruner: Any):
@@ -409,14 +414,13 @@ def refine_masks(scores: torch.Tensor, images: torch.Tensor, method: str = "bili
     """Grid scores ``[B, gh, gw]`` in [0, 1] -> boolean masks ``[B, H, W]`` at the image size."""
     from mmtok.mllm.seg.refine import refine
 
-    height, width = images.shape[-2:]
-    out = []
-    for s, img in zip(scores, images):
-        rgb = (img.detach().cpu().float().clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-        full = refine(s.numpy().astype(np.float32), rgb, method)
-        out.append(torch.from_numpy(np.asarray(full) > 0.5))
-    del height, width
-    return torch.stack(out)
+    out = [refine(s.numpy().astype(np.float32), _rgb(img), method) > 0.5 for s, img in zip(scores, images)]
+    return torch.from_numpy(np.stack(out))
+
+
+def _rgb(image: torch.Tensor) -> np.ndarray:
+    """``[3, H, W]`` in [0, 1] -> ``[H, W, 3]`` uint8 (the guide image of refinement)."""
+    return (image.detach().cpu().float().clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 
 
 def _decode_text(tok: Any, row: list[int]) -> str:

@@ -1,0 +1,105 @@
+"""The ``mllm_seg`` task through the engine: one process, DDP and DeepSpeed ZeRO-2/3 on 2 CPU processes (gloo);
+the exported folder segments with every head."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_seg_heads, tiny_seg_mllm
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    from mmtok.data.sources.scenes import FashionScenesConfig, build_fashion_scenes
+
+    out = tmp_path_factory.mktemp("scenes")
+    build_fashion_scenes(FashionScenesConfig(out=str(out), train=32, val=8, test=8, canvas=32, maxcount=8))
+    return out
+
+
+def _overrides(scenes: Path, out: Path, steps: int = 3) -> list[str]:
+    model = json.dumps(tiny_seg_mllm()).replace(" ", "")
+    heads = json.dumps(tiny_seg_heads()).replace(" ", "")
+    return [
+        f"data.train={scenes}/train-*.tar",
+        f"data.val={scenes}/val-*.tar",
+        "data.batch_size=6",
+        "data.num_workers=0",
+        "data.shuffle_buffer=8",
+        "data.resampled=false",
+        "data.epoch_length=0",
+        f"train.steps={steps}",
+        "train.eval_every=0",
+        "train.eval_batches=1",
+        "train.ckpt_every=0",
+        "train.max_seconds=0",
+        "train.schedule_by_time=false",
+        "train.progress=false",
+        "train.device=cpu",
+        "optim.warmup_steps=0",
+        f"output_dir={out}",
+        f"task.model_overrides={model}",
+        f"task.heads={heads}",
+    ]
+
+
+def test_train_seg_recipe_one_process_and_segment_with_the_export(scenes, tmp_path):
+    from mmtok.mllm.modeling import MLLM
+    from mmtok.train.config import load_run_config
+    from mmtok.train.engine import train
+
+    cfg = load_run_config(["configs/mllm/seg_scenes_cpu.yaml"], _overrides(scenes, tmp_path / "run"))
+    summary = train(cfg)
+    assert summary["eval"]["allmask/ciou"] >= 0.0 and "text/loss" in summary["eval"]
+    model = MLLM.from_pretrained(tmp_path / "run" / "export").eval()
+    assert list(model.seg_heads) == ["allmask", "segtoken", "text"]
+    images = torch.rand(2, 3, 32, 32)
+    for head in model.seg_heads:
+        assert model.segment(images, ["the bag", "the red sneaker"], head=head).masks.shape == (2, 32, 32)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.parametrize("stage", [0, 2, 3])  # 0 = DDP
+def test_seg_task_on_two_processes(scenes, tmp_path, stage):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / f"stage{stage}"
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "mmtok.train",
+        "--config",
+        str(REPO / "configs/mllm/seg_scenes_cpu.yaml"),
+        *_overrides(scenes, out),
+    ]
+    if stage:
+        cmd += ["deepspeed.enabled=true", f"deepspeed.config={REPO}/configs/ds/zero{stage}.json"]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    env_json = json.loads((out / "env.json").read_text())
+    assert env_json["backend"] == ("deepspeed" if stage else "ddp") and env_json["world_size"] == 2
+    from mmtok.mllm.modeling import MLLM
+
+    model = MLLM.from_pretrained(out / "export").eval()
+    assert model.segment(torch.rand(1, 3, 32, 32), ["the bag"], head="allmask").masks.shape == (1, 32, 32)
