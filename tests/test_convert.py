@@ -329,3 +329,94 @@ def test_official_mae_refusals(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a zip")
     assert main(["convert", "mae", "--input", str(tmp_path / "junk.pth"), "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timm and open_clip weight files as MLLM towers
+# ---------------------------------------------------------------------------------------------------------------
+TIMM_ARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+LLM = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "vocab_size": 64,
+    "max_position_embeddings": 256,
+}
+
+
+def test_timm_safetensors_file_and_hub_folder_as_tower(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+    from timm.models._hub import save_for_hf
+
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, **TIMM_ARGS).eval()
+    # timm's own hub writer: config.json (architecture, model_args, pretrained_cfg) + model.safetensors
+    save_for_hf(ref, str(tmp_path / "timm"), model_args=TIMM_ARGS, safe_serialization=True)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = ref.forward_features(px)
+    towers = registries.get("vision tower")
+    by_file = towers.create("timm_vit", kwargs=TIMM_ARGS, checkpoint=str(tmp_path / "vit.safetensors")).eval()
+    by_folder = towers.create("timm_vit", checkpoint=str(tmp_path / "timm")).eval()
+    pre = json.loads((tmp_path / "timm" / "config.json").read_text())["pretrained_cfg"]
+    assert by_folder.config.mean == pre["mean"] and by_folder.config.kwargs["embed_dim"] == 32
+    for tower in (by_file, by_folder):
+        with torch.no_grad():
+            torch.testing.assert_close(tower.model.norm(tower.hidden_states(px)[-1]), want)
+    # an MLLM over it saves and reloads without the folder (the tower weights travel with the MLLM)
+    mllm = registries.get("mllm").create(
+        "llava", tower={"name": "timm_vit", "checkpoint": str(tmp_path / "timm")}, llm=LLM, image_token_id=63
+    )
+    mllm.save_pretrained(tmp_path / "mllm")
+    import shutil
+
+    shutil.rmtree(tmp_path / "timm")
+    from mmtok.mllm import MLLM
+
+    back = MLLM.from_pretrained(tmp_path / "mllm").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back.tower.model.norm(back.tower.hidden_states(px)[-1]), want)
+    # a file for another size is one TowerError, not a torch traceback
+    from mmtok.mllm.towers import TowerError
+
+    with pytest.raises(TowerError, match="does not fit"):
+        towers.create("timm_vit", kwargs={**TIMM_ARGS, "embed_dim": 64}, checkpoint=str(tmp_path / "vit.safetensors"))
+
+
+def test_open_clip_safetensors_file_and_hub_folder_as_tower(tmp_path):
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+    from open_clip.push_to_hf_hub import save_config_for_hf
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    vision = {"layers": 2, "width": 32, "head_width": 16, "patch_size": 8, "image_size": 32}
+    text = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}
+    clip = open_clip.CLIP(embed_dim=16, vision_cfg=CLIPVisionCfg(**vision), text_cfg=CLIPTextCfg(**text)).eval()
+    clip.visual.image_mean, clip.visual.image_std = (0.4, 0.45, 0.5), (0.3, 0.25, 0.2)  # as create_model sets them
+    folder = tmp_path / "oc"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    # open_clip's own config writer: model_cfg + preprocess_cfg
+    save_config_for_hf(
+        clip, folder / "open_clip_config.json", {"embed_dim": 16, "vision_cfg": vision, "text_cfg": text}
+    )
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = clip.encode_image(px)  # [B, 16]: pooled [CLS] after ln_post and the projection
+    towers = registries.get("vision tower")
+    by_folder = towers.create("open_clip", checkpoint=str(folder)).eval()
+    by_file = towers.create(
+        "open_clip", vision_cfg=vision, embed_dim=16, checkpoint=str(folder / "open_clip_model.safetensors")
+    ).eval()
+    assert by_folder.config.mean == [0.4, 0.45, 0.5] and by_folder.config.std == [0.3, 0.25, 0.2]
+    for tower in (by_folder, by_file):
+        assert tower.num_patches == 16 and tower.config.checkpoint == ""
+        with torch.no_grad():
+            hs = tower.hidden_states(px)
+            torch.testing.assert_close(tower.model.ln_post(hs[-1][:, 0]) @ tower.model.proj, want)

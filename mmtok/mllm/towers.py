@@ -77,6 +77,34 @@ def load_local_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise TowerError(f"checkpoint {path} is not a readable safetensors file ({e})") from e
 
 
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object, or :class:`TowerError` naming the file."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TowerError(f"{path} cannot be read as JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise TowerError(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    return data
+
+
+def _folder_weights(folder: Path, names: tuple[str, ...]) -> Path:
+    """The first of ``names`` (safetensors files) present in ``folder``; pickled ones are refused with the fix."""
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickled:
+        src = folder / pickled[0]
+        raise TowerError(
+            f"{folder} holds {', '.join(pickled)} but no {names[0]}. "
+            + CONVERT_HINT.format(src=src, dst=folder / names[0])
+        )
+    raise TowerError(f"{folder} has none of {', '.join(names)}")
+
+
 def _square(value: Any, what: str, name: str) -> int:
     """``value`` (an int or an ``(h, w)`` pair) as one side length; a non-square pair is refused."""
     if isinstance(value, (tuple, list)):
@@ -262,11 +290,18 @@ def _hf_siglip(config: HFVisionTowerConfig) -> HFVisionTower:
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
 class TimmViTConfig:
-    """A timm VisionTransformer by name, random init or weights from a local file."""
+    """A timm VisionTransformer by name, random init or weights from a local file or folder.
+
+    ``checkpoint`` may be a ``.safetensors`` state dict (timm's key names) or a folder in timm's hub layout
+    (``config.json`` with ``architecture``, ``model_args`` and ``pretrained_cfg`` + ``model.safetensors``, as
+    ``timm.models.push_to_hf_hub`` / a hub download writes it): the folder then also gives the model name, its
+    arguments and the mean/std. After loading, the resolved fields are kept and ``checkpoint`` is cleared, so a
+    saved MLLM rebuilds the tower without the file (its weights travel in the MLLM's own state dict).
+    """
 
     model_name: str = "vit_tiny_patch16_224"
     kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. img_size, patch_size, embed_dim, depth, num_heads
-    checkpoint: str = ""  # local .safetensors state dict ("" = random init); other formats are refused
+    checkpoint: str = ""  # local .safetensors file or timm hub folder ("" = random init); pickles are refused
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
 
@@ -288,6 +323,16 @@ class TimmViTTower(VisionTower):
         import timm
 
         self.config = config
+        if config.checkpoint and Path(config.checkpoint).is_dir():
+            folder = Path(config.checkpoint)
+            meta = _json_object(folder / "config.json") if (folder / "config.json").is_file() else {}
+            pre = meta.get("pretrained_cfg") or {}
+            config.model_name = str(meta.get("architecture") or config.model_name)
+            args = {k: v for k, v in dict(meta.get("model_args") or {}).items() if k != "num_classes"}
+            config.kwargs = {**args, **config.kwargs}  # the classifier is dropped (num_classes=0) below
+            if "mean" in pre and "std" in pre:  # the normalisation the weights were trained with
+                config.mean, config.std = [float(v) for v in pre["mean"]], [float(v) for v in pre["std"]]
+            config.checkpoint = str(_folder_weights(folder, ("model.safetensors", "open_clip_model.safetensors")))
         for key in ("img_size", "patch_size"):  # refuse before timm builds a model that fails at its first call
             if key in config.kwargs:
                 _square(config.kwargs[key], key, config.model_name)
@@ -299,11 +344,21 @@ class TimmViTTower(VisionTower):
             raise TowerError(f"{config.model_name!r} is not a timm VisionTransformer; pick a vit_* model")
         if config.checkpoint:
             state = load_local_state_dict(config.checkpoint)
-            missing, unexpected = model.load_state_dict(state, strict=False)
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}  # the classifier is not used
+            try:
+                missing, unexpected = model.load_state_dict(state, strict=False)
+            except RuntimeError as e:  # shape mismatches: the file is for another size
+                first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
+                raise TowerError(
+                    f"{config.checkpoint} does not fit {config.model_name} {config.kwargs}: {first}"
+                ) from e
             bad = [k for k in missing if not k.startswith("head")]
             if bad:
                 raise TowerError(f"{config.checkpoint} lacks {bad[:5]} for {config.model_name}")
-            logger.info("loaded %s (ignored %d unexpected keys)", config.checkpoint, len(unexpected))
+            if unexpected:
+                raise TowerError(f"{config.checkpoint} has keys {unexpected[:5]} that {config.model_name} lacks")
+            logger.info("loaded %s into timm %s", config.checkpoint, config.model_name)
+            config.checkpoint = ""  # resolved: a saved MLLM carries these weights itself
         self.model = model
         self.num_layers = len(model.blocks)
         self.hidden_size = model.embed_dim
@@ -414,7 +469,10 @@ class OpenClipConfig:
     model_name: str = "ViT-B-32"
     vision_cfg: dict[str, Any] = field(default_factory=dict)  # if set, build only the visual tower from it
     embed_dim: int = 512  # output projection width of the CLIP model (unused by the MLLM, needed to build)
-    checkpoint: str = ""  # local .safetensors state dict of the CLIP model or of its `visual` part
+    # local .safetensors state dict of the CLIP model or of its `visual` part, or a folder in open_clip's hub layout
+    # (open_clip_config.json with model_cfg / preprocess_cfg + open_clip_model.safetensors): the folder then gives
+    # the vision config and the mean/std too. Cleared after loading (a saved MLLM carries the weights itself).
+    checkpoint: str = ""
     mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
     std: list[float] = field(default_factory=lambda: list(CLIP_STD))
 
@@ -428,6 +486,18 @@ class OpenClipTower(VisionTower):
         from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
         self.config = config
+        if config.checkpoint and Path(config.checkpoint).is_dir():
+            folder = Path(config.checkpoint)
+            meta = (
+                _json_object(folder / "open_clip_config.json") if (folder / "open_clip_config.json").is_file() else {}
+            )
+            model_cfg, pre = meta.get("model_cfg") or {}, meta.get("preprocess_cfg") or {}
+            if model_cfg.get("vision_cfg"):
+                config.vision_cfg = dict(model_cfg["vision_cfg"])
+                config.embed_dim = int(model_cfg.get("embed_dim", config.embed_dim))
+            if "mean" in pre and "std" in pre:
+                config.mean, config.std = [float(v) for v in pre["mean"]], [float(v) for v in pre["std"]]
+            config.checkpoint = str(_folder_weights(folder, ("open_clip_model.safetensors", "model.safetensors")))
         if config.vision_cfg:
             visual = _build_vision_tower(config.embed_dim, CLIPVisionCfg(**config.vision_cfg))
         else:
@@ -438,7 +508,14 @@ class OpenClipTower(VisionTower):
             state = load_local_state_dict(config.checkpoint)
             if any(k.startswith("visual.") for k in state):
                 state = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
-            visual.load_state_dict(state, strict=True)
+            try:
+                visual.load_state_dict(state, strict=True)
+            except RuntimeError as e:
+                head = str(e).splitlines()[0]
+                raise TowerError(
+                    f"{config.checkpoint} does not fit open_clip {config.model_name}: {head} {str(e)[:300]}"
+                ) from e
+            config.checkpoint = ""  # resolved: a saved MLLM carries these weights itself
         self.model = visual
         blocks = visual.transformer.resblocks
         self.num_layers = len(blocks)
