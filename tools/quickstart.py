@@ -1,188 +1,110 @@
-"""The quickstart pipeline behind `make demo`: every step a user would type, run in order.
+"""The quickstart pipeline behind `make demo`: every step a user would type, run in order, bounded by time.
 
-Each step is an `mmtok` command line (printed before it runs) and a "done" marker: a step whose
-output already exists is skipped, so a second `make demo` takes seconds. `--force` reruns all.
-Steps whose capability is not installed are reported and skipped rather than faked.
+Each step is an `mmtok` command line (printed before it runs) and a "done" marker: a step whose output
+already exists is skipped, so a second `make demo` takes seconds. `--force` reruns all. Steps whose
+capability is not installed are reported and skipped rather than faked.
+
+Every training step runs its recipe from configs/ under a wall-clock budget (`train.max_seconds`, with
+`train.schedule_by_time=true` so the learning rate anneals within the budget): the pipeline's length
+does not depend on how busy the machine is, only its figures do. A step that the budget cut short says
+so. The budgets live in BUDGETS below (`--scale` multiplies them); the recipes' full budgets are the
+same commands without the overrides.
+
+The run ends with `tools/quickstart_report.py`, which measures each figure's trivial baseline and writes
+runs/quickstart/REPORT.md (figures, baselines, the recipes' full-budget figures, the commands to go on).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MMTOK = [sys.executable, "-m", "mmtok"]
+Q = "runs/quickstart"  # every output of the quickstart lives here (the demo reads its models from it)
+TIMINGS = f"{Q}/timings.json"
+
+# Training budgets in seconds of wall clock (the engine stops after the step during which the budget ran out,
+# then evaluates and exports). Sized so that the budgets plus data building and evaluation stay within about
+# 18 minutes on a 2-core machine; data and evaluation steps have no budget of their own and take longer when
+# the machine is busy. `--scale 2` doubles every budget.
+BUDGETS: dict[str, float] = {
+    "toy": 15,
+    "vq": 75,
+    "mae": 120,
+    "mllm": 150,
+    "seg": 150,
+}
+
+# Seconds each step without a budget takes on a quiet 2-core machine (rough), and the fixed cost of a training
+# step around its budget (start-up, final evaluation, export). With the deadline (`--minutes`), the training
+# budgets shrink when the machine is slower than this, so that the whole run still ends on time.
+EXPECTED_S: dict[str, float] = {
+    "fmnist_shards": 35,
+    "vq_eval": 40,
+    "mae_eval": 40,
+    "vqa_shards": 35,
+    "mllm_eval": 45,
+    "prune": 15,
+    "scenes_shards": 60,
+    "seg_eval": 35,
+    "seg_eval_text": 50,
+    "segment": 12,
+    "screenshots": 60,
+    "report": 45,
+}
+TRAIN_OVERHEAD_S = 20.0
+MIN_SHARE = 0.25  # a budget never shrinks below this share of its nominal value (a useless model helps nobody)
+
+# `--tiny`: a smoke run (seconds per step) for tests and for checking an install; its figures mean nothing.
+TINY_SHARDS = {
+    "fashion-mnist": ["limit=600"],
+    "fashion-vqa": ["train=64", "val=16", "test=16"],
+    "fashion-scenes": ["train=64", "val=16", "test=16"],
+}
 
 
 @dataclass
 class Step:
+    """One quickstart step: an `mmtok` command line and the file that exists once it has run."""
+
+    key: str  # short id: timings.json and REPORT.md use it
     title: str
     argv: list[str]
-    done: str  # path (relative to the repo root) that exists once the step has run
+    done: str  # path (relative to the working folder) that exists once the step has run; "" = always run
     needs: str = ""  # importable module the step needs ("" = always available)
+    budget: str = ""  # key of BUDGETS for training steps ("" = not a training step)
+    tiny: list[str] = field(default_factory=list)  # extra arguments under --tiny
+    before: Callable[[Path], list[str]] | None = None  # writes an input file, returns extra argv
+    command: list[str] | None = None  # a non-mmtok command (argv[0] is a script path)
 
 
-Q = "runs/quickstart"  # every output of the quickstart lives here (the demo reads its models from it)
-
-# Short budgets so that the whole pipeline runs in minutes on 2 CPU cores; the recipe files in configs/
-# hold the full budgets (see README) and the same commands without the overrides run them.
-STEPS = [
-    Step(
-        "Fashion-MNIST shards (70k real images)",
-        ["shards", "fashion-mnist", "--out", "data/fashion-mnist"],
-        "data/fashion-mnist/train.json",
-    ),
-    Step(
-        "Toy classifier: the training engine end to end (checkpoints, eval, export)",
-        [
-            "train",
-            "--config",
-            "configs/toy/fmnist_classifier.yaml",
-            f"output_dir={Q}/toy",
-            "train.steps=300",
-            "train.eval_every=150",
-            "train.ckpt_every=150",
-        ],
-        f"{Q}/toy/export/config.json",
-        needs="mmtok.train.toy",
-    ),
-    Step(
-        "VQ tokenizer (f4, 512 codes) on Fashion-MNIST",
-        [
-            "train",
-            "--config",
-            "configs/tokenizer/vq_fmnist.yaml",
-            f"output_dir={Q}/vq_fmnist",
-            "train.steps=400",
-            "train.eval_every=200",
-            "train.ckpt_every=200",
-        ],
-        f"{Q}/vq_fmnist/export/config.json",
-        needs="mmtok.tokenizers",
-    ),
-    Step(
-        "Evaluate the tokenizer (PSNR, SSIM, usage, tokens/image before and after 2D BPE, recon grid)",
-        [
-            "eval",
-            "tokenizer",
-            "--tokenizer",
-            f"{Q}/vq_fmnist/export",
-            "--data",
-            "fmnist",
-            "--n",
-            "500",
-            "--out",
-            f"{Q}/vq_fmnist/eval",
-        ],
-        f"{Q}/vq_fmnist/eval/metrics.json",
-        needs="mmtok.tokenizers",
-    ),
-    Step(
-        "MAE pretraining (ViT, patch 4, 75% random masking) on Fashion-MNIST",
-        [
-            "train",
-            "--config",
-            "configs/mim/mae_fmnist.yaml",
-            f"output_dir={Q}/mae_fmnist",
-            "train.steps=300",
-            "task.total_steps=300",
-            "data.batch_size=128",
-            "optim.warmup_steps=30",
-            "train.eval_every=150",
-            "train.ckpt_every=150",
-        ],
-        f"{Q}/mae_fmnist/export",
-        needs="mmtok.mim",
-    ),
-    Step(
-        "Evaluate the MAE encoder (linear probe on Fashion-MNIST test, reconstruction figure)",
-        [
-            "eval",
-            "mim",
-            "--model",
-            f"{Q}/mae_fmnist",
-            "--limit-train",
-            "10000",
-            "--limit-test",
-            "2000",
-            "--figure",
-            f"{Q}/mae_fmnist/recon.png",
-            "--out",
-            f"{Q}/mae_fmnist/eval.json",
-        ],
-        f"{Q}/mae_fmnist/eval.json",
-        needs="mmtok.mim",
-    ),
-    Step(
-        "fashion-vqa shards (96x96 scenes -> 576 image tokens, templated questions)",
-        ["shards", "fashion-vqa", "--out", "data/fashion-vqa"],
-        "data/fashion-vqa/test.json",
-        needs="mmtok.mllm",
-    ),
-    Step(
-        "Tiny MLLM (ViT tower + MLP projector + Llama) on fashion-vqa",
-        [
-            "train",
-            "--config",
-            "configs/mllm/fashion_vqa_cpu.yaml",
-            f"output_dir={Q}/mllm_fashion_vqa",
-            "train.steps=300",
-            "train.eval_every=150",
-            "train.ckpt_every=150",
-            "optim.warmup_steps=30",
-            "train.progress=true",
-        ],
-        f"{Q}/mllm_fashion_vqa/export/config.json",
-        needs="mmtok.mllm",
-    ),
-    Step(
-        "Answer accuracy under every pruner at 64 of 576 image tokens",
-        [
-            "eval",
-            "mllm",
-            "--model",
-            f"{Q}/mllm_fashion_vqa/export",
-            "--data",
-            "data/fashion-vqa/test-*.tar",
-            "--keeps",
-            "64",
-            "--limit",
-            "100",
-            "--json",
-            f"{Q}/mllm_fashion_vqa/pruning.json",
-        ],
-        f"{Q}/mllm_fashion_vqa/pruning.json",
-        needs="mmtok.mllm",
-    ),
-    Step(
-        "mmtok prune: one question about one scene, DART at 64 tokens, timed against no pruning",
-        [
-            "prune",
-            "--model",
-            f"{Q}/mllm_fashion_vqa/export",
-            "--method",
-            "dart",
-            "--keep",
-            "64",
-            "--image",
-            f"{Q}/scene.png",
-            "--prompt",
-            "how many items are there ?",
-        ],
-        "",
-        needs="mmtok.mllm",
-    ),
-]
+def _train(key: str, title: str, config: list[str], out: str, overrides: list[str], needs: str) -> Step:
+    cfgs = [a for c in config for a in ("--config", c)]
+    return Step(
+        key,
+        title,
+        ["train", *cfgs, f"output_dir={Q}/{out}", *overrides],
+        f"{Q}/{out}/export",
+        needs=needs,
+        budget=key,
+        tiny=["train.log_every=1", "data.batch_size=4", "data.num_workers=0"],
+    )
 
 
-def _write_scene(path: Path) -> None:
-    """A 96x96 fashion scene for the `mmtok prune` step (test split items, fixed seed)."""
+def _write_scene(path: Path, canvas: int) -> str:
+    """A fashion scene (test-split items, fixed seed) at ``canvas`` px for the single-image steps.
+
+    Writes ``path`` and ``path`` with ``.json`` (its items); returns the first item's referring expression.
+    """
     import numpy as np
     from PIL import Image
 
@@ -190,10 +112,216 @@ def _write_scene(path: Path) -> None:
     from mmtok.data.sources.scenes import make_scene
 
     images, labels = load_fashion_mnist("test")
-    rgb, _, items = make_scene(np.random.default_rng(7), images, labels, canvas=96, min_items=2, max_items=3)
+    rgb, _, items = make_scene(np.random.default_rng(7), images, labels, canvas=canvas, min_items=3, max_items=3)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).save(path)
-    print(f"wrote {path}: " + ", ".join(it["expression"] for it in items), flush=True)
+    meta = [{k: it[k] for k in ("class_name", "colour", "position", "expression")} for it in items]
+    path.with_suffix(".json").write_text(json.dumps({"canvas": canvas, "items": meta}, indent=2) + "\n")
+    print(f"wrote {path.relative_to(Path.cwd())}: " + ", ".join(it["expression"] for it in items), flush=True)
+    return items[0]["expression"]
+
+
+def _scene_for_prune(cwd: Path) -> list[str]:
+    _write_scene(cwd / Q / "scene.png", 96)
+    return []
+
+
+def _scene_for_segment(cwd: Path) -> list[str]:
+    return ["--expression", _write_scene(cwd / Q / "scene64.png", 64)]
+
+
+STEPS: list[Step] = [
+    Step(
+        "fmnist_shards",
+        "Fashion-MNIST shards (70k real images)",
+        ["shards", "fashion-mnist", "--out", "data/fashion-mnist"],
+        "data/fashion-mnist/train.json",
+        tiny=TINY_SHARDS["fashion-mnist"],
+    ),
+    _train(
+        "toy",
+        "Toy classifier: the training engine end to end (checkpoints, eval, export)",
+        ["configs/toy/fmnist_classifier.yaml"],
+        "toy",
+        ["train.eval_every=0", "train.ckpt_every=0", "train.eval_batches=10"],
+        "mmtok.train.toy",
+    ),
+    _train(
+        "vq",
+        "VQ tokenizer (f4, 512 codes) on Fashion-MNIST",
+        ["configs/tokenizer/vq_fmnist.yaml"],
+        "vq_fmnist",
+        ["optim.warmup_steps=20", "train.eval_every=0", "train.ckpt_every=0", "train.eval_batches=4"],
+        "mmtok.tokenizers",
+    ),
+    Step(
+        "vq_eval",
+        "Evaluate the tokenizer (PSNR, SSIM, usage, FID-style score, tokens/image before and after 2D BPE)",
+        ["eval", "tokenizer", "--tokenizer", f"{Q}/vq_fmnist/export", "--data", "fmnist", "--n", "500"]
+        + ["--out", f"{Q}/vq_fmnist/eval"],
+        f"{Q}/vq_fmnist/eval/metrics.json",
+        needs="mmtok.tokenizers",
+        tiny=["--n", "16", "--bpe-merges", "8", "--bpe-train-n", "32"],
+    ),
+    _train(
+        "mae",
+        "MAE pretraining (ViT width 192, patch 7, 75% random masking) on Fashion-MNIST",
+        ["configs/mim/mae_fmnist.yaml", "configs/mim/mae_fmnist_p7.yaml"],
+        "mae_fmnist",
+        ["optim.warmup_steps=40", "train.eval_every=0", "train.ckpt_every=0", "train.eval_batches=4"],
+        "mmtok.mim",
+    ),
+    Step(
+        "mae_eval",
+        "Evaluate the MAE encoder (linear probe on Fashion-MNIST test, reconstruction figure)",
+        ["eval", "mim", "--model", f"{Q}/mae_fmnist", "--limit-train", "10000", "--limit-test", "2000"]
+        + ["--figure", f"{Q}/mae_fmnist/recon.png", "--out", f"{Q}/mae_fmnist/eval.json"],
+        f"{Q}/mae_fmnist/eval.json",
+        needs="mmtok.mim",
+        tiny=["--limit-train", "200", "--limit-test", "100"],
+    ),
+    Step(
+        "vqa_shards",
+        "fashion-vqa shards (96x96 scenes -> 576 image tokens, templated questions)",
+        ["shards", "fashion-vqa", "--out", "data/fashion-vqa"],
+        "data/fashion-vqa/test.json",
+        needs="mmtok.mllm",
+        tiny=TINY_SHARDS["fashion-vqa"],
+    ),
+    _train(
+        "mllm",
+        "Tiny MLLM (ViT tower + MLP projector + Llama) on fashion-vqa",
+        ["configs/mllm/fashion_vqa_cpu.yaml"],
+        "mllm_fashion_vqa",
+        ["optim.warmup_steps=30", "train.eval_every=0", "train.ckpt_every=0", "train.eval_batches=2"]
+        + ["train.progress=true"],
+        "mmtok.mllm",
+    ),
+    Step(
+        "mllm_eval",
+        "Answer accuracy under every pruner at 64 of 576 image tokens",
+        ["eval", "mllm", "--model", f"{Q}/mllm_fashion_vqa/export", "--data", "data/fashion-vqa/test-*.tar"]
+        + ["--keeps", "64", "--limit", "100", "--json", f"{Q}/mllm_fashion_vqa/pruning.json"],
+        f"{Q}/mllm_fashion_vqa/pruning.json",
+        needs="mmtok.mllm",
+        tiny=["--limit", "8"],
+    ),
+    Step(
+        "prune",
+        "mmtok prune: one question about one scene, DART at 64 tokens, timed against no pruning",
+        ["prune", "--model", f"{Q}/mllm_fashion_vqa/export", "--method", "dart", "--keep", "64"]
+        + ["--image", f"{Q}/scene.png", "--prompt", "how many items are there ?"],
+        "",
+        needs="mmtok.mllm",
+        tiny=["--repeats", "1", "--max-new-tokens", "4"],
+        before=_scene_for_prune,
+    ),
+    Step(
+        "scenes_shards",
+        "fashion-scenes shards (64x64 scenes, referring expressions and masks; 10k/1k/1k)",
+        ["shards", "fashion-scenes", "--out", "data/scenes"],
+        "data/scenes/test.json",
+        needs="mmtok.mllm.seg",
+        tiny=TINY_SHARDS["fashion-scenes"],
+    ),
+    _train(
+        "seg",
+        "Segmentation MLLM (all-mask, text-as-mask and [SEG] heads) on fashion-scenes",
+        ["configs/mllm/seg_scenes_cpu.yaml"],
+        "seg",
+        ["train.eval_every=0", "train.ckpt_every=0"],
+        "mmtok.mllm.seg",
+    ),
+    Step(
+        "seg_eval",
+        "Segmentation quality of the all-mask and [SEG] heads (gIoU, cIoU, time to a mask) on 100 test scenes",
+        ["eval", "seg", "--model", f"{Q}/seg/export", "--data", "data/scenes/test-*.tar", "--limit", "100"]
+        + ["--heads", "allmask", "segtoken", "--json", f"{Q}/seg/eval.json", "--md", f"{Q}/seg/eval.md"]
+        + ["--grid", f"{Q}/seg/cases.png"],
+        f"{Q}/seg/eval.json",
+        needs="mmtok.mllm.seg",
+        tiny=["--limit", "4"],
+    ),
+    # The text head writes ~100-token descriptors one token at a time (seconds per mask on a CPU), so it is
+    # scored on fewer scenes to keep the step short.
+    Step(
+        "seg_eval_text",
+        "Segmentation quality of the text-as-mask head (R-RLE descriptors, repairs) on 24 test scenes",
+        ["eval", "seg", "--model", f"{Q}/seg/export", "--data", "data/scenes/test-*.tar", "--limit", "24"]
+        + ["--heads", "text", "--batch-size", "24", "--json", f"{Q}/seg/eval_text.json"]
+        + ["--md", f"{Q}/seg/eval_text.md"],
+        f"{Q}/seg/eval_text.json",
+        needs="mmtok.mllm.seg",
+        tiny=["--limit", "2"],
+    ),
+    Step(
+        "segment",
+        "mmtok segment: one expression on one scene with the all-mask head",
+        ["segment", "--model", f"{Q}/seg/export", "--image", f"{Q}/scene64.png", "--head", "allmask"]
+        + ["--out", f"{Q}/seg/scene64_mask.png"],
+        f"{Q}/seg/scene64_mask.png",
+        needs="mmtok.mllm.seg",
+        before=_scene_for_segment,
+    ),
+]
+
+
+def train_overrides(step: Step, scale: float, tiny: bool, seconds: float | None = None) -> list[str]:
+    """The budget overrides of a training step (none for other steps).
+
+    ``train.max_seconds`` bounds the loop; ``train.schedule_by_time`` makes the cosine follow the clock, so
+    the learning rate has annealed when the budget ends even if the step count planned by the recipe is far
+    from reached. ``seconds`` (from :func:`plan_budget`) replaces the nominal ``BUDGETS[step] * scale``;
+    under ``--tiny`` every budget is 2 s.
+    """
+    if not step.budget:
+        return []
+    if seconds is None:
+        seconds = 2.0 if tiny else BUDGETS[step.budget] * scale
+    return [f"train.max_seconds={seconds:g}", "train.schedule_by_time=true"]
+
+
+def plan_budget(step: Step, pending: list[Step], scale: float, time_left: float, slowdown: float) -> float:
+    """Budget for ``step`` so that it and every ``pending`` step after it fit in ``time_left`` seconds.
+
+    The steps without a budget are expected to take ``EXPECTED_S`` x ``slowdown`` (how much slower than on a
+    quiet machine the steps so far ran); what is left is shared among the remaining training budgets in
+    proportion to their nominal values, never more than nominal and never below ``MIN_SHARE`` of it.
+    """
+    nominal = BUDGETS[step.budget] * scale
+    rest = [s for s in pending if s is not step]
+    fixed = sum(EXPECTED_S.get(s.key, 0.0) for s in rest if not s.budget)
+    fixed += EXPECTED_S["screenshots"] + EXPECTED_S["report"]
+    fixed += TRAIN_OVERHEAD_S * (1 + sum(1 for s in rest if s.budget))
+    train_nominal = nominal + sum(BUDGETS[s.budget] * scale for s in rest if s.budget)
+    share = (time_left - fixed * slowdown) / train_nominal
+    return round(nominal * min(1.0, max(MIN_SHARE, share)), 1)
+
+
+def _threads_env(env: dict) -> tuple[dict, str]:
+    """One torch thread per process when the machine is already busy (unless the user chose a number).
+
+    Two threads spin-waiting on two cores that other processes already use run several times slower than one;
+    on a quiet machine torch's default (all cores) is faster.
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return env, os.environ["OMP_NUM_THREADS"]
+    cpus = os.cpu_count() or 1
+    if cpus > 1 and os.getloadavg()[0] >= cpus:
+        return {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, "1 (machine busy)"
+    return env, "default"
+
+
+def budget_note(summary: dict) -> str:
+    """One line saying whether the budget cut a run short, from its ``run_summary.json``."""
+    if summary.get("stopped_by") != "max_seconds":
+        return f"finished its {summary.get('steps')} planned steps within the budget"
+    planned = max(1, int(summary.get("planned_steps") or 1))
+    return (
+        f"budget of {summary.get('max_seconds', 0):g} s cut this step short: step {summary.get('steps')} of "
+        f"{planned} planned ({100.0 * int(summary.get('steps') or 0) / planned:.0f}%); the learning rate "
+        "annealed within the budget"
+    )
 
 
 def _available(module: str) -> bool:
@@ -207,41 +335,142 @@ def _available(module: str) -> bool:
         return False
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--force", action="store_true", help="rerun steps whose outputs exist")
-    p.add_argument("--only", default="", help="run only steps whose title contains this text")
-    args = p.parse_args()
-    os.chdir(ROOT)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    t0 = time.time()
-    for i, step in enumerate(STEPS, 1):
-        if args.only and args.only.lower() not in step.title.lower():
+def _load_timings(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _machine() -> dict:
+    """CPU count and load when the run started (the figures depend on both)."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
+    return {"cpus": os.cpu_count(), "load_1min": round(load[0], 2), "load_5min": round(load[1], 2)}
+
+
+def run_steps(args: argparse.Namespace, cwd: Path, env: dict, deadline: float) -> int:
+    """Run (or skip) every selected step; record each one's time and budget outcome in timings.json."""
+    timings_path = cwd / TIMINGS
+    timings = _load_timings(timings_path)
+    timings.setdefault("steps", {})
+    timings["machine_at_start"] = _machine()
+    timings["scale"] = args.scale
+    timings["tiny"] = args.tiny
+    timings["minutes"] = args.minutes
+    spent = expected = 0.0  # steps without a budget so far: seconds taken and seconds expected when quiet
+    todo = []
+    for step in STEPS:
+        if args.only and args.only.lower() not in f"{step.key} {step.title}".lower():
             continue
-        head = f"[{i}/{len(STEPS)}] {step.title}"
+        if step.done and (cwd / step.done).exists() and not args.force:
+            print(f"[{STEPS.index(step) + 1}/{len(STEPS)}] {step.title}: already done ({step.done})", flush=True)
+            continue
         if not _available(step.needs):
-            print(f"{head}: skipped, {step.needs} is not part of this version of mmtok", flush=True)
+            print(
+                f"[{STEPS.index(step) + 1}/{len(STEPS)}] {step.title}: skipped, {step.needs} is not part of this "
+                "version of mmtok",
+                flush=True,
+            )
             continue
-        if step.done and (ROOT / step.done).exists() and not args.force:
-            print(f"{head}: already done ({step.done})", flush=True)
-            continue
-        if "--image" in step.argv:
-            _write_scene(ROOT / step.argv[step.argv.index("--image") + 1])
-        print(f"\n{head}\n$ mmtok {shlex.join(step.argv)}", flush=True)
+        todo.append(step)
+    for n, step in enumerate(todo):
+        head = f"[{STEPS.index(step) + 1}/{len(STEPS)}] {step.title}"
+        argv = [*step.argv]
+        if step.before is not None:
+            argv += step.before(cwd)
+        seconds = None
+        if step.budget and not args.tiny:
+            slowdown = max(1.0, spent / expected) if expected else 1.0
+            seconds = plan_budget(step, todo[n:], args.scale, deadline - time.time(), slowdown)
+            nominal = BUDGETS[step.budget] * args.scale
+            if seconds < nominal:
+                print(
+                    f"{head}: budget {seconds:g} s instead of {nominal:g} s, to end within {args.minutes:g} min "
+                    f"(the steps so far ran {slowdown:.1f}x slower than on a quiet machine)",
+                    flush=True,
+                )
+        argv += train_overrides(step, args.scale, args.tiny, seconds)
+        if args.tiny:
+            argv += step.tiny
+        step_env, threads = _threads_env(env)
+        print(f"\n{head}\n$ mmtok {shlex.join(argv)}", flush=True)
         t = time.time()
-        rc = subprocess.call([*MMTOK, *step.argv], env=env)
+        rc = subprocess.call([*MMTOK, *argv], env=step_env, cwd=cwd)
+        took = time.time() - t
+        rec: dict = {"title": step.title, "seconds": round(took, 1), "rc": rc, "threads": threads}
+        rec["command"] = "mmtok " + shlex.join(argv)
+        rec["load_1min"] = round(os.getloadavg()[0], 2)
+        if step.budget:
+            rec["budget_s"] = float(train_overrides(step, args.scale, args.tiny, seconds)[0].split("=")[1])
+            rec["nominal_budget_s"] = BUDGETS[step.budget] * args.scale
+            summary_file = cwd / step.done.rsplit("/export", 1)[0] / "run_summary.json"
+            if summary_file.is_file():
+                summary = json.loads(summary_file.read_text())
+                rec.update({k: summary.get(k) for k in ("steps", "planned_steps", "stopped_by", "elapsed_s")})
+                print(f"{head}: {budget_note(summary)}", flush=True)
+        else:
+            spent += took
+            expected += EXPECTED_S.get(step.key, took)
+        timings["steps"][step.key] = rec
+        timings_path.parent.mkdir(parents=True, exist_ok=True)
+        timings_path.write_text(json.dumps(timings, indent=2) + "\n")
         if rc != 0:
             print(f"{head}: failed with exit status {rc}", file=sys.stderr)
             return rc
-        print(f"{head}: done in {time.time() - t:.0f} s", flush=True)
-    print(f"\nQuickstart finished in {time.time() - t0:.0f} s. Outputs are under data/ and {Q}/.")
-    shots = ROOT / Q / "demo_screenshots"
-    if (ROOT / "tools" / "demo_screenshot.py").is_file() and (not shots.exists() or args.force):
-        # The demo itself: render each tab once in headless Chromium (skipped without a browser).
-        rc = subprocess.call([sys.executable, "tools/demo_screenshot.py", "--models", Q, "--out", str(shots)], env=env)
-        print("demo screenshots: " + (str(shots) if rc == 0 else "skipped (no headless Chromium)"), flush=True)
-    print(f"Browse everything with:  .venv/bin/mmtok demo --models {Q}   (http://127.0.0.1:7860)")
+        print(f"{head}: done in {took:.0f} s", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--force", action="store_true", help="rerun steps whose outputs exist")
+    p.add_argument("--only", default="", help="run only steps whose key or title contains this text")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every training budget (2 = twice as long)")
+    p.add_argument("--minutes", type=float, default=18.0, help="end within this many minutes (shrinks budgets)")
+    p.add_argument("--tiny", action="store_true", help="smoke run: tiny data, 2-second budgets, no screenshots")
+    p.add_argument("--root", default=str(ROOT), help="working folder (it must hold configs/); default: the repo")
+    args = p.parse_args(argv)
+    if args.scale <= 0:
+        p.error("--scale must be > 0")
+    cwd = Path(args.root).resolve()
+    if not (cwd / "configs").is_dir():
+        p.error(f"{args.root} has no configs/ folder: run from a checkout or pass --root to one")
+    os.chdir(cwd)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # `mmtok` from this checkout even when the working folder is elsewhere (tests, --root)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    t0 = time.time()
+    rc = run_steps(args, cwd, env, deadline=t0 + 60 * args.minutes)
+    if rc != 0:
+        return rc
+    shots = cwd / Q / "demo_screenshots"
+    if not args.tiny and not args.only and (ROOT / "tools" / "demo_screenshot.py").is_file():
+        if not shots.exists() or args.force:
+            # The demo itself: render each tab once in headless Chromium (skipped without a browser).
+            cmd = [
+                sys.executable,
+                str(ROOT / "tools/demo_screenshot.py"),
+                "--models",
+                Q,
+                "--out",
+                f"{Q}/demo_screenshots",
+            ]
+            print(f"\nDemo screenshots\n$ python tools/demo_screenshot.py --models {Q} --out {Q}/demo_screenshots")
+            t = time.time()
+            rc = subprocess.call(cmd, env=env, cwd=cwd)
+            state = "done" if rc == 0 else "skipped (no headless Chromium)"
+            print(f"demo screenshots: {state} in {time.time() - t:.0f} s")
+    total = time.time() - t0
+    timings = _load_timings(cwd / TIMINGS)
+    if timings:
+        timings["last_run_s"] = round(total, 1)
+        (cwd / TIMINGS).write_text(json.dumps(timings, indent=2) + "\n")
+    print(f"\nReport\n$ python tools/quickstart_report.py --runs {Q}", flush=True)
+    report = [sys.executable, str(ROOT / "tools/quickstart_report.py"), "--runs", Q] + (["--tiny"] if args.tiny else [])
+    rc = subprocess.call(report, env=env, cwd=cwd)
+    print(f"\nQuickstart finished in {total / 60:.1f} min (this run; steps already done were skipped).")
+    print(f"Browse everything with:  .venv/bin/mmtok demo --models {Q}   (http://127.0.0.1:7860)")
+    return rc
 
 
 if __name__ == "__main__":

@@ -1,0 +1,537 @@
+"""The last step of `make demo`: measure each quickstart figure's trivial baseline and write REPORT.md.
+
+    python tools/quickstart_report.py --runs runs/quickstart
+
+Reads what the quickstart steps wrote under RUNS (run_summary.json, eval JSON files, figures, timings.json),
+computes the baselines each figure must beat (cached in RUNS/baselines.json), makes the report's figures
+under RUNS/figures/, writes RUNS/REPORT.md and prints a short summary. Baselines:
+
+* toy classifier accuracy: chance (1/10);
+* tokenizer PSNR: a 7x7 thumbnail (the size of the code grid) upsampled bilinearly, on the same test images;
+* MAE linear probe: the same probe on the same encoder architecture at random initialisation;
+* MLLM answer accuracy: the same model shown an all-black canvas instead of the scene ("blind");
+* segmentation cIoU: an empty mask (0), the whole image, and the 16x16 oracle (the ground truth through a
+  nearest 16x16 grid, the best any 16x16 head can do).
+
+Every path printed or written is relative to the working folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # `mmtok` from this checkout even when it is not installed
+
+# The recipes' full-budget figures, as stated in the README (update both together). key -> (value, where).
+FULL_BUDGET: dict[str, tuple[float, str]] = {
+    "vq_psnr": (22.89, "vq_small_f4, 600 s on 1 CPU thread (README, Tokenizers)"),
+    "vq_usage": (1.0, "vq_small_f4, 600 s on 1 CPU thread (README, Tokenizers)"),
+    "mae_probe": (0.867, "mae_fmnist + p7, 19 min on 1 CPU thread (README, Masked image modeling)"),
+    "mllm_acc": (0.486, "fashion_vqa_cpu, 30 min on 1 CPU thread (README, pruning accuracy)"),
+    "mllm_dart64": (0.474, "fashion_vqa_cpu, DART at 64 of 576 (README, pruning accuracy)"),
+}
+
+FID_NOTE = (
+    "`fid_mobilenetv2` is the Frechet distance between the pooled 1280-d features of the offline ImageNet "
+    "MobileNetV2 (images upsampled to 64 px) on the originals and on the reconstructions: FID's formula on another "
+    "network, so its values are not comparable with published (Inception) FIDs. It is 0 when the two feature "
+    "distributions match and grows without bound; lower is better. Read it against the 7x7-thumbnail row above "
+    "(a blurry reconstruction with as many numbers as the code grid) and compare runs only at the same `--n`: "
+    "with a few hundred images and 1280 features the estimate is biased upwards."
+)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------- baselines
+
+
+def thumbnail_baseline(n: int = 500, grid: int = 7, fid: bool = True) -> dict[str, float]:
+    """PSNR (and ``fid_mobilenetv2``) of Fashion-MNIST test images against their ``grid x grid`` thumbnail.
+
+    The thumbnail (average-pooled, upsampled bilinearly) holds as many numbers as the f4 tokenizer's code grid
+    holds codes, so a tokenizer that does not beat it has learnt nothing a resize would not give. The images
+    are the ones ``mmtok eval tokenizer --data fmnist --n N`` scores (same positions in the test split).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from mmtok.tokenizers.evaluate import frechet_distance, load_eval_images
+
+    x = load_eval_images("fmnist", n)  # [n, 1, 28, 28] in [0, 1]
+    up = F.interpolate(F.adaptive_avg_pool2d(x, grid), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    up = up.clamp(0, 1)
+    mse = ((up - x) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    out = {"psnr": float((10 * torch.log10(1.0 / mse)).mean())}
+    if fid and len(x) >= 2:
+        from mmtok.tokenizers.losses import MobileNetFeatures
+
+        net = MobileNetFeatures()
+        with torch.no_grad():
+            fa = torch.cat([net.pooled(x[i : i + 64] * 2 - 1) for i in range(0, len(x), 64)])
+            fb = torch.cat([net.pooled(up[i : i + 64] * 2 - 1) for i in range(0, len(x), 64)])
+        out["fid_mobilenetv2"] = float(frechet_distance(fa.double().numpy(), fb.double().numpy()))
+    return out
+
+
+def random_init_probe(mae_run: Path, limit_train: int, limit_test: int) -> float:
+    """Linear-probe accuracy of the MAE's encoder architecture with random weights (same probe, same data)."""
+    import torch
+
+    from mmtok import hub, registries
+    from mmtok.mim.evaluate import fmnist_probe, load_model
+
+    trained = load_model(mae_run)
+    folder = next(p for p in (mae_run / "export" / "mae", mae_run / "mae", mae_run) if (p / hub.CONFIG_NAME).is_file())
+    meta = hub.read_config(folder)
+    torch.manual_seed(0)
+    model = registries.get(meta["kind"]).create(meta["name"], **meta["config"]).eval()
+    encoder = model.encoder if hasattr(model, "encoder") else model
+    del trained
+    args = argparse.Namespace(limit_train=limit_train, limit_test=limit_test, pool="mean", probe_layers=1)
+    args.probe_c = [0.01, 0.1, 1.0, 10.0]
+    return float(fmnist_probe(encoder, args)["probe_accuracy"])
+
+
+def blind_accuracy(model_dir: Path, pattern: str, limit: int) -> float:
+    """Answer accuracy of the MLLM when every image is an all-black canvas: what the text alone gives."""
+    import torch
+
+    from mmtok.mllm.evaluate import answer_accuracy, load_eval_set
+    from mmtok.mllm.modeling import MLLM
+
+    model = MLLM.from_pretrained(str(model_dir)).eval()
+    samples = load_eval_set(pattern, limit)
+    blind = [{**s, "image": torch.zeros_like(s["image"])} for s in samples]
+    return float(answer_accuracy(model, blind)["acc"])
+
+
+def seg_baselines(pattern: str, limit: int, grid: int = 16) -> dict[str, float]:
+    """cIoU of trivial predictions on the first ``limit`` samples: empty mask, whole image, ``grid`` oracle."""
+    import numpy as np
+
+    from mmtok.mllm.seg.evaluate import load_seg_set
+    from mmtok.mllm.seg.formats import resize_nearest
+
+    samples = load_seg_set(pattern, limit)
+    inter_whole = union_whole = inter_or = union_or = 0
+    for s in samples:
+        gt = s["mask"].astype(bool)
+        h, w = gt.shape
+        inter_whole += int(gt.sum())
+        union_whole += h * w
+        coarse = resize_nearest(gt.astype(np.int64), grid, grid)
+        back = resize_nearest(coarse, h, w).astype(bool)
+        inter_or += int((back & gt).sum())
+        union_or += int((back | gt).sum())
+    return {
+        "empty": 0.0,
+        "whole_image": inter_whole / max(union_whole, 1),
+        f"oracle_{grid}": inter_or / max(union_or, 1),
+        "n": len(samples),
+    }
+
+
+def compute_baselines(runs: Path, tiny: bool = False) -> dict[str, Any]:
+    """Every baseline whose inputs exist; cached in ``runs/baselines.json`` (delete it to recompute)."""
+    cache = runs / "baselines.json"
+    out: dict[str, Any] = _read(cache) or {}
+    todo = {
+        "vq_thumbnail": lambda: thumbnail_baseline(16 if tiny else 500),
+        "mae_probe_random_init": (
+            (lambda: random_init_probe(runs / "mae_fmnist", 200 if tiny else 10000, 100 if tiny else 2000))
+            if (runs / "mae_fmnist" / "export").exists()
+            else None
+        ),
+        "mllm_blind": (
+            (
+                lambda: blind_accuracy(
+                    runs / "mllm_fashion_vqa" / "export", "data/fashion-vqa/test-*.tar", 8 if tiny else 100
+                )
+            )
+            if (runs / "mllm_fashion_vqa" / "export").exists()
+            else None
+        ),
+        "seg": (
+            (lambda: seg_baselines("data/scenes/test-*.tar", 4 if tiny else 100))
+            if Path("data/scenes/test.json").exists()
+            else None
+        ),
+    }
+    for key, fn in todo.items():
+        if key in out or fn is None:
+            continue
+        print(f"baseline {key} ...", flush=True)
+        out[key] = fn()
+        cache.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- figures
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def label_rows(src: Path, dst: Path, labels: list[str], scale: int = 1, margin: int = 150) -> Path:
+    """Copy of an image grid, upscaled ``scale`` times (nearest), with ``labels`` written left of equal row bands."""
+    from PIL import Image, ImageDraw
+
+    with Image.open(src) as im:
+        img = im.convert("RGB")
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    out = Image.new("RGB", (img.width + margin, img.height), (255, 255, 255))
+    out.paste(img, (margin, 0))
+    draw = ImageDraw.Draw(out)
+    band = img.height / len(labels)
+    font = _font(16)
+    for i, text in enumerate(labels):
+        draw.text((6, int(band * i + band / 2) - 8), text, fill=(0, 0, 0), font=font)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    out.save(dst)
+    return dst
+
+
+def pruning_plot(rows: list[dict[str, Any]], dst: Path, blind: float | None = None) -> Path:
+    """Accuracy against evaluation time for every pruner (one point each), drawn with PIL (no matplotlib here)."""
+    from PIL import Image, ImageDraw
+
+    W, H, L, B = 640, 420, 70, 60  # canvas, left and bottom margins
+    img = Image.new("RGB", (W, H), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    font = _font(13)
+    secs = [float(r["seconds"]) for r in rows]
+    accs = [float(r["acc"]) for r in rows] + ([blind] if blind is not None else [])
+    x0, x1 = 0.0, max(secs) * 1.15 or 1.0
+    y0, y1 = max(0.0, min(accs) - 0.1), min(1.0, max(accs) + 0.1)
+
+    def xy(s: float, a: float) -> tuple[float, float]:
+        return L + (s - x0) / (x1 - x0) * (W - L - 20), H - B - (a - y0) / max(y1 - y0, 1e-9) * (H - B - 30)
+
+    d.line([(L, 30), (L, H - B), (W - 20, H - B)], fill=(0, 0, 0), width=1)
+    for k in range(6):
+        a = y0 + (y1 - y0) * k / 5
+        _, y = xy(0, a)
+        d.line([(L - 4, y), (L, y)], fill=(0, 0, 0))
+        d.text((8, y - 7), f"{a:.2f}", fill=(0, 0, 0), font=font)
+        s = x0 + (x1 - x0) * k / 5
+        x, _ = xy(s, y0)
+        d.line([(x, H - B), (x, H - B + 4)], fill=(0, 0, 0))
+        d.text((x - 10, H - B + 8), f"{s:.0f}", fill=(0, 0, 0), font=font)
+    d.text((L + 120, H - 25), "seconds to answer the test questions (lower = faster)", fill=(0, 0, 0), font=font)
+    d.text((8, 8), "answer accuracy", fill=(0, 0, 0), font=font)
+    if blind is not None:
+        _, y = xy(0, blind)
+        d.line([(L, y), (W - 20, y)], fill=(200, 60, 60), width=1)
+        d.text((W - 170, y - 16), f"blind baseline {blind:.2f}", fill=(200, 60, 60), font=font)
+    for r in rows:
+        x, y = xy(float(r["seconds"]), float(r["acc"]))
+        colour = (40, 90, 200) if r["method"] != "none" else (20, 150, 60)
+        d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=colour)
+        d.text((x + 7, y - 7), f"{r['method']} ({r['keep']})", fill=(0, 0, 0), font=font)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    img.save(dst)
+    return dst
+
+
+def kept_token_overlays(model_dir: Path, scene: Path, dst: Path, keep: int, question: str) -> Path:
+    """The scene with each pruner's kept image tokens at full brightness and the dropped ones darkened."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw
+
+    from mmtok import registries
+    from mmtok.mllm.modeling import MLLM
+    from mmtok.mllm.pruning.cli import load_image
+    from mmtok.mllm.text import chat_prompt, decode_answers, encode_prompts
+
+    model = MLLM.from_pretrained(str(model_dir)).eval()
+    tok = model.tokenizer
+    image = load_image(str(scene))
+    ids, att = encode_prompts(tok, [chat_prompt(tok, question)])
+    rgb = (image[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    side = int(round(model.num_image_tokens**0.5))
+    size, tiles = 192, []
+    methods = ["none", "random", "pool", "cls_attention", "vtc_cls", "fastv", "dart"]
+    for m in methods:
+        pruner = None if m == "none" else registries.get("pruner").create(m, num_keep=keep)
+        with torch.no_grad():
+            gen = model.generate(ids, image, att, pruner=pruner, max_new_tokens=6, eos_token_id=tok.eos_token_id)
+        answer = decode_answers(tok, gen.sequences)[0]
+        kept = np.zeros(side * side, bool)
+        if gen.image_keep is None:
+            kept[:] = True
+        else:
+            kept[gen.image_keep[0].numpy()] = True
+        cell = np.kron(kept.reshape(side, side), np.ones((rgb.shape[0] // side, rgb.shape[1] // side), bool))
+        shown = np.where(cell[..., None], rgb, (rgb * 0.25).astype(np.uint8))
+        tile = Image.new("RGB", (size, size + 34), (255, 255, 255))
+        tile.paste(Image.fromarray(shown).resize((size, size), Image.NEAREST), (0, 34))
+        draw = ImageDraw.Draw(tile)
+        draw.text((2, 2), f"{m}: {int(kept.sum())} kept", fill=(0, 0, 0), font=_font(13))
+        draw.text((2, 17), f"-> {answer}"[:30], fill=(0, 0, 0), font=_font(13))
+        tiles.append(tile)
+    out = Image.new("RGB", (len(tiles) * (size + 6), size + 34), (255, 255, 255))
+    for i, t in enumerate(tiles):
+        out.paste(t, (i * (size + 6), 0))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    out.save(dst)
+    return dst
+
+
+def make_figures(runs: Path) -> dict[str, str]:
+    """The report's figures that can be made from what exists (title -> path relative to ``runs``)."""
+    figs: dict[str, str] = {}
+    fdir = runs / "figures"
+    grid = runs / "vq_fmnist" / "eval" / "recon_grid.png"
+    if grid.is_file():
+        labels = ["original", "reconstruction", "original", "reconstruction"]
+        label_rows(grid, fdir / "tokenizer_recon.png", labels, scale=4)
+        figs["Tokenizer: test images and their reconstructions (7x7 codes each)"] = "figures/tokenizer_recon.png"
+    recon = runs / "mae_fmnist" / "recon.png"
+    if recon.is_file():
+        label_rows(recon, fdir / "mae_recon.png", ["original", "masked (75%)", "reconstruction"], scale=2)
+        figs["MAE: test images, the 75% hidden, and the reconstruction"] = "figures/mae_recon.png"
+    pruning = _read(runs / "mllm_fashion_vqa" / "pruning.json")
+    base = _read(runs / "baselines.json") or {}
+    if pruning and pruning.get("rows"):
+        pruning_plot(pruning["rows"], fdir / "pruning.png", base.get("mllm_blind"))
+        figs["Pruning: answer accuracy against time, every pruner at 64 of 576 tokens"] = "figures/pruning.png"
+    scene, model = runs / "scene.png", runs / "mllm_fashion_vqa" / "export"
+    if scene.is_file() and (model / "config.json").is_file() and not (fdir / "kept_tokens.png").is_file():
+        kept_token_overlays(model, scene, fdir / "kept_tokens.png", 64, "how many items are there ?")
+    if (fdir / "kept_tokens.png").is_file():
+        figs["Kept image tokens (64 of 576) per pruner and the answer to 'how many items are there ?'"] = (
+            "figures/kept_tokens.png"
+        )
+    for title, rel in (
+        ("Segmentation: worst and best test cases (image / ground truth / all-mask prediction)", "seg/cases.png"),
+        ("mmtok segment on one scene (all-mask head)", "seg/scene64_mask.overlay.png"),
+    ):
+        if (runs / rel).is_file():
+            figs[title] = rel
+    shots = sorted((runs / "demo_screenshots").glob("*.png"))
+    for s in shots:
+        figs[f"Demo tab: {s.stem}"] = str(s.relative_to(runs))
+    return figs
+
+
+# -------------------------------------------------------------------------------------------------- report
+
+
+def _f(x: Any, fmt: str = ".3f") -> str:
+    return "–" if x is None else format(float(x), fmt)
+
+
+def figure_rows(runs: Path, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per quickstart figure: what, value, baseline, whether it beats it, and the full-budget figure."""
+    rows: list[dict[str, Any]] = []
+
+    def add(what: str, value: Any, baseline: Any, bname: str, full_key: str = "", higher: bool = True, fmt=".3f"):
+        beats = None
+        if value is not None and baseline is not None:
+            beats = value > baseline if higher else value < baseline
+        full = FULL_BUDGET.get(full_key)
+        rows.append(
+            {
+                "what": what,
+                "value": value,
+                "baseline": baseline,
+                "baseline_name": bname,
+                "beats": beats,
+                "full": full[0] if full else None,
+                "full_where": full[1] if full else "",
+                "fmt": fmt,
+            }
+        )
+
+    toy = _read(runs / "toy" / "run_summary.json")
+    if toy and (toy.get("eval") or {}).get("accuracy") is not None:
+        add("toy classifier: Fashion-MNIST test accuracy", toy["eval"]["accuracy"], 0.1, "chance (10 classes)")
+    vq = _read(runs / "vq_fmnist" / "eval" / "metrics.json")
+    if vq:
+        thumb = base.get("vq_thumbnail") or {}
+        add("VQ tokenizer: PSNR (dB)", vq.get("psnr"), thumb.get("psnr"), "7x7 thumbnail", "vq_psnr", fmt=".2f")
+        add("VQ tokenizer: codebook usage", vq.get("usage"), None, "–", "vq_usage")
+        if vq.get("fid_mobilenetv2") is not None:
+            fid = thumb.get("fid_mobilenetv2")
+            add(
+                "VQ tokenizer: fid_mobilenetv2 (lower is better)",
+                vq["fid_mobilenetv2"],
+                fid,
+                "7x7 thumbnail",
+                higher=False,
+                fmt=".1f",
+            )
+    mae = _read(runs / "mae_fmnist" / "eval.json")
+    if mae and mae.get("probe_accuracy") is not None:
+        add(
+            "MAE: linear probe accuracy",
+            mae["probe_accuracy"],
+            base.get("mae_probe_random_init"),
+            "random-init encoder",
+            "mae_probe",
+        )
+    pr = _read(runs / "mllm_fashion_vqa" / "pruning.json")
+    if pr:
+        add(
+            "MLLM: answer accuracy, no pruning",
+            pr.get("unpruned_acc"),
+            base.get("mllm_blind"),
+            "blind (black image)",
+            "mllm_acc",
+        )
+        for r in pr.get("rows", []):
+            if r["method"] != "none":
+                full = "mllm_dart64" if r["method"] == "dart" and r["keep"] == 64 else ""
+                add(f"MLLM: accuracy, {r['method']} at {r['keep']}", r["acc"], base.get("mllm_blind"), "blind", full)
+    sb = base.get("seg") or {}
+    for name in ("eval.json", "eval_text.json"):
+        seg = _read(runs / "seg" / name) or {}
+        for r in seg.get("rows", []):
+            if r.get("method", "none") == "none":
+                add(
+                    f"segmentation: cIoU, {r['head']} head ({seg.get('n')} test scenes)",
+                    r["ciou"],
+                    sb.get("whole_image"),
+                    f"whole image (16x16 oracle {_f(sb.get('oracle_16'))})",
+                )
+    return rows
+
+
+def write_report(runs: Path, base: dict[str, Any], figs: dict[str, str]) -> tuple[Path, list[dict[str, Any]]]:
+    """Write ``runs/REPORT.md``; returns its path and the figure rows."""
+    rows = figure_rows(runs, base)
+    timings = _read(runs / "timings.json") or {}
+    steps = timings.get("steps", {})
+    lines = ["# What `make demo` made", ""]
+    m = timings.get("machine_at_start") or {}
+    if m:
+        lines += [
+            f"Machine at the start of the last run: {m.get('cpus')} CPUs, load average {m.get('load_1min')} "
+            f"(1 min). Budget scale {timings.get('scale', 1)}"
+            + (" (tiny smoke run: figures mean nothing)." if timings.get("tiny") else "."),
+            "",
+        ]
+    lines += [
+        "These are short runs (each training step had a few minutes of wall clock): the figures show the pipeline "
+        "works and beats its trivial baseline, not what the recipes reach. The last column is the recipe's figure "
+        "at its full budget, from the README.",
+        "",
+        "| figure | quickstart | trivial baseline | beats it | recipe, full budget |",
+        "|---|---:|---:|:---:|---:|",
+    ]
+    for r in rows:
+        beats = {True: "yes", False: "**no**", None: "–"}[r["beats"]]
+        base_txt = f"{_f(r['baseline'], r['fmt'])} ({r['baseline_name']})" if r["baseline"] is not None else "–"
+        lines.append(f"| {r['what']} | {_f(r['value'], r['fmt'])} | {base_txt} | {beats} | {_f(r['full'], r['fmt'])} |")
+    sources = sorted({r["full_where"] for r in rows if r["full_where"]})
+    if sources:
+        lines += ["", "Full-budget figures: " + "; ".join(sources) + "."]
+    lines += ["", "About `fid_mobilenetv2`: " + FID_NOTE, ""]
+    lines += ["## Steps and their budgets", "", "| step | seconds | budget s | stopped by | steps / planned |"]
+    lines += ["|---|---:|---:|---|---:|"]
+    cut = []
+    for key, s in steps.items():
+        stopped = s.get("stopped_by") or "–"
+        if stopped == "max_seconds":
+            cut.append(key)
+        done = f"{s['steps']} / {s['planned_steps']}" if s.get("steps") is not None else "–"
+        lines.append(
+            f"| {key}: {s.get('title', '')} | {s.get('seconds', 0):.0f} | {_f(s.get('budget_s'), 'g')} "
+            f"| {stopped} | {done} |"
+        )
+    if timings.get("last_run_s") is not None:
+        lines += [
+            "",
+            f"The last `make demo` took {timings['last_run_s'] / 60:.1f} min (steps already done were skipped).",
+        ]
+    lines += [
+        "",
+        "Steps cut short by their budget: "
+        + (", ".join(cut) if cut else "none")
+        + ". Their learning rate still annealed"
+        " within the budget (`train.schedule_by_time=true`); the commands below train the full recipes.",
+        "",
+    ]
+    if figs:
+        lines += ["## Figures", ""]
+        for title, rel in figs.items():
+            lines += [f"**{title}** (`{rel}`)", "", f"![{title}]({rel})", ""]
+    lines += [
+        "## Going further",
+        "",
+        "```bash",
+        "tensorboard --logdir runs/quickstart                       # training curves of every step",
+        "mmtok demo --models runs/quickstart                        # the Gradio demo on these models",
+        "python tools/quickstart.py --scale 3 --force               # the same pipeline with 3x the budgets",
+        "mmtok train --config configs/tokenizer/vq_fmnist.yaml      # full recipes (budgets in the README)",
+        "mmtok train --config configs/mim/mae_fmnist.yaml --config configs/mim/mae_fmnist_p7.yaml",
+        "mmtok eval mim --model runs/mae_fmnist_p7 --figure runs/mae_fmnist_p7/recon.png --finetune",
+        "mmtok train --config configs/mllm/fashion_vqa_cpu.yaml",
+        "mmtok eval mllm --model runs/mllm_fashion_vqa_cpu/export --data 'data/fashion-vqa/test-*.tar' \\",
+        "    --keeps 192 128 64",
+        "mmtok train --config configs/mllm/seg_scenes_cpu.yaml",
+        "mmtok eval seg --model runs/seg_scenes_cpu/export --data 'data/scenes/test-*.tar' \\",
+        "    --prune dart fastv --keeps 64",
+        "```",
+        "",
+    ]
+    path = runs / "REPORT.md"
+    path.write_text("\n".join(lines))
+    return path, rows
+
+
+def print_summary(path: Path, rows: list[dict[str, Any]], runs: Path) -> None:
+    print(f"\nWrote {path} with {len(rows)} figures. Quickstart figures against their trivial baselines:")
+    for r in rows:
+        if r["baseline"] is None and r["what"].startswith("MLLM: accuracy,"):
+            continue
+        if r["what"].startswith("MLLM: accuracy,") and "dart" not in r["what"]:
+            continue  # the report has every pruner; the summary keeps the unpruned and DART rows
+        mark = {True: "beats", False: "DOES NOT beat", None: ""}[r["beats"]]
+        base = f"  ({mark} {r['baseline_name']} {_f(r['baseline'], r['fmt'])})" if r["baseline"] is not None else ""
+        print(f"  {r['what']}: {_f(r['value'], r['fmt'])}{base}")
+    timings = _read(runs / "timings.json") or {}
+    cut = [k for k, s in timings.get("steps", {}).items() if s.get("stopped_by") == "max_seconds"]
+    if cut:
+        print(f"  cut short by their time budget: {', '.join(cut)} (see {path} for steps reached)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", default="runs/quickstart", help="the quickstart's output folder (relative)")
+    p.add_argument("--tiny", action="store_true", help="baselines on a handful of samples (smoke runs)")
+    p.add_argument("--no-baselines", action="store_true", help="only write the report from what exists")
+    args = p.parse_args(argv)
+    runs = Path(args.runs)
+    if not runs.is_dir():
+        print(f"quickstart_report: {args.runs} does not exist; run `make demo` first", file=sys.stderr)
+        return 2
+    base = (_read(runs / "baselines.json") or {}) if args.no_baselines else compute_baselines(runs, tiny=args.tiny)
+    figs = make_figures(runs)
+    path, rows = write_report(runs, base, figs)
+    print_summary(path, rows, runs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
