@@ -60,7 +60,7 @@ def test_train_seg_recipe_one_process_and_segment_with_the_export(scenes, tmp_pa
 
     cfg = load_run_config(["configs/mllm/seg_scenes_cpu.yaml"], _overrides(scenes, tmp_path / "run"))
     summary = train(cfg)
-    assert summary["eval"]["allmask/ciou"] >= 0.0 and "text/loss" in summary["eval"]
+    assert {"allmask/ciou", "segtoken/ciou", "text/loss", "allmask/loss"} <= set(summary["eval"])
     model = MLLM.from_pretrained(tmp_path / "run" / "export").eval()
     assert list(model.seg_heads) == ["allmask", "segtoken", "text"]
     images = torch.rand(2, 3, 32, 32)

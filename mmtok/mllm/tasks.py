@@ -79,6 +79,7 @@ class MLLMTask(Task):
                 self.model.llm.requires_grad_(True)
         if config.train_tower:
             self.model.tower.requires_grad_(True)
+            _freeze_unused_tower_parameters(self.model)
         n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
         logger.info("MLLM stage %d: %.2fM trainable parameters", config.stage, n_train / 1e6)
 
@@ -181,6 +182,27 @@ class MLLMTask(Task):
             }
         ] * batch_size
         return self.collate(samples)
+
+
+def _freeze_unused_tower_parameters(model: MLLM) -> None:
+    """Freeze tower parameters that cannot reach the LLM (blocks after the feature layer, a final norm, a
+    classifier): they would get no gradient, which DistributedDataParallel refuses. Found by one tiny
+    backward pass through ``encode_images`` rather than by name, so it holds for every tower family."""
+    tower = model.tower
+    params = [p for p in tower.parameters() if p.requires_grad]
+    size = int(getattr(tower, "image_size", 32) or 32)
+    was_training = tower.training
+    tower.eval()  # no dropout; the graph is the same
+    try:
+        feats, _ = model.encode_images(torch.zeros(1, 3, size, size, device=model.device))
+        grads = torch.autograd.grad(feats.sum(), params, allow_unused=True)
+    finally:
+        tower.train(was_training)
+    unused = [p for p, g in zip(params, grads) if g is None]
+    for p in unused:
+        p.requires_grad_(False)
+    if unused:
+        logger.info("vision tower: %d parameter tensors never reach the LLM and stay frozen", len(unused))
 
 
 def _left_pad(seqs: list[list[int]], pad: int, labels: list[list[int]] | None = None):

@@ -146,9 +146,11 @@ class AllMaskHead(SegHead):
     def tail_length(self, n_image: int) -> int:
         return n_image
 
-    def logits(self, hidden_tail: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_tail: torch.Tensor) -> torch.Tensor:
         """``hidden_tail [B, N, D]`` (final-norm states of the mask tokens) -> ``[B, N]`` logits."""
         return self.proj(hidden_tail.to(self.proj.weight.dtype))[..., 0]
+
+    logits = nn.Module.__call__  # through __call__, so ZeRO-3 gathers the parameters
 
 
 class SegTokenHead(SegHead):
@@ -161,12 +163,14 @@ class SegTokenHead(SegHead):
         # LISA's text_hidden_fcs: Linear -> ReLU -> Linear on the [SEG] state
         self.text_proj = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, d))
         self.patch_proj = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, d))
-        self.bias = nn.Parameter(torch.zeros(()))
+        self.bias = nn.Parameter(torch.zeros(1))  # 1-D: DeepSpeed broadcasts parameters as bytes
 
     def answer_text(self, phrase: str, target: np.ndarray | None = None, names: list[str] | None = None) -> str:
         return self.config.answer.format(phrase) if "{}" in self.config.answer else self.config.answer
 
-    def logits(self, seg_hidden: torch.Tensor, patch_feats: torch.Tensor) -> torch.Tensor:
+    logits = nn.Module.__call__  # through __call__, so ZeRO-3 gathers the parameters (bias included)
+
+    def forward(self, seg_hidden: torch.Tensor, patch_feats: torch.Tensor) -> torch.Tensor:
         """``seg_hidden [B, D]``, ``patch_feats [B, N, D]`` -> ``[B, N]`` scaled dot products."""
         dt = self.bias.dtype
         q = self.text_proj(seg_hidden.to(dt))  # [B, d]
@@ -235,6 +239,16 @@ def patch_grid(model: Any) -> int:
     if g * g != n:
         raise ValueError(f"per-patch heads need a square grid of image tokens, got {n}")
     return g
+
+
+def touch(head: SegHead, like: torch.Tensor) -> torch.Tensor:
+    """A cheap scalar that runs ``head`` once on zeros (keeps its parameters in the graph on every rank)."""
+    zeros = like.new_zeros(1, 1, head.config.width or 64)
+    if head.kind == "allmask":
+        return head(zeros).sum()
+    if head.kind == "segtoken":
+        return head(zeros[:, 0], zeros).sum()
+    return like.new_zeros(())
 
 
 # ----------------------------------------------------------------------------------------------------------------

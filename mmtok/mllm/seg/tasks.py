@@ -71,58 +71,91 @@ class SegTask(MLLMTask):
 
     # -- data -----------------------------------------------------------------------------------------------
     def sample_transform(self, split: str):
-        from mmtok.mllm.text import encode_training_pair
-
-        model, cfg = self.model, self.config
-        tok = model.tokenizer
-        n_image = model.num_image_tokens
+        """Decoded sample -> the pieces every head needs (the head itself is chosen in :meth:`collate`)."""
+        cfg = self.config
 
         def transform(sample: dict[str, Any]) -> dict[str, Any]:
             meta = sample["json"]
             key = str(sample.get("__key__", ""))
-            rng = np.random.default_rng(zlib.crc32(key.encode()))
+            rng = np.random.default_rng(zlib.crc32(key.encode()))  # same choices for a sample on every read
             image = sample["image"]
             if image.shape[0] == 1:
                 image = image.expand(3, -1, -1)
+            out = {"image": image, "mask": None, "semantic": None, "class_name": meta.get("class_name", "")}
             if "expression" not in meta:  # a VQA sample: plain LM loss
                 if "question" not in meta or "answer" not in meta:
                     raise ValueError(f"sample {key}: json needs an expression (segmentation) or question/answer")
-                ids, labels = encode_training_pair(tok, meta["question"], meta["answer"])
-                return _sample(image, ids, labels, "vqa", None, meta["question"], meta["answer"])
+                return {**out, "question": meta["question"], "phrase": meta["answer"], "vqa": True}
             if "mask" not in sample:
                 raise ValueError(f"sample {key} has an expression but no mask.png")
-            head_name = self._head_names[int(rng.choice(len(self._head_names), p=self._head_p))]
-            head = model.seg_heads[head_name]
             phrase = meta["expression"]
-            mask = sample["mask"].numpy().astype(np.int64).clip(0, 1)
-            target, names = mask, [phrase]
-            question = H.QUESTIONS[int(rng.integers(len(H.QUESTIONS)))].format(phrase)
-            if head.kind == "text":
-                names = [head.fg_label(phrase, meta.get("class_name", ""))]
-                if cfg.semantic_share and "instances" in sample and rng.random() < cfg.semantic_share:
-                    target, names = semantic_target(sample["instances"].numpy(), meta.get("items", []))
-                    question = H.SEMANTIC_QUESTIONS[int(rng.integers(len(H.SEMANTIC_QUESTIONS)))]
-            answer = head.answer_text(phrase, target, names)
-            ids, labels = encode_training_pair(tok, question, answer)
-            tail = head.tail_length(n_image)
-            if tail:
-                ids = ids + [H.token_id(model, "<mask>")] * tail
-                labels = labels + [IGNORE_INDEX] * tail
-            return _sample(image, ids, labels, head_name, torch.from_numpy(mask), question, phrase)
+            out.update(
+                vqa=False,
+                phrase=phrase,
+                mask=torch.from_numpy(sample["mask"].numpy().astype(np.int64).clip(0, 1)),
+                question=H.QUESTIONS[int(rng.integers(len(H.QUESTIONS)))].format(phrase),
+            )
+            if cfg.semantic_share and "instances" in sample and rng.random() < cfg.semantic_share:
+                out["semantic"] = semantic_target(sample["instances"].numpy(), meta.get("items", []))
+                out["semantic_question"] = H.SEMANTIC_QUESTIONS[int(rng.integers(len(H.SEMANTIC_QUESTIONS)))]
+            return out
 
         return transform
 
+    def assign_heads(self, n: int) -> list[str]:
+        """Heads for the ``n`` segmentation samples of a batch, by position, in ``head_mix`` proportions.
+
+        Every head gets its share of every batch (largest remainder, at least one sample while the batch has
+        room), so each process runs every head at each step: DDP and ZeRO-3 see the same parameters used on
+        every rank, and the logged keys are the same everywhere.
+        """
+        quota = self._head_p * n
+        counts = np.floor(quota).astype(int)
+        for i in np.argsort(-(quota - counts), kind="stable")[: n - counts.sum()]:
+            counts[i] += 1
+        for i in range(len(counts)):  # a head with weight keeps at least one sample while another has two
+            if counts[i] == 0 and self._head_p[i] > 0 and counts.max() > 1:
+                counts[int(counts.argmax())] -= 1
+                counts[i] = 1
+        return [name for name, c in zip(self._head_names, counts) for _ in range(c)]
+
+    def encode(self, s: dict[str, Any], head_name: str) -> dict[str, Any]:
+        """Token ids and labels of one sample answered by ``head_name`` (or its VQA answer)."""
+        from mmtok.mllm.text import encode_training_pair
+
+        tok = self.model.tokenizer
+        if s["vqa"]:
+            ids, labels = encode_training_pair(tok, s["question"], s["phrase"])
+            return {**s, "head": "vqa", "input_ids": ids, "labels": labels}
+        head = self.model.seg_heads[head_name]
+        question, target, names = s["question"], s["mask"].numpy(), [s["phrase"]]
+        if head.kind == "text":
+            names = [head.fg_label(s["phrase"], s["class_name"])]
+            if s["semantic"] is not None:
+                (target, names), question = s["semantic"], s["semantic_question"]
+        ids, labels = encode_training_pair(tok, question, head.answer_text(s["phrase"], target, names))
+        tail = head.tail_length(self.model.num_image_tokens)
+        if tail:
+            ids = ids + [H.token_id(self.model, "<mask>")] * tail
+            labels = labels + [IGNORE_INDEX] * tail
+        return {**s, "head": head_name, "input_ids": ids, "labels": labels, "question": question}
+
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        seg = [i for i, s in enumerate(samples) if not s["vqa"]]
+        heads = dict(zip(seg, self.assign_heads(len(seg))))
+        samples = [self.encode(s, heads.get(i, "vqa")) for i, s in enumerate(samples)]
         pad = self.model.tokenizer.pad_token_id or 0
         groups: dict[str, dict[str, Any]] = {}
-        for name in dict.fromkeys(s["head"] for s in samples):
+        for name in [*self._head_names, "vqa"]:
             idx = [i for i, s in enumerate(samples) if s["head"] == name]
+            if not idx:
+                continue
             sub = [samples[i] for i in idx]
             ids, att, labels = _left_pad([s["input_ids"] for s in sub], pad, [s["labels"] for s in sub])
             g = {"index": torch.tensor(idx), "input_ids": ids, "attention_mask": att, "labels": labels}
             g["phrases"] = [s["phrase"] for s in sub]
             g["questions"] = [s["question"] for s in sub]
-            if sub[0]["mask"] is not None:
+            if name != "vqa":
                 g["masks"] = torch.stack([s["mask"] for s in sub])
             groups[name] = g
         return {"images": torch.stack([s["image"] for s in samples]), "groups": groups}
@@ -137,8 +170,12 @@ class SegTask(MLLMTask):
             terms = H.seg_forward(self.model, name if name != "vqa" else "", sub)
             share = g["index"].numel() / total
             loss = terms["loss"] * share if loss is None else loss + terms["loss"] * share
-            for k, v in terms.items():
-                out[f"{name}/{k}" if k != "loss" else f"{name}/loss"] = v.detach()
+            out.update({f"{name}/{k}": v.detach() for k, v in terms.items()})
+        # A head without samples in this batch (only in batches smaller than the number of heads) still runs
+        # once with weight 0, so every process uses the same parameters (DDP buckets, ZeRO-3 gathers).
+        for name, head in self.model.seg_heads.items():
+            if name not in batch["groups"]:
+                loss = loss + 0.0 * H.touch(head, loss)
         out["loss"] = loss
         return out
 
@@ -190,18 +227,6 @@ class SegTask(MLLMTask):
             meta = {"expression": "the red bag", "class_name": "bag"}
             samples.append(transform({"__key__": f"synthetic_{i}", "image": image, "mask": mask, "json": meta}))
         return self.collate(samples)
-
-
-def _sample(image, ids, labels, head, mask, question, phrase) -> dict[str, Any]:
-    return {
-        "image": image,
-        "input_ids": ids,
-        "labels": labels,
-        "head": head,
-        "mask": mask,
-        "question": question,
-        "phrase": phrase,
-    }
 
 
 def semantic_target(instances: np.ndarray, items: list[dict[str, Any]]) -> tuple[np.ndarray, list[str]]:
