@@ -420,3 +420,21 @@ def test_open_clip_safetensors_file_and_hub_folder_as_tower(tmp_path):
         with torch.no_grad():
             hs = tower.hidden_states(px)
             torch.testing.assert_close(tower.model.ln_post(hs[-1][:, 0]) @ tower.model.proj, want)
+
+
+def test_vitmae_encoder_alone_matches_transformers_on_every_patch():
+    """ViTMAEModel (no decoder) -> mmtok ViT encoder; with mask_ratio 0 and sorted noise transformers keeps every
+    patch in raster order, which is what the mmtok_vit tower feeds the LLM."""
+    from transformers import ViTMAEModel
+
+    hf = _hf_vitmae(mask_ratio=0.0)
+    enc_hf = ViTMAEModel(hf.config).eval()
+    enc_hf.load_state_dict({k[len("vit.") :]: v for k, v in hf.state_dict().items() if k.startswith("vit.")})
+    state = {k: v for k, v in enc_hf.state_dict().items()}  # no "vit." prefix, as a saved ViTMAEModel has
+    enc = vitmae_to_mmtok(enc_hf.config.to_dict(), state, IMAGENET_MEAN, IMAGENET_STD)
+    assert type(enc).__name__ == "ViTEncoder"
+    x = torch.rand(2, 3, 16, 16)
+    noise = torch.arange(16.0).expand(2, -1)  # sorted: the identity shuffle
+    with torch.no_grad():
+        want = enc_hf(pixel_values=_normalise(x, IMAGENET_MEAN, IMAGENET_STD), noise=noise).last_hidden_state
+        torch.testing.assert_close(enc(x), want, atol=2e-5, rtol=1e-4)
