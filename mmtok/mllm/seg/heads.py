@@ -243,12 +243,12 @@ def patch_grid(model: Any) -> int:
 
 def touch(head: SegHead, like: torch.Tensor) -> torch.Tensor:
     """A cheap scalar that runs ``head`` once on zeros (keeps its parameters in the graph on every rank)."""
+    if head.kind == "text":  # no parameters
+        return like.new_zeros(())
     zeros = like.new_zeros(1, 1, head.config.width or 64)
     if head.kind == "allmask":
         return head(zeros).sum()
-    if head.kind == "segtoken":
-        return head(zeros[:, 0], zeros).sum()
-    return like.new_zeros(())
+    return head(zeros[:, 0], zeros).sum()
 
 
 # ----------------------------------------------------------------------------------------------------------------
