@@ -52,7 +52,7 @@ EXPECTED_S: dict[str, float] = {
     "vq_eval": 25,
     "mae_eval": 30,
     "vqa_shards": 35,
-    "mllm_eval": 20,
+    "mllm_eval": 40,
     "prune": 8,
     "scenes_shards": 30,
     "seg_eval": 10,
@@ -199,9 +199,9 @@ STEPS: list[Step] = [
     ),
     Step(
         "mllm_eval",
-        "Answer accuracy under every pruner at 64 of 576 image tokens",
+        "Answer accuracy under every pruner at 64 of 576 image tokens (200 test questions)",
         ["eval", "mllm", "--model", f"{Q}/mllm_fashion_vqa/export", "--data", "data/fashion-vqa/test-*.tar"]
-        + ["--keeps", "64", "--limit", "100", "--json", f"{Q}/mllm_fashion_vqa/pruning.json"],
+        + ["--keeps", "64", "--limit", "200", "--json", f"{Q}/mllm_fashion_vqa/pruning.json"],
         f"{Q}/mllm_fashion_vqa/pruning.json",
         needs="mmtok.mllm",
         tiny=["--limit", "8"],
