@@ -161,7 +161,7 @@ def test_report_writer_on_a_fake_runs_folder(tmp_path, monkeypatch):
     # 0.2 vs blind 0.25 on 100 questions: within two standard errors (0.087), so neither a win nor a loss
     assert rows["MLLM: accuracy, random at 64"][2] == "tie (within noise)"
     assert rows["MLLM: accuracy, dart at 64"][2] == "yes"
-    assert rows["segmentation: cIoU, allmask head (100 test scenes)"][2] == "yes"
+    assert rows["segmentation: cIoU, allmask head (100 test scenes; 16x16 oracle 0.900)"][2] == "yes"
     assert not any("dart" in k and "segmentation" in k for k in rows)  # pruned seg rows stay in eval.json
     assert "Steps cut short by their budget: vq." in text and "| 150 / 1500 |" in text
     assert "fid_mobilenetv2" in text and "lower is better" in text

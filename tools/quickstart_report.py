@@ -435,11 +435,12 @@ def figure_rows(runs: Path, base: dict[str, Any]) -> list[dict[str, Any]]:
         seg = _read(runs / "seg" / name) or {}
         for r in seg.get("rows", []):
             if r.get("method", "none") == "none":
+                oracle = _f(sb.get("oracle_16"))
                 add(
-                    f"segmentation: cIoU, {r['head']} head ({seg.get('n')} test scenes)",
+                    f"segmentation: cIoU, {r['head']} head ({seg.get('n')} test scenes; 16x16 oracle {oracle})",
                     r["ciou"],
                     sb.get("whole_image"),
-                    f"whole image; the 16x16 oracle reaches {_f(sb.get('oracle_16'))}",
+                    "whole image",
                 )
     return rows
 
