@@ -103,3 +103,89 @@ def test_seg_task_on_two_processes(scenes, tmp_path, stage):
 
     model = MLLM.from_pretrained(out / "export").eval()
     assert model.segment(torch.rand(1, 3, 32, 32), ["the bag"], head="allmask").masks.shape == (1, 32, 32)
+
+
+@pytest.mark.parametrize("name", ["seg_scenes_cpu", "seg_smollm2_lora", "seg_llava_lora"])
+def test_seg_configs_validate(name):
+    from mmtok.train.config import load_run_config
+
+    run = load_run_config([f"configs/mllm/{name}.yaml"])
+    assert run.task["name"] == "mllm_seg" and set(run.task["heads"]) == {"allmask", "text", "segtoken"}
+
+
+def _tiny_llava_folder(path: Path) -> Path:
+    """A random transformers LLaVA folder (CLIP 32 px / patch 8 + Llama) with the built-in word tokenizer."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from mmtok.mllm.text import build_fashion_tokenizer
+
+    tok = build_fashion_tokenizer(seg=True)
+    vision = CLIPVisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    )
+    text = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=16,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_seg_llava_lora_recipe_on_a_tiny_llava_folder(scenes, tmp_path):
+    """The GPU recipe, checked on CPU: a local transformers LLaVA folder + heads, LoRA, DeepSpeed ZeRO-2."""
+    pytest.importorskip("deepspeed")
+    from mmtok.mllm.modeling import MLLM
+
+    folder = _tiny_llava_folder(tmp_path / "llava")
+    out = tmp_path / "run"
+    over = [o for o in _overrides(scenes, out) if not o.startswith("task.model_overrides")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mmtok.cli.main",
+        "train",
+        "--config",
+        "configs/mllm/seg_llava_lora.yaml",
+        *over,
+        f"task.init={folder}",
+        "data.num_workers=0",
+        f"deepspeed.config={REPO}/configs/ds/zero2.json",
+    ]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert json.loads((out / "env.json").read_text())["backend"] == "deepspeed"
+    model = MLLM.from_pretrained(out / "export").eval()  # LoRA merged: a plain MLLM folder with heads
+    assert list(model.seg_heads) == ["allmask", "segtoken", "text"]
+    assert model.segment(torch.rand(1, 3, 32, 32), ["the bag"], head="segtoken").masks.shape == (1, 32, 32)
+
+
+@pytest.mark.slow
+def test_seg_smollm2_lora_recipe_trains(scenes, tmp_path):
+    pytest.importorskip("gguf")
+    from mmtok.train.config import load_run_config
+    from mmtok.train.engine import train
+
+    over = [o for o in _overrides(scenes, tmp_path / "run", steps=2) if not o.startswith("task.model_overrides")]
+    over = [o for o in over if not o.startswith("task.heads")] + ["data.batch_size=3"]
+    cfg = load_run_config(["configs/mllm/seg_smollm2_lora.yaml"], over)
+    summary = train(cfg)
+    assert summary["steps"] == 2 and "allmask/ciou" in summary["eval"]

@@ -154,9 +154,10 @@ def load_hf_llava(path: str | Path, **overrides: Any):
         "logits_convention": "llava",  # LLaVA's own lm_head, without the text family's scaling / soft-cap
     }
     tokenizer = overrides.get("tokenizer") or ""
-    # The tokenizer is attached after the weights are in place: building the MLLM with it could resize the
-    # embedding table to the tokenizer's length, and the checkpoint's table would no longer fit.
-    spec.update({k: v for k, v in overrides.items() if k != "tokenizer"})
+    # The tokenizer (and segmentation heads, which add tokens to it) are attached after the weights are in
+    # place: building the MLLM with them could resize the embedding table, and the checkpoint's would not fit.
+    seg_heads = overrides.get("seg_heads") or {}
+    spec.update({k: v for k, v in overrides.items() if k not in ("tokenizer", "seg_heads")})
     model = MLLMS.create("llava", **spec)
     model.tower.model.load_state_dict(hf.model.vision_tower.state_dict())
     model.projector.load_state_dict(hf.model.multi_modal_projector.state_dict())
@@ -169,6 +170,13 @@ def load_hf_llava(path: str | Path, **overrides: Any):
         model.config.tokenizer = tokenizer
     elif (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file():
         model.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model.tokenizer.padding_side = "left"
+        if model.tokenizer.pad_token is None:
+            model.tokenizer.pad_token = model.tokenizer.eos_token
         model.config.tokenizer = str(path)
+    if seg_heads:
+        from mmtok.mllm.seg.heads import build_seg_heads
+
+        model.seg_heads = build_seg_heads(model, seg_heads)
     del hf
     return model

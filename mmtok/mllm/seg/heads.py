@@ -218,7 +218,7 @@ def _ensure_tokens(model: Any, tokens: tuple[str, ...]) -> None:
         raise ValueError("segmentation heads need the MLLM's tokenizer (set MLLMConfig.tokenizer)")
     missing = [t for t in tokens if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
     if missing:
-        tok.add_special_tokens({"additional_special_tokens": list(tok.additional_special_tokens) + missing})
+        tok.add_tokens(missing, special_tokens=True)  # kept whole by the pre-tokenizer, any tokenizer class
     if len(tok) > model.llm.get_input_embeddings().num_embeddings:
         from mmtok.mllm.modeling import _llm_dict
 

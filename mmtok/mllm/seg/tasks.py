@@ -46,6 +46,9 @@ class SegTaskConfig(MLLMTaskConfig):
     head_mix: dict[str, float] = field(default_factory=dict)  # head -> sampling weight ({} = uniform)
     semantic_share: float = 0.0  # share of text-head samples asking for every item (needs instances.png)
     eval_heads: list[str] = field(default_factory=list)  # heads scored by segment() in evaluate ([] = all)
+    # also train the LLM's input/output embeddings: the new <mask> / [SEG] rows start random (LISA trains
+    # embed_tokens and lm_head beside its LoRA adapters); needed with lora_rank > 0
+    train_embeddings: bool = False
     eval_refine: str = "bilinear"
 
 
@@ -63,6 +66,9 @@ class SegTask(MLLMTask):
         config.model_overrides = {**config.model_overrides, "seg_heads": dict(config.heads)}
         super().__init__(config)
         self.model.seg_heads.requires_grad_(True)
+        if config.train_embeddings:
+            self.model.llm.get_input_embeddings().requires_grad_(True)
+            self.model.llm.get_output_embeddings().requires_grad_(True)
         names = list(config.heads)
         w = np.array([float(config.head_mix.get(n, 1.0 if not config.head_mix else 0.0)) for n in names])
         if w.sum() <= 0:
