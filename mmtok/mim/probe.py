@@ -97,14 +97,33 @@ def linear_probe(
     tx, vx = scaler.transform(train_x), scaler.transform(test_x)
     best = (-1.0, Cs[0])
     for c in Cs:
-        clf = LogisticRegression(C=c, max_iter=max_iter)
-        clf.fit(tx[fit_idx], train_y[fit_idx])
+        clf = _fit_quietly(LogisticRegression(C=c, max_iter=max_iter), tx[fit_idx], train_y[fit_idx])
         acc = float(clf.score(tx[val_idx], train_y[val_idx]))
         logger.info("probe C=%g: held-out accuracy %.4f", c, acc)
         if acc > best[0]:
             best = (acc, c)
-    clf = LogisticRegression(C=best[1], max_iter=max_iter).fit(tx, train_y)
+    if len(Cs) > 1 and best[1] in (min(Cs), max(Cs)):
+        logger.warning(
+            "probe: the best C=%g is at the edge of the grid %s; the optimum may lie outside it", best[1], Cs
+        )
+    clf = _fit_quietly(LogisticRegression(C=best[1], max_iter=max_iter), tx, train_y)
     return ProbeResult(float(clf.score(vx, test_y)), best[1], best[0], time.perf_counter() - t0)
+
+
+def _fit_quietly(clf, x: np.ndarray, y: np.ndarray):
+    """Fit without scikit-learn's per-call ConvergenceWarning (it prints absolute paths); say it once, in a log line."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(x, y)
+    if int(np.max(clf.n_iter_)) >= clf.max_iter:
+        logger.warning(
+            "probe (C=%g) stopped at max_iter=%d before converging: its accuracy is a lower bound", clf.C, clf.max_iter
+        )
+    return clf
 
 
 class _Classifier(nn.Module):

@@ -1,6 +1,6 @@
 """``mmtok segment``: segment the object an expression refers to, with any head, optionally under pruning.
 
-    mmtok segment --model runs/seg_scenes_cpu/export --image scene.png --expression "the red sneaker" \\
+    mmtok segment --model runs/quickstart/seg/export --image runs/quickstart/scene64.png --expression "the pullover" \\
         [--head text|allmask|segtoken] [--prune dart --keep 64] [--refine bilinear] --out mask.png
 
 Writes the mask PNG (0/255) and an overlay PNG beside it (``mask.overlay.png``), and prints the descriptor text

@@ -137,6 +137,23 @@ def _class_id(name: str, classes: list[str]) -> int | None:
     return classes.index(norm) if norm in classes else None
 
 
+def baselines(samples: list[dict[str, Any]], grid: int = 16) -> dict[str, float]:
+    """cIoU of trivial and ideal answers on the same samples: an empty mask, the whole image, and the
+    ``grid x grid`` oracle (the ground truth written as R-RLE descriptors and read back, Text4Seg's ceiling)."""
+    from mmtok import registries
+    from mmtok.mllm.seg.metrics import SegMeter
+
+    fmt = registries.get("seg format").create("rrle", grid=grid)
+    meters = {"empty": SegMeter(), "whole_image": SegMeter(), f"oracle_{grid}x{grid}": SegMeter()}
+    for s in samples:
+        gt = s["mask"]
+        meters["empty"].update(np.zeros_like(gt), gt)
+        meters["whole_image"].update(np.ones_like(gt), gt)
+        h, w = gt.shape
+        meters[f"oracle_{grid}x{grid}"].update(fmt.oracle(gt.astype(np.int64), ["x"]).mask(h, w) > 0, gt)
+    return {k: m.summary()["ciou"] for k, m in meters.items()}
+
+
 def table_markdown(rows: list[dict[str, Any]]) -> str:
     head = "| head | refine | pruner | keep | gIoU | cIoU | repairs | tokens | ms/mask (median / p90) |"
     lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -228,6 +245,8 @@ def main(argv: list[str]) -> int:
                     flush=True,
                 )
     out: dict[str, Any] = {"model": args.model, "data": args.data, "n": len(samples), "rows": rows}
+    out["baselines_ciou"] = baselines(samples)
+    print("baselines (cIoU): " + ", ".join(f"{k} {v:.3f}" for k, v in out["baselines_ciou"].items()))
     if args.semantic:
         out["semantic"] = semantic_miou(model, samples, args.batch_size)
         print(f"semantic (segment every item): mIoU={out['semantic'].get('miou', float('nan')):.3f}")
