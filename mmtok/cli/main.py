@@ -27,7 +27,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "answer a prompt about an image with visual-token pruning, timed",
         "MLLM token pruning",
     ),
-    "segment": ("mmtok.mllm.seg.cli", "segment an image by writing the mask as text", "MLLM text-as-mask segmentation"),
+    "segment": (
+        "mmtok.mllm.seg.cli",
+        "segment what an expression refers to with an MLLM (text-as-mask, all-mask or [SEG] head)",
+        "MLLM segmentation",
+    ),
     "convert": (
         "mmtok.cli.convert",
         "convert an official MAE .pth or a transformers ViTMAE folder into an mmtok folder (safetensors)",

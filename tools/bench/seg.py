@@ -82,6 +82,7 @@ def time_heads(model, batch_sizes, repeats: int, text_tokens: int, trained: bool
     rows = []
     for bs in batch_sizes:
         images, exprs = scenes(bs, size)
+        images = images.to(model.device)
         with torch.no_grad():
             for h in HEADS:  # warm-up
                 model.segment(images, exprs, head=h)
@@ -205,6 +206,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--text-tokens", type=int, default=103, help="descriptor length a random model is made to write")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (the memory rows are measured on the CPU)")
     p.add_argument("--quick", action="store_true", help="batch 1 only, 2 repeats, no memory rows")
     p.add_argument("--json", default="")
     args = p.parse_args()
@@ -219,6 +221,7 @@ def main() -> int:
             return 2
     else:
         model = build()
+    model = model.to(torch.device(args.device))
     if args.quick:
         args.batch_sizes, args.repeats = [1], 2
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} thread(s)")
@@ -227,6 +230,7 @@ def main() -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         info = {"threads": args.threads, "model": args.model or "random llava_fashion_seg", "cpus": os.cpu_count()}
+        info["device"] = torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu"
         Path(args.json).write_text(json.dumps({"info": info, "speed": speed, "memory": memory}, indent=2))
     return 0
 
