@@ -35,30 +35,18 @@ HEADS = ("allmask", "segtoken", "text")
 
 
 def build(image_size: int = 64, heads: dict | None = None):
+    """A random-init ``llava_fashion_seg`` (the seg_scenes_cpu model) at ``image_size`` px, patch 4."""
+    import copy
+
     from mmtok import registries
 
     torch.manual_seed(0)
-    heads = heads or {"allmask": {}, "segtoken": {}, "text": {}}
-    over = {
-        "tower": {
-            "name": "timm_vit",
-            "model_name": "vit_tiny_patch16_224",
-            "kwargs": {"img_size": image_size, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2},
-        },
-        "llm": {
-            "model_type": "llama",
-            "hidden_size": 96,
-            "intermediate_size": 256,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 3,
-            "num_key_value_heads": 3,
-            "vocab_size": 1136,
-            "max_position_embeddings": 8192,
-            "tie_word_embeddings": True,
-        },
-        "seg_heads": heads,
-    }
-    return registries.get("mllm").create("llava_fashion_seg", **over).eval()
+    reg = registries.get("mllm")
+    spec = copy.deepcopy(dict(reg.get("llava_fashion_seg").defaults))
+    spec["tower"]["kwargs"]["img_size"] = image_size
+    spec["llm"]["max_position_embeddings"] = 8192  # 2,304 image tokens + as many mask tokens
+    spec["seg_heads"] = heads or {"allmask": {}, "segtoken": {}, "text": {}}
+    return reg.create("llava_fashion_seg", **spec).eval()
 
 
 def scenes(n: int, canvas: int) -> tuple[torch.Tensor, list[str]]:
