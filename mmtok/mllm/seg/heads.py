@@ -16,9 +16,10 @@
 
 What mmtok does differently, on purpose:
 
-* For ``allmask`` and ``segtoken`` the answer sentence is the training template, fed (teacher-forced) at inference
-  instead of generated: referring segmentation has one fixed answer, so a mask costs one prefill (+ one chunk of
-  mask tokens) and no decoding loop. ``text`` generates, as it must.
+* The answer sentence is the training template and is fed (teacher-forced) at inference, not generated: referring
+  segmentation has one fixed answer, and in a model that carries several heads (which share the question
+  templates) the sentence is what selects the head. ``allmask`` / ``segtoken`` then cost one prefill (+ one chunk
+  of mask tokens) and no decoding loop; ``text`` generates the ``<seg>`` block after the sentence.
 * Mask tokens get the positions that follow the answer (``last + 1 ..``); STAMP's exact position rule is not
   public. Under visual-token pruning the prefill (prompt + answer) is pruned as in generation and the mask tokens
   are appended after it through the KV cache, so they still carry every patch's feature and produce a full grid.
@@ -379,7 +380,10 @@ def segment(
     tok = model.tokenizer
     qs = questions or [question_for(e) for e in expressions]
     if h.kind == "text":
-        ids, att = encode_prompts(tok, [chat_prompt(tok, q) for q in qs], model.device)
+        # The answer sentence is fed, the descriptors generated: one model may carry several heads that share
+        # the question templates, and the fixed sentence is what tells it to write descriptors.
+        prompts = [f"{chat_prompt(tok, q)} {h.config.answer.format(e)}" for q, e in zip(qs, expressions)]
+        ids, att = encode_prompts(tok, prompts, model.device)
         gen = model.generate(
             ids, images, att, pruner=pruner, max_new_tokens=h.max_new_tokens(), eos_token_id=tok.eos_token_id
         )
