@@ -460,6 +460,19 @@ class SegFormat:
         """
         raise NotImplementedError
 
+    def _decode_grid(self, text: str, names: Sequence[str] | None, counted: bool) -> SegDecoded:
+        """The image-wise decoders: runs (``counted``: ``label *n``) or one label per cell, in raster order."""
+        notes = _Notes()
+        body = _extract_body(text, notes)
+        shape = self.grid_shape
+        if body is None:
+            return SegDecoded(np.zeros(shape, np.int64), [str(n) for n in names or []], notes.count, notes=notes.items)
+        runs = _scan_runs(body, shape[0] * shape[1], counted, notes)
+        labels, out_names = _fill_grid(runs, shape, names, notes)
+        if not runs:
+            notes.append("no runs" if counted else "no labels")
+        return SegDecoded(labels, out_names, notes.count, notes=notes.items)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
 
@@ -493,16 +506,7 @@ class RRLEFormat(SegFormat):
 
     @_safe_decode
     def decode(self, text: str, names: Sequence[str] | None = None) -> SegDecoded:
-        notes = _Notes()
-        body = _extract_body(text, notes)
-        shape = self.grid_shape
-        if body is None:
-            return SegDecoded(np.zeros(shape, np.int64), [str(n) for n in names or []], notes.count, notes=notes.items)
-        runs = _scan_runs(body, shape[0] * shape[1], True, notes)
-        labels, out_names = _fill_grid(runs, shape, names, notes)
-        if not runs:
-            notes.append("no runs")
-        return SegDecoded(labels, out_names, notes.count, notes=notes.items)
+        return self._decode_grid(text, names, counted=True)
 
 
 @SEG_FORMATS.register("descriptors", config=GridConfig, help="Text4Seg full semantic descriptors, one per cell")
@@ -518,16 +522,7 @@ class DescriptorsFormat(SegFormat):
 
     @_safe_decode
     def decode(self, text: str, names: Sequence[str] | None = None) -> SegDecoded:
-        notes = _Notes()
-        body = _extract_body(text, notes)
-        shape = self.grid_shape
-        if body is None:
-            return SegDecoded(np.zeros(shape, np.int64), [str(n) for n in names or []], notes.count, notes=notes.items)
-        runs = _scan_runs(body, shape[0] * shape[1], False, notes)
-        labels, out_names = _fill_grid(runs, shape, names, notes)
-        if not runs:
-            notes.append("no labels")
-        return SegDecoded(labels, out_names, notes.count, notes=notes.items)
+        return self._decode_grid(text, names, counted=False)
 
 
 @SEG_FORMATS.register("bricks", config=BricksConfig, help="box then R-RLE inside the box (Text4Seg++ bricks)")

@@ -45,7 +45,6 @@ from mmtok.registries import SEG_HEADS
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 HEAD_ORDER = ("allmask", "segtoken", "text")  # also the default head: the first a model has
 
 # Question templates (varied, as Text4Seg's conversation data); {} is the referring expression.
@@ -205,12 +204,8 @@ def build_seg_heads(model: Any, specs: dict[str, dict[str, Any]]) -> nn.ModuleDi
         if head.kind != "text" and model.config.feature_select != "patch":
             raise ValueError(f"the {name} head needs one image token per patch: set feature_select='patch'")
     # the heads config is saved with their resolved fields so a reload rebuilds the same heads
-    model.config.seg_heads = {n: _config_dict(h.config) for n, h in heads.items()}
+    model.config.seg_heads = {n: dataclasses.asdict(h.config) for n, h in heads.items()}
     return heads
-
-
-def _config_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
 
 
 def _ensure_tokens(model: Any, tokens: tuple[str, ...]) -> None:
