@@ -7,11 +7,20 @@ Layout of a run's ``checkpoints/`` folder::
         optimizer.pt        optimizer state_dict (torch.save; loaded with weights_only=True)
         trainer_state.json  step, epoch, scheduler position, per-rank data position and RNG states
         <DeepSpeed files>   with DeepSpeed, engine.save_checkpoint writes its own files here instead
+        universal/          DeepSpeed only, made on demand: the universal form of the ZeRO states
     latest                  text file naming the newest complete checkpoint (written atomically)
 
 Every rank writes into ``.tmp-step-XXXXXXXX`` and rank 0 renames it to ``step-XXXXXXXX`` after a
 barrier, so a process killed at any instant leaves either the previous checkpoint or the new one,
 never a partial folder under a final name. Stale ``.tmp-*`` folders are removed on the next start.
+
+Another world size: the model, optimizer and scheduler files of a single-process / DDP run are full copies
+and load at any world size. A DeepSpeed ZeRO checkpoint stores the optimizer state partitioned by rank;
+:func:`ensure_universal` converts it once with DeepSpeed's own ``ds_to_universal`` (one folder per parameter
+with its fp32 weights and Adam moments) into ``universal/`` inside the step folder, which an engine built with
+``checkpoint.load_universal`` then loads at any world size (DeepSpeed's "universal checkpoint",
+https://www.deepspeed.ai/tutorials/universal-checkpointing/). Nothing else differs: the schedule position
+sits in DeepSpeed's model-states file, which the conversion copies.
 
 RNG states (Python, NumPy, torch CPU, every CUDA device) are stored as JSON (torch states as base64)
 so that nothing is ever unpickled on load.
@@ -316,6 +325,75 @@ def finalize(root: Path, step: int, keep_last: int) -> Path:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+# -- another world size (DeepSpeed) -----------------------------------------------------------------
+UNIVERSAL_NAME = "universal"
+
+
+def ensure_universal(folder: Path) -> Path:
+    """The universal form of the DeepSpeed checkpoint in ``folder`` (converted on the first call; rank 0 only).
+
+    The conversion runs DeepSpeed's ``deepspeed.checkpoint.ds_to_universal`` in this process (no worker
+    processes) into a temporary sibling folder that is renamed into place when complete, so a process killed
+    mid-way leaves no half-made ``universal/``. Its console output goes to the log at DEBUG level.
+
+    Args:
+        folder: A complete ``step-XXXXXXXX`` folder written by a DeepSpeed run (ZeRO stage 1, 2 or 3).
+
+    Returns:
+        ``folder / "universal"``, loadable with ``engine.load_checkpoint(folder, tag="universal")`` by an engine
+        whose config has ``"checkpoint": {"load_universal": true}``.
+
+    Raises:
+        CheckpointError: the folder holds no ZeRO optimizer states, or DeepSpeed's conversion failed.
+    """
+    import argparse
+    import contextlib
+    import io
+
+    target = folder / UNIVERSAL_NAME
+    if target.is_dir():
+        logger.info("using the universal checkpoint %s made earlier", target)
+        return target
+    if not any(folder.glob("*optim_states.pt")):
+        raise CheckpointError(
+            f"{folder} has no ZeRO optimizer states (*optim_states.pt), so it cannot be converted to a universal "
+            "checkpoint; resume it with the number of processes that wrote it"
+        )
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = folder / f".{UNIVERSAL_NAME}-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(folder),
+        output_folder=str(tmp),
+        num_extract_workers=1,  # 1 = in this process (no process pool)
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        # DeepSpeed's engine records no UNIVERSAL_CHECKPOINT_INFO for a plain module (Megatron does): the
+        # converter adds the version entry, all that a model without tensor or pipeline parallelism needs.
+        inject_missing_state=True,
+    )
+    logger.info("converting %s to a DeepSpeed universal checkpoint (world size changed)", folder)
+    console = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+            ds_to_universal.main(args)
+    except Exception as e:  # noqa: BLE001 - whatever DeepSpeed raises, the user gets one message and the log
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.debug("ds_to_universal output:\n%s", console.getvalue())
+        raise CheckpointError(
+            f"DeepSpeed could not convert {folder} to a universal checkpoint ({type(e).__name__}: {e}); resume "
+            "it with the number of processes that wrote it"
+        ) from e
+    logger.debug("ds_to_universal output:\n%s", console.getvalue())
+    (folder / "latest_universal").unlink(missing_ok=True)  # written by the converter beside its output; unused
+    _fsync_dir(tmp)
+    os.replace(tmp, target)
+    _fsync_dir(folder)
+    return target
 
 
 # -- single-process / DDP payload ------------------------------------------------------------------

@@ -93,6 +93,9 @@ class TrainConfig:
     # its floor when the budget ends even if train.steps is never reached (warm-up stays in steps).
     # A resumed run then no longer repeats the uninterrupted one bit for bit.
     schedule_by_time: bool = False
+    # Append the __key__ of every training sample to output_dir/keys/rank-XXXXX.jsonl, one line per micro-batch
+    # with its step and epoch: an audit of the data split over nodes, processes and workers, and across resumes.
+    log_keys: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

@@ -44,7 +44,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -243,7 +243,15 @@ class DeepSpeedBackend:
 
     name = "deepspeed"
 
-    def __init__(self, task: torch.nn.Module, cfg: RunConfig, info: DistInfo, bf16: bool, out_dir: Path):
+    def __init__(
+        self,
+        task: torch.nn.Module,
+        cfg: RunConfig,
+        info: DistInfo,
+        bf16: bool,
+        out_dir: Path,
+        universal: Path | None = None,
+    ):
         import warnings
 
         import deepspeed
@@ -266,6 +274,11 @@ class DeepSpeedBackend:
             hidden_size=dist_utils.model_width(task),
             stage=cfg.deepspeed.stage,
         )
+        # A checkpoint written by another number of processes is read from its universal form (one folder per
+        # parameter holding the full fp32 weights and optimizer moments), which DeepSpeed must know at build time.
+        self.universal = universal
+        if universal is not None:
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         if info.is_main:
             from mmtok.hub import atomic_write_text
 
@@ -316,8 +329,10 @@ class DeepSpeedBackend:
     def load(self, folder: Path, state: dict[str, Any]) -> None:
         if state.get("backend") != "deepspeed":
             raise CheckpointError(f"{folder} was written without DeepSpeed; resume it without DeepSpeed")
+        # DeepSpeed reads <dir>/<tag>: the step folder itself, or its universal/ sub-folder.
+        where = self.universal if self.universal is not None else folder
         path, _ = self.engine.load_checkpoint(
-            str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(where.parent), tag=where.name, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint in {folder}")
@@ -380,14 +395,49 @@ class _Stream:
         return self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
 
 
-def _build_loader(cfg: RunConfig, split: str, task: Any, rank: int, world: int) -> Any:
+class KeyedBatch(NamedTuple):
+    """A collated batch with the ``__key__`` of each of its samples (``train.log_keys``)."""
+
+    batch: Any
+    keys: list[Any]
+
+
+class _KeepKey:
+    """Wraps a sample transform so that the sample's ``__key__`` survives it (a class: workers pickle it)."""
+
+    def __init__(self, transform: Any):
+        self.transform = transform
+
+    def __call__(self, sample: dict[str, Any]) -> Any:
+        key = sample.get("__key__")
+        out = sample if self.transform is None else self.transform(sample)
+        if isinstance(out, dict):
+            out["__key__"] = key
+        return out
+
+
+class _CollateWithKeys:
+    """Collates samples without their keys (the task never sees them) and returns a :class:`KeyedBatch`."""
+
+    def __init__(self, collate: Any):
+        self.collate = collate
+
+    def __call__(self, samples: list[dict[str, Any]]) -> KeyedBatch:
+        keys = [s.get("__key__") for s in samples]
+        return KeyedBatch(self.collate([{k: v for k, v in s.items() if k != "__key__"} for s in samples]), keys)
+
+
+def _build_loader(cfg: RunConfig, split: str, task: Any, rank: int, world: int, keys: bool = False) -> Any:
     from mmtok.data import build_loader
 
+    transform, collate = task.sample_transform(split), task.collate
+    if keys:
+        transform, collate = _KeepKey(transform), _CollateWithKeys(collate)
     return build_loader(
         cfg.data,
         split,
-        transform=task.sample_transform(split),
-        collate=task.collate,
+        transform=transform,
+        collate=collate,
         rank=rank,
         world_size=world,
         seed=cfg.train.seed,
@@ -500,7 +550,7 @@ def train(
         if cfg.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-        return _Run(cfg, info, train_data, val_data).run(resume)
+        return _Run(cfg, info, train_data, val_data, resume).run()
     finally:
         torch.use_deterministic_algorithms(prev_det)
         if owns_group and torch.distributed.is_initialized():
@@ -510,7 +560,7 @@ def train(
 class _Run:
     """State of one training run (split from :func:`train` to keep each piece readable)."""
 
-    def __init__(self, cfg: RunConfig, info: DistInfo, train_data: Any, val_data: Any):
+    def __init__(self, cfg: RunConfig, info: DistInfo, train_data: Any, val_data: Any, resume: str = "auto"):
         self.cfg, self.info = cfg, info
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
@@ -527,13 +577,23 @@ class _Run:
         if train_data is None:
             if not cfg.data.train:
                 raise ConfigError("data.train is empty: set it to a shard pattern, e.g. data/fashion-mnist/train-*.tar")
-            train_data = _build_loader(cfg, "train", self.task, info.rank, info.world_size)
+            train_data = _build_loader(cfg, "train", self.task, info.rank, info.world_size, keys=cfg.train.log_keys)
         self.stream = _Stream(train_data)
         self._val_data = val_data
+        # The checkpoint to resume is found before the back-end exists: a DeepSpeed checkpoint written by
+        # another number of processes is loaded through a universal checkpoint, which DeepSpeed must be told
+        # about when its engine is built.
+        self.resume_folder, self.resume_state = self._find_resume(resume)
+        universal = None
+        if self.resume_state is not None and self.resume_state["world_size"] != info.world_size:
+            universal = self._prepare_world_size_change(self.resume_folder, self.resume_state)
         if info.deepspeed:
-            self.backend: TorchBackend | DeepSpeedBackend = DeepSpeedBackend(self.task, cfg, info, self.bf16, self.out)
+            self.backend: TorchBackend | DeepSpeedBackend = DeepSpeedBackend(
+                self.task, cfg, info, self.bf16, self.out, universal=universal
+            )
         else:
             self.backend = TorchBackend(self.task, cfg, info, self.bf16)
+        self._keys_file: Any = None
         self.step = 0
         self.last_train: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
@@ -552,7 +612,8 @@ class _Run:
         return bool(budget) and dist_utils.any_rank(self.elapsed() >= budget)
 
     # -- resume ------------------------------------------------------------------------------
-    def _resume(self, resume: str) -> tuple[Path | None, dict[str, Any] | None]:
+    def _find_resume(self, resume: str) -> tuple[Path | None, dict[str, Any] | None]:
+        """The checkpoint folder ``resume`` names and its state (rank 0 decides, every rank gets the answer)."""
         found, error = None, None
         if self.info.is_main:
             ckpt.clean_stale(self.ckpt_root)
@@ -567,23 +628,92 @@ class _Run:
         if found is None:
             return None, None
         folder = Path(found)
-        state = ckpt.read_state(folder)
-        if state["world_size"] != self.info.world_size:
-            raise CheckpointError(
-                f"{folder} was written by {state['world_size']} processes, this run has {self.info.world_size}: "
-                "each rank's data position cannot be mapped. Resume with the same number of processes."
+        return folder, ckpt.read_state(folder)
+
+    def _prepare_world_size_change(self, folder: Path, state: dict[str, Any]) -> Path | None:
+        """Log the change of world size; for DeepSpeed return the universal checkpoint (converted on rank 0).
+
+        Model, optimizer and schedule states of the torch back-end are full copies on every rank, so they load
+        as they are. ZeRO partitions its optimizer state by rank: DeepSpeed's ``ds_to_universal`` rewrites it per
+        parameter, and the engine loads that with ``checkpoint.load_universal``.
+        """
+        saved, now = int(state["world_size"]), self.info.world_size
+        if self.info.is_main:
+            cfg = self.cfg
+            logger.warning(
+                "world size changed: %s was written by %d process(es), this run has %d; model, optimizer and "
+                "schedule states are restored%s; the global batch is now %d (data.batch_size %d x "
+                "train.grad_accum %d x %d processes)",
+                folder,
+                saved,
+                now,
+                " through a DeepSpeed universal checkpoint" if state.get("backend") == "deepspeed" else "",
+                cfg.data.batch_size * cfg.train.grad_accum * now,
+                cfg.data.batch_size,
+                cfg.train.grad_accum,
+                now,
             )
+        if state.get("backend") != "deepspeed" or not self.info.deepspeed:
+            return None  # a back-end mismatch is refused by the back-end's load()
+        made, error = None, None
+        if self.info.is_main:
+            try:
+                made = str(ckpt.ensure_universal(folder))
+            except CheckpointError as e:
+                error = str(e)
+        made, error = dist_utils.broadcast_object((made, error))  # the others wait here for the conversion
+        if error is not None:
+            raise CheckpointError(error)
+        return Path(made)
+
+    def _resume(self) -> tuple[Path | None, dict[str, Any] | None]:
+        folder, state = self.resume_folder, self.resume_state
+        if folder is None or state is None:
+            return None, None
         self.backend.load(folder, state)
         self.step = int(state["step"])
         self.stream.epoch = int(state["epoch"])
-        data_state = state["ranks"][self.info.rank]["data"]
-        if data_state is not None and hasattr(self.stream.loader, "load_state_dict"):
-            self.stream.loader.load_state_dict(data_state)
-        elif self.step:
-            logger.warning("the data loader has no saved position; the resumed run restarts its data stream")
+        self._restore_data_position(state)
         if self.info.is_main:
-            logger.info("resumed from %s (step %d, epoch %d)", folder, self.step, self.stream.epoch)
+            logger.info(
+                "resumed from %s (step %d, epoch %d, written by %d process(es), now %d)",
+                folder,
+                self.step,
+                self.stream.epoch,
+                state["world_size"],
+                self.info.world_size,
+            )
         return folder, state
+
+    def _restore_data_position(self, state: dict[str, Any]) -> None:
+        """Put this rank's data stream where the checkpoint left it (re-split when the world size changed)."""
+        loader = self.stream.loader
+        saved = [r["data"] for r in state["ranks"]]
+        if not hasattr(loader, "load_state_dict") or any(d is None for d in saved):
+            if self.step:
+                logger.warning("the data loader has no saved position; the resumed run restarts its data stream")
+            return
+        if int(state["world_size"]) == self.info.world_size:
+            loader.load_state_dict(saved[self.info.rank])
+            return
+        # Another world size: each rank's saved position belongs to a stream split over the old consumers.
+        # The reader owns the re-split; until it offers one, the epoch is restarted and the bound is logged.
+        resplit = getattr(loader, "load_state_dict_resplit", None)
+        if resplit is not None:
+            resplit(saved, rank=self.info.rank, world_size=self.info.world_size)
+            return
+        epoch = int(state["epoch"])
+        seen = sum(sum(int(v) for v in (d.get("positions") or {}).values()) for d in saved if d.get("epoch") == epoch)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        if self.info.is_main:
+            logger.warning(
+                "the data position cannot be re-split over %d processes by this reader: epoch %d restarts from "
+                "its beginning, so up to %d samples already trained on in it are seen again",
+                self.info.world_size,
+                epoch,
+                seen,
+            )
 
     def _save(self) -> None:
         per_rank = dist_utils.all_gather_objects(
@@ -659,10 +789,10 @@ class _Run:
         return metrics
 
     # -- main loop ---------------------------------------------------------------------------
-    def run(self, resume: str) -> dict[str, Any] | None:
+    def run(self) -> dict[str, Any] | None:
         cfg, info = self.cfg, self.info
         self._clock = time.perf_counter()
-        folder, state = self._resume(resume)
+        folder, state = self._resume()
         if state is not None:
             self._elapsed_before = float(state.get("elapsed_s", 0.0))
         writer = MetricsWriter(
@@ -672,7 +802,9 @@ class _Run:
         # (DataLoader base seeds), which the uninterrupted run did long ago.
         self.stream.start()
         if state is not None:
-            ckpt.restore_rng_state(state["ranks"][info.rank]["rng"])
+            # Every rank starts from the same seed, so a rank the saved run did not have takes the state of
+            # the saved rank it stands in for (rank modulo the saved world size).
+            ckpt.restore_rng_state(state["ranks"][info.rank % len(state["ranks"])]["rng"])
         total = cfg.train.steps
         if info.is_main:
             logger.info(
@@ -708,7 +840,11 @@ class _Run:
                     factor = lr_factor(self.step, cfg.optim, total, self.elapsed() / cfg.train.max_seconds)
                     self.backend.set_lr_factor(factor)
                 for micro in range(cfg.train.grad_accum):
-                    batch = to_device(self.stream.next(), info.device)
+                    batch = self.stream.next()
+                    if isinstance(batch, KeyedBatch):
+                        self._log_keys(batch.keys)
+                        batch = batch.batch
+                    batch = to_device(batch, info.device)
                     samples += batch_size_of(batch, cfg.data.batch_size)
                     out = self.backend.micro_step(batch, last=micro == cfg.train.grad_accum - 1)
                     for k, v in out.items():
@@ -747,6 +883,8 @@ class _Run:
         finally:
             bar.close()
             writer.close()
+            if self._keys_file is not None:
+                self._keys_file.close()
         stopped_by = "steps" if self.step >= total else "max_seconds"
         elapsed = self.elapsed()
         if stopped_by == "max_seconds" and info.is_main:
@@ -777,6 +915,16 @@ class _Run:
 
         atomic_write_text(self.out / "run_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
         return summary
+
+    def _log_keys(self, keys: list[Any]) -> None:
+        """Append the sample keys of one micro-batch to ``keys/rank-XXXXX.jsonl`` (``train.log_keys``)."""
+        if self._keys_file is None:
+            folder = self.out / "keys"
+            folder.mkdir(parents=True, exist_ok=True)
+            self._keys_file = open(folder / f"rank-{self.info.rank:05d}.jsonl", "a")  # noqa: SIM115 - closed in run()
+        line = {"step": self.step + 1, "epoch": self.stream.epoch, "rank": self.info.rank, "keys": list(keys)}
+        self._keys_file.write(json.dumps(line) + "\n")
+        self._keys_file.flush()  # a killed run still shows what it trained on
 
     def _export(self) -> str | None:
         if not self.cfg.train.export:
