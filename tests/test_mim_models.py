@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -151,3 +153,82 @@ def test_bad_configs_fail_clearly():
         MODELS.create("mae_micro", img_size=30, patch_size=8)
     with pytest.raises(Exception, match="Did you mean"):
         MODELS.create("mae_micro", patch_sise=8)
+
+
+def test_video_targets_known_answer_on_a_low_contrast_tubelet():
+    """VideoMAE's target: per tubelet and channel, (v - mean) / (std + 1e-6) on [0, 1] pixels, unbiased std.
+
+    Each tubelet-channel group holds n = 2 * 8 * 8 = 128 values, half 0.5 + d and half 0.5 - d (d exact in
+    float32), so mean = 0.5 and std = d * sqrt(n / (n - 1)): the target is +-d / (std + 1e-6). With d = 2**-10
+    (std ~ 1e-3) the image formula d / sqrt(std**2 + 1e-6) would give ~0.70 instead of ~0.99.
+    """
+    vid = MODELS.create("videomae_micro", **VID)  # pixel_mean = pixel_std = 0.5: the scale must not leak in
+    n = 2 * 8 * 8
+    d = torch.tensor([2.0**-10, 2.0**-6, 0.0])  # per channel: low contrast, higher contrast, flat
+    sign = torch.ones(1, 1, 4, 32, 32)
+    sign[..., ::2, :] = -1.0  # alternate rows: every 8x8 patch of every frame is half +d, half -d
+    x = 0.5 + sign * d.view(1, 3, 1, 1, 1)  # [1, 3, 4, 32, 32]
+    t, mean, std = vid.targets(x)
+    groups = t.view(1, 32, n, 3)  # (u, p, q, c) order: channel last
+    for ch, dc in enumerate(d.tolist()):
+        std_c = dc * math.sqrt(n / (n - 1))
+        want = dc / (std_c + 1e-6) if dc else 0.0
+        got = groups[..., ch].abs()
+        assert torch.allclose(got, torch.full_like(got, want), rtol=1e-5, atol=1e-6), (ch, got.max().item(), want)
+    # the low-contrast value by hand: 2**-10 / (2**-10 * sqrt(128 / 127) + 1e-6) = 0.995071...
+    assert groups[..., 0].abs().max().item() == pytest.approx(0.995071, abs=2e-6)
+    # sqrt(var + 1e-6), MAE's image formula, would differ by ~30% here
+    assert abs(groups[..., 0].abs().max().item() - 2.0**-10 / math.sqrt((2.0**-10) ** 2 * n / (n - 1) + 1e-6)) > 0.2
+    # target * std + mean gives back the [0, 1] pixels, and reconstruct keeps visible ones exactly
+    torch.testing.assert_close(t * std + mean, patchify(x, 8, 2), atol=1e-6, rtol=0)
+    masks = _masks(vid, 1, 0.5, "tube")
+    rec = vid.reconstruct(x, masks)
+    vis = ~masks.mask
+    torch.testing.assert_close(patchify(rec, 8, 2)[vis], patchify(x, 8, 2)[vis], atol=1e-6, rtol=0)
+
+
+def test_image_targets_keep_the_mae_formula():
+    """Images stay on MAE's (v - mean) / sqrt(var + 1e-6) over the whole patch of model-scale pixels."""
+    img = _mae()
+    d = 2.0**-10
+    x = torch.full((1, 3, 32, 32), 0.5)
+    x[:, :, ::2] += d
+    x[:, :, 1::2] -= d  # model scale (x - 0.5) / 0.5 = +-2d; a patch holds n = 8 * 8 * 3 values
+    n = 8 * 8 * 3
+    want = 2 * d / math.sqrt((2 * d) ** 2 * n / (n - 1) + 1e-6)
+    t, _, _ = img.targets(x)
+    torch.testing.assert_close(t.abs(), torch.full_like(t, want), rtol=1e-5, atol=1e-6)
+
+
+def test_videomae_style_encoder_switches(tmp_path):
+    """cls_token=False, the flat 1-D table, no final norm, norm_eps: shapes, the table, save/load, clear refusals."""
+    from mmtok.mim.vit import flat_sinusoid_table
+
+    kw = {**VID, "cls_token": False, "pos_embed_type": "flat", "final_norm": False, "norm_eps": 1e-12}
+    model = MODELS.create("videomae_micro", **kw).eval()
+    enc = model.encoder
+    assert enc.cls_token is None and enc.num_prefix_tokens == 0 and isinstance(enc.norm, torch.nn.Identity)
+    assert enc.pos_embed.shape == (1, 32, 32) and model.decoder_pos_embed.shape == (1, 32, 32)
+    assert enc.blocks[0].norm1.eps == 1e-12 and model.decoder_norm.eps == 1e-12
+    # the table by its definition: channel 2i is sin(n / 10000**(2i / D)), channel 2i + 1 its cosine
+    table = flat_sinusoid_table(5, 6)
+    angle = 3 / 10000 ** (2 / 6)
+    assert table[3, 2].item() == pytest.approx(math.sin(angle), abs=1e-7)
+    assert table[3, 3].item() == pytest.approx(math.cos(angle), abs=1e-7)
+    assert torch.equal(enc.pos_embed[0], flat_sinusoid_table(32, 32))
+    x = torch.rand(2, 3, 4, 32, 32)
+    masks = _masks(model, 2, 0.75, "tube")
+    out = model(x, masks)
+    assert out.latent.shape == (2, 8, 32) and out.pred.shape == (2, 32, 2 * 8 * 8 * 3)
+    assert enc.forward_features(x)[0].shape == (2, 32, 32)
+    assert enc.pooled_features(x).shape == (2, 32)
+    with pytest.raises(ValueError, match="no"):
+        enc.pooled_features(x, pool="cls")
+    with pytest.raises(ValueError, match="CLS"):
+        cls_attention(enc, x)
+    assert "encoder.cls_token" not in model.state_dict() and "encoder.norm.weight" not in model.state_dict()
+    back = hub.from_pretrained(model.save_pretrained(tmp_path / "v"), kind="mim model").eval()
+    assert back.encoder.blocks[0].norm1.eps == 1e-12
+    assert torch.equal(model(x, masks).pred, back(x, masks).pred)
+    with pytest.raises(ValueError, match="pos_embed_type"):
+        MODELS.create("vit_micro", **IMG, pos_embed_type="learned")

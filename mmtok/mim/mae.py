@@ -7,11 +7,18 @@ MCG-NJU/VideoMAE). The encoder (:class:`~mmtok.mim.vit.ViTEncoder`) sees only th
 fixed sine-cosine positions, and predicts the pixels of every patch. The loss is the MSE to
 per-patch-normalised targets averaged over hidden tokens only.
 
+Target normalisation follows each reference exactly, because the two differ on flat patches:
+- images (MAE): over each whole patch of model-scale pixels, ``(v - mean) / sqrt(var + 1e-6)``;
+- videos (VideoMAE): over each tubelet *and channel* of the [0, 1] pixels, ``(v - mean) / (std + 1e-6)``.
+  On a low-contrast tubelet (std around 1e-3) the image formula would shrink the target by about 30%.
+Both use the unbiased variance, as the references do.
+
 What differs from the references:
 - The mask comes from a pluggable masker (:mod:`mmtok.mim.masking`) instead of being drawn inside
   ``forward``, so random / block / tube / attention / adaptive / hard-patch all drive the same model.
-- Images and videos share one class: ``num_frames > 1`` switches to 3D tubelets and 3D positions;
-  video targets are normalised per tubelet *and channel* as VideoMAE does, images per patch as MAE.
+- Images and videos share one class: ``num_frames > 1`` switches to 3D tubelets and 3D positions
+  (separable sin-cos; VideoMAE's own flattened 1-D table is ``pos_embed_type="flat"``, used by converted
+  transformers VideoMAE checkpoints together with ``cls_token=False`` and ``final_norm=False``).
 - An optional loss-prediction head (HPM, arXiv:2304.05919) predicts each token's reconstruction loss.
 - Inputs are [0, 1] pixels; normalisation is part of the encoder (``pixel_mean``/``pixel_std``).
 """
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,9 +36,9 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from mmtok.hub import HubMixin
-from mmtok.layers import grid_pos_embed, patchify, unpatchify
+from mmtok.layers import patchify, unpatchify
 from mmtok.mim.masking import MaskOutput
-from mmtok.mim.vit import SIZES, ViTConfig, ViTEncoder, gather_tokens, init_vit_weights
+from mmtok.mim.vit import SIZES, ViTConfig, ViTEncoder, gather_tokens, init_vit_weights, position_table
 from mmtok.registries import MIM_MODELS
 
 __all__ = ["MAE", "MAEConfig", "MAEOutput"]
@@ -43,8 +51,9 @@ class MAEConfig(ViTConfig):
     decoder_dim: int = 128
     decoder_depth: int = 2
     decoder_heads: int = 4
-    norm_pix_loss: bool = True  # per-patch normalised targets ((t - mean) / sqrt(var + 1e-6))
+    norm_pix_loss: bool = True  # normalised targets (per patch for images, per tubelet and channel for videos)
     predict_loss: bool = False  # HPM: add a head predicting each token's reconstruction loss
+    decoder_norm_eps: float | None = None  # epsilon of the decoder's last LayerNorm (None: norm_eps)
 
     def encoder_config(self) -> ViTConfig:
         return ViTConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ViTConfig)})
@@ -60,7 +69,7 @@ class MAEOutput:
         target: ``[B, N, P]`` the targets ``pred`` is compared with.
         token_loss: ``[B, N]`` per-token MSE (defined on every token; the loss uses hidden ones).
         mask: ``[B, N]`` bool, True = hidden.
-        latent: ``[B, 1 + K, D]`` encoder output.
+        latent: ``[B, P + K, D]`` encoder output (``P`` = 1 with a [CLS] token, else 0).
         pred_loss: ``[B, N]`` predicted per-token loss (``predict_loss`` models), else None.
     """
 
@@ -89,15 +98,19 @@ class MAE(nn.Module, HubMixin):
         self.num_patches = self.encoder.num_patches
         self.is_video = self.encoder.patch_embed.is_video
         self.patch_dim = c.tubelet_size * c.patch_size**2 * c.in_chans
+        # VideoMAE normalises its targets on [0, 1] pixels (see targets()); MAE on the model's input scale
+        self.unit_targets = self.is_video and c.norm_pix_loss
         self.decoder_embed = nn.Linear(c.embed_dim, c.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_dim))
-        pos = grid_pos_embed(c.decoder_dim, self.grid_size, cls_token=True)[None]
+        pos = position_table(c.pos_embed_type, c.decoder_dim, self.grid_size, c.cls_token)[None]  # [1, P+N, Dd]
         self.register_buffer("decoder_pos_embed", pos, persistent=False)
+        norm = partial(nn.LayerNorm, eps=c.norm_eps)
         self.decoder_blocks = nn.ModuleList(
-            Block(c.decoder_dim, c.decoder_heads, c.mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm)
+            Block(c.decoder_dim, c.decoder_heads, c.mlp_ratio, qkv_bias=True, norm_layer=norm)
             for _ in range(c.decoder_depth)
         )
-        self.decoder_norm = nn.LayerNorm(c.decoder_dim)
+        d_eps = c.norm_eps if c.decoder_norm_eps is None else c.decoder_norm_eps
+        self.decoder_norm = nn.LayerNorm(c.decoder_dim, eps=d_eps)
         self.decoder_pred = nn.Linear(c.decoder_dim, self.patch_dim)
         self.loss_head = nn.Linear(c.decoder_dim, 1) if c.predict_loss else None
         init_vit_weights(nn.ModuleList([self.decoder_embed, self.decoder_blocks, self.decoder_norm]))
@@ -118,15 +131,19 @@ class MAE(nn.Module, HubMixin):
     def targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Targets ``[B, N, P]`` and the per-token (mean, std) used to normalise them (to undo it).
 
-        Images: normalised over each whole patch (MAE). Videos: per tubelet and channel (VideoMAE).
+        Images (MAE): model-scale patches, normalised over each whole patch by ``sqrt(var + 1e-6)``.
+        Videos (VideoMAE): [0, 1] pixels, normalised per tubelet and channel by ``std + 1e-6``. Variances are
+        unbiased in both. ``target * std + mean`` gives back the pixels in :meth:`target_pixels`' scale.
         """
-        t = self.patchify(x)
+        t = self.target_pixels(x)
         if not self.config.norm_pix_loss:
             return t, torch.zeros_like(t), torch.ones_like(t)
         c = self.config.in_chans
         groups = rearrange(t, "b n (k c) -> b n k c", c=c) if self.is_video else t[..., None]
         mean = groups.mean(-2, keepdim=True)
-        std = (groups.var(-2, keepdim=True, unbiased=True) + 1e-6).sqrt()
+        var = groups.var(-2, keepdim=True, unbiased=True)
+        # the two references differ here, and on a flat patch (std ~ 1e-3) so do the targets: see module docstring
+        std = var.sqrt() + 1e-6 if self.is_video else (var + 1e-6).sqrt()
 
         def flat(v: torch.Tensor) -> torch.Tensor:
             v = v.expand_as(groups)
@@ -134,17 +151,24 @@ class MAE(nn.Module, HubMixin):
 
         return flat((groups - mean) / std), flat(mean), flat(std)
 
+    def target_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """The patches ``[B, N, P]`` the targets are made from: [0, 1] pixels for normalised video targets
+        (VideoMAE un-normalises its input first), model-scale pixels otherwise (MAE)."""
+        c = self.config
+        return patchify(x, c.patch_size, c.tubelet_size) if self.unit_targets else self.patchify(x)
+
     def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """Encoder output ``[B, 1 + K, D]`` -> decoder features ``[B, N, Dd]`` in raster order."""
-        x = self.decoder_embed(latent)  # [B, 1+K, Dd]
+        """Encoder output ``[B, P + K, D]`` -> decoder features ``[B, N, Dd]`` in raster order."""
+        p = self.encoder.num_prefix_tokens  # 1 with [CLS], 0 without (VideoMAE)
+        x = self.decoder_embed(latent)  # [B, P+K, Dd]
         b, n = ids_restore.shape
-        fill = self.mask_token.expand(b, n - (x.shape[1] - 1), -1)  # [B, N-K, Dd]
-        x_ = torch.cat([x[:, 1:], fill], dim=1)  # visible first, then hidden: the masker's order
+        fill = self.mask_token.expand(b, n - (x.shape[1] - p), -1)  # [B, N-K, Dd]
+        x_ = torch.cat([x[:, p:], fill], dim=1)  # visible first, then hidden: the masker's order
         x_ = gather_tokens(x_, ids_restore)  # un-shuffle to raster order
-        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed
+        x = torch.cat([x[:, :p], x_], dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
-        return self.decoder_norm(x)[:, 1:]
+        return self.decoder_norm(x)[:, p:]
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, masks: MaskOutput) -> MAEOutput:
@@ -184,7 +208,10 @@ class MAE(nn.Module, HubMixin):
         out = self.forward(x, masks)
         _, mean, std = self.targets(x)
         pred = out.pred.float() * std + mean if self.config.norm_pix_loss else out.pred.float()
-        mixed = torch.where(out.mask[..., None], pred, self.patchify(x))
+        mixed = torch.where(out.mask[..., None], pred, self.target_pixels(x))  # in the targets' pixel scale
+        if self.unit_targets:  # already [0, 1]: only the layout is undone
+            c = self.config
+            return unpatchify(mixed, c.patch_size, self.grid_size, c.in_chans, c.tubelet_size).clamp(0, 1)
         return self.unpatchify(mixed).clamp(0, 1)
 
     # -- export -------------------------------------------------------------------------------
