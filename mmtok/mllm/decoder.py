@@ -39,6 +39,11 @@ layers ``>= K`` only ever see the kept tokens. The two groups therefore have cac
 :class:`DecodeState` keeps one key-validity mask and key positions per group so that each decoding step
 builds the right mask per layer (and per window). Position ids are the original positions (never
 re-indexed), and a generated token gets position ``last original position + 1``.
+
+Proportional attention (ToMe, arXiv:2210.09461): ``run_layers(..., key_bias=[B, L])`` adds a per-key term to every
+allowed entry of the additive masks (blocked entries stay blocked), e.g. ``log(size)`` for a merged image token that
+stands for ``size`` patches, so that a query attends to it as much as to its ``size`` sources together. The bias
+follows the keys through pruning and the KV cache (generated tokens get 0); SDPA stays the kernel.
 """
 
 from __future__ import annotations
@@ -294,6 +299,7 @@ class DecodeState:
     key_valid: list[torch.Tensor]  # per group [B, S_g] bool
     key_pos: list[torch.Tensor]  # per group [B, S_g] long
     next_pos: torch.Tensor  # [B] position id of the next token
+    key_bias: list[torch.Tensor] | None = None  # per group [B, S_g] additive per-key attention bias (None = none)
 
     def group_of(self, layer: int) -> int:
         g = 0
@@ -316,6 +322,19 @@ class LayerRunOutput:
 # A callback invoked at the input of layer K: (layer_index, hidden [B, L, D], valid [B, L], position_ids [B, L],
 # layer_inputs: dict[int, Tensor] of earlier layers' inputs, cache) -> keep index [B, L'] or None.
 PruneHook = Callable[..., "torch.Tensor | None"]
+
+
+def with_key_bias(
+    masks: dict[int | None, torch.Tensor], key_bias: torch.Tensor | None
+) -> dict[int | None, torch.Tensor]:
+    """Add ``key_bias [B, S]`` to the allowed entries of every additive mask ``[B, 1, Q, S]`` (blocked stay blocked)."""
+    if key_bias is None:
+        return masks
+    out = {}
+    for w, m in masks.items():
+        bias = key_bias.to(m.dtype)[:, None, None, :]  # [B, 1, 1, S]
+        out[w] = torch.where(m == 0, bias, m)  # 0 marks an allowed entry in these masks
+    return out
 
 
 def _call_layer(
@@ -350,6 +369,7 @@ def run_layers(
     keep_inputs_of: tuple[int, ...] = (),
     grad_checkpointing: bool = False,
     bidirectional_tail: int = 0,
+    key_bias: torch.Tensor | None = None,
 ) -> LayerRunOutput:
     """Run every decoder layer on ``hidden [B, L, D]`` (prefill or training), optionally pruning at one layer.
 
@@ -366,6 +386,8 @@ def run_layers(
         grad_checkpointing: Recompute each layer in the backward pass (training memory).
         bidirectional_tail: The last this many tokens attend to each other both ways (see
             :func:`additive_mask`); they are never pruned (they follow every image token).
+        key_bias: ``[B, L]`` float added to the attention logits of every query for that key (proportional
+            attention: ``log(size)`` at merged tokens, 0 elsewhere); None = no bias.
 
     Returns:
         :class:`LayerRunOutput` with the normed hidden states (logits: :func:`lm_logits`).
@@ -379,8 +401,10 @@ def run_layers(
     dtype = hidden.dtype
     hidden = scale_embeddings(llm, hidden)
     masks = _masks(windows, key_valid, hidden.shape[1], dtype, position_ids, position_ids, bidirectional_tail)
+    masks = with_key_bias(masks, key_bias)
     pos_emb = rotary(hidden, position_ids)
     group_start, valids, positions = [0], [key_valid], [position_ids]
+    biases = [key_bias]
     saved: dict[int, torch.Tensor] = {}
     keep_index = None
     for i, layer in enumerate(layers):
@@ -393,10 +417,14 @@ def run_layers(
                 masks = _masks(
                     windows, key_valid, hidden.shape[1], dtype, position_ids, position_ids, bidirectional_tail
                 )
+                if key_bias is not None:  # the bias follows its keys
+                    key_bias = key_bias.gather(1, keep_index)
+                    masks = with_key_bias(masks, key_bias)
                 pos_emb = rotary(hidden, position_ids)
                 group_start.append(i)
                 valids.append(key_valid)
                 positions.append(position_ids)
+                biases.append(key_bias)
         if i in keep_inputs_of:
             saved[i] = hidden
         mask = masks[windows[i]]
@@ -410,7 +438,7 @@ def run_layers(
     state = None
     if use_cache:
         next_pos = position_ids.masked_fill(~key_valid.bool(), -1).max(dim=1).values + 1
-        state = DecodeState(cache, group_start, valids, positions, next_pos)
+        state = DecodeState(cache, group_start, valids, positions, next_pos, biases if biases[0] is not None else None)
     return LayerRunOutput(hidden, key_valid, position_ids, keep_index, state)
 
 
@@ -438,6 +466,10 @@ def decode_chunk(
     state.key_pos = [torch.cat([p, pos], dim=1) for p in state.key_pos]
     tail = t if bidirectional else 0
     masks = [_masks(windows, v, t, embeds.dtype, p, pos, tail) for v, p in zip(state.key_valid, state.key_pos)]
+    if state.key_bias is not None:  # new tokens stand for themselves: bias 0
+        zeros = torch.zeros(b, t, device=embeds.device)
+        state.key_bias = [torch.cat([kb.to(zeros.dtype), zeros], dim=1) for kb in state.key_bias]
+        masks = [with_key_bias(m, kb) for m, kb in zip(masks, state.key_bias)]
     hidden = scale_embeddings(llm, embeds)
     pos_emb = rotary(hidden, pos)
     for i, layer in enumerate(layers):

@@ -10,6 +10,12 @@ Budgets: ``num_keep`` (tokens kept per image, >= 1) or ``keep_ratio`` (fraction 
 (0, 1]); exactly one of them. Zero is rejected everywhere with the same message (:data:`BUDGET_HELP`): it used to
 mean "keep everything" for most pruners and 50% for FastV. To keep every token use the ``none`` pruner, the only
 one that needs no budget (it accepts one and ignores it, so callers can pass the same arguments to every pruner).
+
+Two kinds of reducer share this interface (``kind``): a *selecting* pruner (``kind = "select"``) keeps a subset and
+drops the rest; a *merging* reducer (``kind = "merge"``, :class:`Merger`) also implements
+``merge(ctx) -> MergeResult`` (merged features ``[B, K, D]``, their sizes ``[B, K]`` and the source map
+``[B, N] -> 0..K-1``) and plugs into the same pre-LLM hook: ``select`` returns the slot of each merged token (where it
+sits in the sequence, hence its position id) and ``gather_features`` the merged features for those slots.
 """
 
 from __future__ import annotations
@@ -134,6 +140,7 @@ class Pruner:
     stage: str = "pre_llm"
     layer: int = 0
     needs_budget: bool = True  # False only for the identity (``none``)
+    kind: str = "select"  # "select": keeps a subset; "merge": a :class:`Merger` (merged tokens stand for groups)
 
     def __init__(self, config: PrunerConfig):
         check_budget(config, type(self).__name__, required=self.needs_budget)
@@ -175,3 +182,83 @@ def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     tie = torch.arange(n, device=scores.device, dtype=torch.float64) * (-1e-12)
     idx = torch.topk(scores.double() + tie, k, dim=1).indices
     return idx.sort(dim=1).values
+
+
+@dataclass
+class MergeResult:
+    """What a merging reducer returns: ``K`` merged tokens standing for the ``N`` image tokens.
+
+    Attributes:
+        features: ``[B, K, D]`` size-weighted means of the tokens each merged token covers.
+        sizes: ``[B, K]`` float, how many of the ``N`` original tokens each merged token covers (>= 1, rows sum to N).
+        source_map: ``[B, N]`` long in ``0..K-1``: the merged token each original token went into (covers every
+            patch, so per-patch heads and overlays can read merged outputs back per patch: :meth:`unmerge`).
+    """
+
+    features: torch.Tensor
+    sizes: torch.Tensor
+    source_map: torch.Tensor
+
+    def mean_positions(self) -> torch.Tensor:
+        """``[B, K]`` float: the size-weighted mean index (0..N-1) of the original tokens in each merged token."""
+        b, n = self.source_map.shape
+        idx = torch.arange(n, device=self.source_map.device, dtype=torch.float64).expand(b, -1)
+        total = torch.zeros(b, self.sizes.shape[1], dtype=torch.float64, device=idx.device)
+        total.scatter_add_(1, self.source_map, idx)
+        return total / self.sizes.double()
+
+    def unmerge(self, x: torch.Tensor) -> torch.Tensor:
+        """Values per merged token ``[B, K, ...]`` -> per original token ``[B, N, ...]`` (a patch reads its group)."""
+        index = self.source_map.reshape(*self.source_map.shape, *([1] * (x.ndim - 2)))
+        return x.gather(1, index.expand(-1, -1, *x.shape[2:]))
+
+
+class Merger(Pruner):
+    """Base class of merging reducers (``kind = "merge"``): implement :meth:`merge`.
+
+    The MLLM applies a merger through the pre-LLM pruning hook: :meth:`select` merges and returns the sorted slots
+    ``[B, K]`` of the merged tokens (:func:`merge_slots`: the rounded mean position of what each one covers), and
+    :meth:`gather_features` returns the merged features for exactly those slots. The last result is kept on
+    :attr:`last_result` (for overlays, per-patch heads and the tests).
+    """
+
+    kind = "merge"
+    stage = "pre_llm"
+
+    def __init__(self, config: PrunerConfig):
+        super().__init__(config)
+        self.last_result: MergeResult | None = None
+        self._last_slots: torch.Tensor | None = None
+
+    def merge(self, ctx: PruneContext) -> MergeResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def select(self, ctx: PruneContext) -> torch.Tensor:
+        result = self.merge(ctx)
+        slots = merge_slots(result)
+        self.last_result, self._last_slots = result, slots
+        return slots
+
+    def gather_features(self, features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        if self._last_slots is None or self.last_result is None or not torch.equal(keep, self._last_slots):
+            raise PruningError(
+                f"{type(self).__name__}: gather_features must follow select() on the same images (a merger's features "
+                "are the merged groups of its last select); call select(ctx) first"
+            )
+        return self.last_result.features
+
+
+def merge_slots(result: MergeResult) -> torch.Tensor:
+    """Sorted, distinct slots ``[B, K]`` in ``0..N-1`` for merged tokens ordered by mean position.
+
+    The rule (documented in :mod:`mmtok.mllm.pruning.merge`): slot ``k`` is ``floor(m_k + 0.5)`` of the mean position
+    ``m_k``; when two merged tokens round to the same index the later one moves to the next free index
+    (``s_k = k + cummax(d_j - j)``), and never past ``N - K + k`` so that all ``K`` fit. The merged tokens must be
+    sorted by mean position (what :class:`Merger` implementations return).
+    """
+    b, n = result.source_map.shape
+    k = result.sizes.shape[1]
+    desired = torch.floor(result.mean_positions() + 0.5).long()  # [B, K]
+    ar = torch.arange(k, device=desired.device)
+    slots = ar + torch.cummax(desired - ar, dim=1).values
+    return torch.minimum(slots, (n - k) + ar).clamp(min=0)
