@@ -155,7 +155,7 @@ def test_resume_with_many_batches_skips_whole_shards(shards, monkeypatch):
     state = loader.state_dict()
     opened = []
     real = reader.iter_tar
-    monkeypatch.setattr(reader, "iter_tar", lambda p: (opened.append(p), real(p))[1])
+    monkeypatch.setattr(reader, "iter_tar", lambda p, **kw: (opened.append(p), real(p, **kw))[1])
     loader2 = ShardLoader(ShardDataset(shards), batch_size=5)
     loader2.load_state_dict(state)
     assert _keys(loader2) == [f"s{i:05d}" for i in range(45, 60)]

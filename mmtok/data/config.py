@@ -20,7 +20,9 @@ class DataConfig:
     """Where training/validation samples come from and how they are read.
 
     Shard patterns use brace expansion (``data/fmnist/train-{000000..000009}.tar``) or globs; several
-    patterns are joined with ``::``.
+    patterns are joined with ``::``. A pattern may be a URL webdataset's ``gopen`` opens
+    (``pipe:aws s3 cp s3://bucket/train-{000000..000011}.tar -``, ``https://host/train-{000000..000011}.tar``,
+    ``file:``), or the URL of the shards' index json.
     """
 
     train: str = ""  # shard pattern of the training stream
@@ -37,6 +39,10 @@ class DataConfig:
     image_mode: str = "keep"  # "keep" (grey stays 1 channel), "RGB" or "L"
     drop_last: bool = False  # drop each worker's last partial batch of a training epoch
     required: str = ""  # members every sample must have, e.g. "png,mask.png" ("" = the index's fields)
+    # Remote shards (pipe:, http(s):// URLs): times a broken stream is opened again before the rest of the shard
+    # counts as lost (skip) or raises (raise), and the seconds before the first retry (doubled per retry).
+    retries: int = 3
+    retry_backoff: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -49,7 +55,7 @@ class DataConfig:
         """
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
-        for key in ("num_workers", "shuffle_buffer", "epoch_length", "image_size"):
+        for key in ("num_workers", "shuffle_buffer", "epoch_length", "image_size", "retries", "retry_backoff"):
             value = getattr(self, key)
             if value < 0:
                 raise ConfigError(f"data.{key} must be >= 0, got {value}")

@@ -317,6 +317,8 @@ def build_loader(
         world_size=world_size,
         image_mode=getattr(data_cfg, "image_mode", "keep"),
         required=tuple(r.strip() for r in data_cfg.required.split(",") if r.strip()) or None,
+        retries=getattr(data_cfg, "retries", 3),
+        retry_backoff=getattr(data_cfg, "retry_backoff", 1.0),
     )
     return ShardLoader(
         ds,

@@ -35,6 +35,15 @@ A pattern that matches nothing always raises :class:`ShardPatternError`. Under `
 shard ends an epoch: a shard that cannot be scanned (0 bytes, not a tar) is counted as ``unreadable_shard``
 when its turn comes (under ``raise`` the dataset refuses it at construction).
 
+Shards from anywhere: a shard may be a URL that webdataset's ``gopen`` opens (``pipe:COMMAND``, ``http(s)://``
+through ``curl``, ...; ``file:`` URLs are read as local paths). Counts come from the index json beside the shards
+(``train-000003.tar`` -> ``train.json``, fetched once per folder) or, without one, from reading each shard through
+once at construction. A stream that breaks (a dropped connection: ``curl`` exits non-zero, or the stream ends
+before the shard's count) is opened again up to ``retries`` times with exponential backoff, each retry counted as
+``network_retry`` and logged with the URL, and read on from the sample where it broke (the samples before are
+read past, not delivered again), so positions and resume are those of a local shard. After the last attempt the
+rest of the shard is lost: counted (``network_error`` once, ``missing_sample`` per position) or raised.
+
 What a sample must carry: the consumer's ``required`` fields when given; otherwise, per shard, every field
 that more than half of the shard's samples carry (from the index's per-shard field counts, or from the header
 scan of a shard without one), except those the writer was told are ``optional``. The index's own field list
@@ -53,10 +62,12 @@ import json
 import logging
 import os
 import random
+import re
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
@@ -69,20 +80,111 @@ logger = logging.getLogger(__name__)
 # -- pattern expansion and the index ------------------------------------------------------------------
 
 
+_URL = re.compile(r"^(pipe:|[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def is_url(path: str) -> bool:
+    """True for a shard that webdataset's ``gopen`` streams (``pipe:CMD``, ``http(s)://``, ``gs://``, ...).
+
+    ``file:`` URLs are not: they name local files, which are read (and scanned, globbed, listed) as paths.
+    """
+    return bool(_URL.match(path)) and not path.startswith("file:")
+
+
+def _local(part: str) -> str:
+    """A ``file:`` URL as the local path gopen would open (``file:///d/x.tar`` and ``file:d/x.tar``)."""
+    if part.startswith("file:"):
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        return url2pathname(urlparse(part).path)
+    return os.path.expanduser(part)
+
+
+def _name_span(url: str) -> tuple[int, int]:
+    """``(start, end)`` of the file name in a URL: the last path part, or in a ``pipe:`` command the base
+    name of its last ``.tar``/``.json`` word (``pipe:aws s3 cp s3://b/train-000001.tar -``)."""
+    if url.startswith("pipe:"):
+        words = list(re.finditer(r"[^\s'\"]+\.(?:tar|json)(?=[\s'\"]|$)", url))
+        if not words:
+            return len(url), len(url)
+        w = words[-1]
+        return w.start() + w.group(0).rfind("/") + 1, w.end()
+    end = min([i for i in (url.find("?"), url.find("#")) if i >= 0] or [len(url)])
+    return url.rfind("/", 0, end) + 1, end
+
+
+def with_name(url: str, name: str) -> str:
+    """``url`` naming file ``name`` beside the one it names now (same folder, scheme and command)."""
+    start, end = _name_span(url)
+    return url[:start] + name + url[end:]
+
+
+def open_shard(path: str, bufsize: int = 1 << 20) -> Any:
+    """A binary reader of a local shard or of any URL webdataset's ``gopen`` opens.
+
+    A ``pipe:`` or ``http(s)://`` reader is a process (``curl`` for HTTP); its exit status is checked on reads
+    and on ``close()`` (a download cut short raises ``OSError`` there), which is why readers close explicitly.
+    """
+    if is_url(path):
+        from webdataset.gopen import gopen
+
+        return gopen(path, "rb", bufsize=bufsize)
+    return open(_local(path), "rb", buffering=bufsize)
+
+
+def _close_quietly(f: Any) -> None:
+    """Close a reader we stopped early: a producer killed by the closed pipe reports an error we caused."""
+    try:
+        f.close()
+    except (OSError, ValueError):
+        pass
+
+
+def _finish(f: Any, url: str) -> None:
+    """Read a stream to its end and close it, so a download that failed after the tar's end still says so."""
+    if is_url(url):
+        while f.read(1 << 16):
+            pass
+    f.close()
+
+
+def fetch_text(url: str) -> str | None:
+    """Contents of a small remote or local file (an index), or None when it cannot be read."""
+    try:
+        f = open_shard(url, bufsize=1 << 16)
+        try:
+            data = f.read()
+        except BaseException:
+            _close_quietly(f)
+            raise
+        f.close()
+        return data.decode("utf-8")
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
 def expand_pattern(pattern: str | os.PathLike | list) -> list[str]:
     """Shard paths of a pattern: brace ranges, globs, ``::``-joined patterns, a folder or an index file.
 
-    A folder means every ``*.tar`` in it; an index ``.json`` means the shards it lists.
+    A folder means every ``*.tar`` in it; an index ``.json`` means the shards it lists. Any part may be a URL
+    that webdataset's ``gopen`` opens (``pipe:CMD``, ``http(s)://``, ...): brace ranges expand inside it and an
+    index URL is fetched and lists shard URLs beside it; globs and folders need a file system, so they work for
+    local paths and ``file:`` URLs only.
 
     Raises:
-        ShardPatternError: a part matches no file, or a brace-expanded file does not exist.
+        ShardPatternError: a part matches no file, a brace-expanded file does not exist, a remote index cannot
+            be read, or a remote part has a glob.
     """
     parts = [str(p) for p in pattern] if isinstance(pattern, (list, tuple)) else str(pattern).split("::")
     if not any(p.strip() for p in parts):
         raise ShardPatternError("empty shard pattern: set it to e.g. data/fmnist/train-{000000..000011}.tar")
     out: list[str] = []
     for part in (p.strip() for p in parts if p.strip()):
-        part = os.path.expanduser(part)
+        if is_url(part):
+            out.extend(_expand_url(part))
+            continue
+        part = _local(part)
         if os.path.isdir(part):
             found = sorted(glob.glob(os.path.join(part, "*.tar")))
         elif part.endswith(".json") and os.path.isfile(part):
@@ -110,6 +212,39 @@ def expand_pattern(pattern: str | os.PathLike | list) -> list[str]:
     return out
 
 
+def _expand_url(part: str) -> list[str]:
+    """Shard URLs of one remote pattern part (brace ranges, or an index .json URL listing them)."""
+    name = part[slice(*_name_span(part))]
+    if name.endswith(".json"):
+        text = fetch_text(part)
+        index = _loads(text)
+        if index is None:
+            raise ShardPatternError(
+                f"cannot read the shard index {part!r}: check the URL/command (try it with curl or in a shell), "
+                "or name the shards with a brace range instead"
+            )
+        found = [with_name(part, s["name"]) for s in index["shards"] if isinstance(s, dict) and "name" in s]
+    else:
+        if "*" in part:
+            raise ShardPatternError(
+                f"shard pattern {part!r}: a glob cannot list remote shards; use a brace range "
+                "(train-{000000..000011}.tar) or the URL of the shards' index .json"
+            )
+        found = list(braceexpand.braceexpand(part))
+    if not found:
+        raise ShardPatternError(f"shard pattern {part!r} lists no shards")
+    return found
+
+
+def _loads(text: str | None) -> dict | None:
+    """A parsed shard index, or None for text that is not one."""
+    try:
+        index = json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+    return index if isinstance(index, dict) and isinstance(index.get("shards"), list) else None
+
+
 def read_index(shard_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """``{shard file name: entry}`` from every index json in a folder.
 
@@ -120,23 +255,30 @@ def read_index(shard_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
     entries: dict[str, dict[str, Any]] = {}
     for path in sorted(Path(shard_dir).glob("*.json")):
         try:
-            index = json.loads(path.read_text())
-        except (OSError, ValueError):
+            text = path.read_text()
+        except OSError:
             continue  # not ours or damaged: the shards are then counted by scanning
-        if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
-            continue
-        fields, optional = index.get("fields", []), index.get("optional", [])
-        for s in index["shards"]:
-            if isinstance(s, dict) and "name" in s and "count" in s:
-                per_shard = s.get("fields")  # {field: samples carrying it}; absent in older indexes
-                entries[s["name"]] = {
-                    "count": int(s["count"]),
-                    "bytes": s.get("bytes"),
-                    "fields": fields,
-                    "optional": list(optional) if isinstance(optional, list) else [],
-                    "field_counts": per_shard if isinstance(per_shard, dict) else None,
-                    "codes_shape": s.get("codes_shape"),
-                }
+        entries.update(index_entries(_loads(text)))
+    return entries
+
+
+def index_entries(index: dict | None) -> dict[str, dict[str, Any]]:
+    """``{shard file name: entry}`` of one parsed index (see :func:`read_index`); {} for None."""
+    if index is None:
+        return {}
+    entries: dict[str, dict[str, Any]] = {}
+    fields, optional = index.get("fields", []), index.get("optional", [])
+    for s in index["shards"]:
+        if isinstance(s, dict) and "name" in s and "count" in s:
+            per_shard = s.get("fields")  # {field: samples carrying it}; absent in older indexes
+            entries[s["name"]] = {
+                "count": int(s["count"]),
+                "bytes": s.get("bytes"),
+                "fields": fields,
+                "optional": list(optional) if isinstance(optional, list) else [],
+                "field_counts": per_shard if isinstance(per_shard, dict) else None,
+                "codes_shape": s.get("codes_shape"),
+            }
     return entries
 
 
@@ -192,15 +334,28 @@ def scan_shard(path: str) -> tuple[int, collections.Counter, str | None]:
 
     Scanning stops at the first damage (a truncated member, a file that is not a tar) and ``problem`` says
     what it was; the samples whose headers were seen up to there are counted, so the readable ones are still
-    read and a partly present one becomes a hole the reader reports.
+    read and a partly present one becomes a hole the reader reports. A remote shard (a URL) is a stream: its
+    bytes are read through to count it (write the index beside remote shards to avoid that).
     """
     names: list[tuple[str, None]] = []
     problem = None
     try:
-        with tarfile.open(path, mode="r:") as tf:  # seekable mode: skips over member data
-            while (m := tf.next()) is not None:
-                if m.isreg():
-                    names.append((m.name, None))
+        if is_url(path):
+            f = open_shard(path)
+            try:
+                with tarfile.open(fileobj=f, mode="r|") as tf:  # stream mode: member data is read past
+                    for m in tf:
+                        if m.isreg():
+                            names.append((m.name, None))
+                _finish(f, path)
+            except BaseException:
+                _close_quietly(f)
+                raise
+        else:
+            with tarfile.open(_local(path), mode="r:") as tf:  # seekable mode: skips over member data
+                while (m := tf.next()) is not None:
+                    if m.isreg():
+                        names.append((m.name, None))
     except (tarfile.TarError, OSError, EOFError) as e:  # tarfile reports a truncated member on the next call
         problem = f"{type(e).__name__}: {e}"
     fields: collections.Counter = collections.Counter()
@@ -267,9 +422,10 @@ def _ustar_members(f: Any) -> Iterator[tuple[str, bytes]]:
             yield name.decode("utf-8"), data
 
 
-def iter_tar(path: str) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard in order (errors propagate).
+def iter_tar(path: str, skip: int = 0) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard in order, from sample ``skip`` on (errors propagate).
 
+    ``path`` is a local file or a URL (:func:`open_shard`); a stream is read through its skipped samples.
     Plain USTAR headers are parsed directly; anything else (PAX or GNU headers from other writers) goes
     through webdataset's ``tar_file_iterator``, restarting after the members already delivered.
     """
@@ -279,21 +435,31 @@ def iter_tar(path: str) -> Iterator[dict[str, Any]]:
 
     def members() -> Iterator[tuple[str, bytes]]:
         nonlocal delivered
-        with open(path, "rb", buffering=1 << 20) as f:
-            try:
-                for m in _ustar_members(f):
-                    delivered += 1
-                    yield m
-                return
-            except _NotPlainUstar:
-                pass
-        with open(path, "rb") as f:
+        f = open_shard(path)
+        try:
+            for m in _ustar_members(f):
+                delivered += 1
+                yield m
+        except _NotPlainUstar:
+            _close_quietly(f)
+        except BaseException:  # including GeneratorExit: a consumer that stops early
+            _close_quietly(f)
+            raise
+        else:
+            _finish(f, path)
+            return
+        f = open_shard(path)
+        try:
             # skip_meta=None: we filter metadata ourselves; handler re-raises so we see every error.
             for i, m in enumerate(tar_file_iterator(f, skip_meta=None)):
                 if i >= delivered:
                     yield m["fname"], m["data"]
+        except BaseException:
+            _close_quietly(f)
+            raise
+        _finish(f, path)
 
-    yield from group_members(members(), path)
+    yield from itertools.islice(group_members(members(), path), skip, None)
 
 
 class _Hole:
@@ -303,6 +469,15 @@ class _Hole:
 
     def __init__(self, url: str, key: str):
         self.url, self.key = url, key
+
+
+class _Segment(NamedTuple):
+    """Samples one consumer keeps from one shard: ``indices`` (in shard order); samples past the shard's count
+    (an under-counting index) with ``(j - extra[0]) % extra[1] == 0`` are this consumer's to count (None: none)."""
+
+    shard: int
+    indices: range | tuple[int, ...]
+    extra: tuple[int, int] | None
 
 
 def _shuffle(src: Iterator, size: int, rng: random.Random, buf: list) -> Iterator:
@@ -362,6 +537,10 @@ class ShardDataset(IterableDataset):
             default: per shard, the fields more than half of its samples carry (see the module docstring), so
             e.g. a sample that lost its ``mask.png`` is caught.
         log_limit: Skipped samples logged per reason before logging only every 1000th.
+        retries: Times a remote shard (a URL) whose stream broke is opened again; each retry is counted in
+            ``stats["network_retry"]`` and logged with the URL, and reading resumes at the sample where it broke.
+            After the last one the rest of the shard is lost (``skip``: counted) or raises (``raise``).
+        retry_backoff: Seconds before the first retry, doubled for each further one.
 
     Attributes:
         stats: ``Counter`` of skipped samples by reason (in this process; see ``ShardLoader.stats`` for the
@@ -384,6 +563,8 @@ class ShardDataset(IterableDataset):
         image_mode: str = "keep",
         required: tuple[str, ...] | None = None,
         log_limit: int = 20,
+        retries: int = 3,
+        retry_backoff: float = 1.0,
     ):
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
@@ -391,13 +572,14 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if resampled and epoch_length <= 0:
             raise ValueError("resampled=True streams forever: set epoch_length (samples per epoch and process)")
-        if shuffle_buffer < 0 or epoch_length < 0:
-            raise ValueError("shuffle_buffer and epoch_length must be >= 0")
+        if shuffle_buffer < 0 or epoch_length < 0 or retries < 0 or retry_backoff < 0:
+            raise ValueError("shuffle_buffer, epoch_length, retries and retry_backoff must be >= 0")
         self.pattern = pattern
         self.shards = expand_pattern(pattern)
         self.transform, self.shuffle_buffer, self.seed = transform, int(shuffle_buffer), int(seed)
         self.resampled, self.epoch_length, self.on_error = bool(resampled), int(epoch_length), on_error
         self.rank, self.world_size, self.image_mode, self.log_limit = rank, world_size, image_mode, log_limit
+        self.retries, self.retry_backoff = int(retries), float(retry_backoff)
         self.stats: collections.Counter = collections.Counter()
         self.skipped: collections.deque = collections.deque(maxlen=100)
         self._explicit_required = required is not None
@@ -411,6 +593,11 @@ class ShardDataset(IterableDataset):
         # Set by ShardLoader before each pass (copied into workers when they start):
         self._skip: dict[int, int] = {}  # logical worker -> positions already consumed
         self._rotation = 0  # physical worker p plays logical worker (p + rotation) % num_workers
+        # Samples of this epoch delivered before a resume into another consumer layout ({shard: sorted
+        # indices}); the epoch's rest is re-split over the consumers (see _resplit). None = the plain stream.
+        self._base: dict[int, list[int]] | None = None
+        self._base_id = ""
+        self._plans: dict[tuple, list[list[_Segment]]] = {}
 
     # -- static facts ---------------------------------------------------------------------------
     def _counts(self) -> tuple[list[int], list[str]]:
@@ -426,12 +613,9 @@ class ShardDataset(IterableDataset):
         self._codes_shape: dict[str, tuple[int, ...]] = {}
         self._unreadable: dict[int, DataError] = {}
         for i, path in enumerate(self.shards):
-            d = os.path.dirname(os.path.abspath(path))
-            if d not in indices:
-                indices[d] = read_index(d)
-            entry = indices[d].get(os.path.basename(path))
+            entry = self._index_entry(path, indices)
             if entry is None:
-                count, field_counts, problem = scan_shard(path)
+                count, field_counts, problem = self._scan(path)
                 if problem is not None:
                     truncated = count > 0 and "end of" in problem
                     reason = "truncated_shard" if truncated else "unreadable_shard"
@@ -457,6 +641,45 @@ class ShardDataset(IterableDataset):
         fields = sorted(set.intersection(*known)) if known and len(known) == len(fields_sets) else []
         return counts, fields
 
+    def _index_entry(self, path: str, indices: dict[str, dict]) -> dict | None:
+        """The index entry of a shard: from the index jsons of its folder, or for a URL from ``<prefix>.json``
+        beside it (``train-000003.tar`` -> ``train.json``), fetched once per folder and prefix."""
+        if not is_url(path):
+            d = os.path.dirname(os.path.abspath(_local(path)))
+            if d not in indices:
+                indices[d] = read_index(d)
+            return indices[d].get(os.path.basename(path))
+        name = path[slice(*_name_span(path))]
+        m = re.match(r"^(.*)-\d+\.tar$", name)
+        if m is None:
+            return None
+        index_url = with_name(path, f"{m.group(1)}.json")
+        if index_url not in indices:
+            indices[index_url] = index_entries(_loads(fetch_text(index_url)))
+            if not indices[index_url]:
+                logger.warning(
+                    "no shard index at %s: counting its shards' samples by reading them through once "
+                    "(put the index json written by write_shards beside remote shards to skip this)",
+                    index_url,
+                )
+        return indices[index_url].get(name)
+
+    def _scan(self, path: str) -> tuple[int, collections.Counter, str | None]:
+        """:func:`scan_shard`, retried like a read when a remote stream breaks."""
+        for attempt in range(self.retries + 1):
+            count, field_counts, problem = scan_shard(path)
+            if problem is None or not is_url(path) or attempt == self.retries:
+                return count, field_counts, problem
+            self._retry(path, attempt + 1, problem, "while counting its samples")
+        raise AssertionError("unreachable")
+
+    def _retry(self, url: str, attempt: int, problem: str, where: str) -> None:
+        """Count, log and wait before opening ``url`` again (exponential backoff)."""
+        self.stats["network_retry"] += 1
+        delay = self.retry_backoff * 2 ** (attempt - 1)
+        logger.warning("retry %d/%d of %s in %.2f s (%s; %s)", attempt, self.retries, url, delay, problem, where)
+        time.sleep(delay)
+
     @property
     def fingerprint(self) -> str:
         """Hash of everything that defines the stream except the epoch and position."""
@@ -478,39 +701,46 @@ class ShardDataset(IterableDataset):
 
     def consumer_length(self, epoch: int, c: int, num_consumers: int) -> int:
         """Positions of consumer ``c`` in one non-resampled pass of ``epoch``."""
-        return sum(seg[1] for seg in self._segments(epoch, c, num_consumers, passes=1))
+        return sum(len(seg.indices) for seg in self._segments(epoch, c, num_consumers, passes=1))
 
     # -- the stream ------------------------------------------------------------------------------
     def _rng(self, *parts: Any) -> random.Random:
         return random.Random("-".join(str(p) for p in ("mmtok", self.seed, *parts)))  # str seeds hash stably
 
-    def _segments(self, epoch: int, c: int, n: int, passes: int | None = None) -> Iterator[tuple[int, int, int, int]]:
-        """``(shard, kept, first, stride)``: consumer ``c`` of ``n`` keeps samples first, first+stride, ..."""
+    def _shard_order(self, epoch: int, p: int) -> list[int]:
+        order = list(range(len(self.shards)))
+        if self.shuffle_buffer > 0:
+            self._rng("shards", epoch, p).shuffle(order)
+        return order
+
+    def _segments(self, epoch: int, c: int, n: int, passes: int | None = None) -> Iterator[_Segment]:
+        """Segments of consumer ``c`` of ``n``: which samples of which shards it keeps, in stream order."""
+        if self._base is not None:
+            yield from self._resplit(epoch, n)[c]
+            return
         s = len(self.shards)
         if self.resampled:
             rng = self._rng("resample", epoch, c, n)
             while True:
                 i = rng.randrange(s)
-                yield i, self.counts[i], 0, 1
+                yield _Segment(i, range(self.counts[i]), (0, 1))
         if passes is None:
             passes = None if self.epoch_length > 0 else 1
         for p in itertools.count() if passes is None else range(passes):
-            order = list(range(s))
-            if self.shuffle_buffer > 0:
-                self._rng("shards", epoch, p).shuffle(order)
+            order = self._shard_order(epoch, p)
             kept_in_pass = 0
             if s >= n:
                 for i in order[c::n]:
                     kept_in_pass += self.counts[i]
-                    yield i, self.counts[i], 0, 1
+                    yield _Segment(i, range(self.counts[i]), (0, 1))
             else:  # sample-level split: every consumer walks every shard, keeps global index % n == c
                 g = 0
                 for i in order:
                     cnt = self.counts[i]
                     first = (c - g) % n
-                    kept = 0 if first >= cnt else (cnt - first + n - 1) // n
-                    kept_in_pass += kept
-                    yield i, kept, first, n
+                    seg = _Segment(i, range(first, cnt, n), (first, n))
+                    kept_in_pass += len(seg.indices)
+                    yield seg
                     g += cnt
             if kept_in_pass == 0 and passes is None:
                 raise DataError(
@@ -519,64 +749,122 @@ class ShardDataset(IterableDataset):
                     "ranks x workers); use fewer workers or more data",
                 )
 
-    def _read_segment(self, seg: tuple[int, int, int, int], start: int) -> Iterator[Any]:
-        """Raw samples (or holes) of kept indices ``start..kept-1`` of one segment; returns the extras counted.
+    def _resplit(self, epoch: int, n: int) -> list[list[_Segment]]:
+        """Segments of ``n`` consumers for the samples of ``epoch`` not in the base (``_base``), once each.
+
+        Shards keep the epoch's order. With at least ``n`` shards left, whole shards (what is left of them) go
+        to the consumer with the fewest samples so far (ties: the lowest); with fewer, every consumer walks every
+        shard left and keeps every ``n``-th sample left, as the plain stream does with few shards.
+        """
+        key = (epoch, n, self._base_id)
+        if key in self._plans:
+            return self._plans[key]
+        base = self._base or {}
+        left = []
+        for i in self._shard_order(epoch, 0):
+            done = set(base.get(i, ()))
+            rest = [j for j in range(self.counts[i]) if j not in done]
+            if rest:
+                left.append((i, range(rest[0], rest[-1] + 1) if len(rest) == rest[-1] - rest[0] + 1 else tuple(rest)))
+        plans: list[list[_Segment]] = [[] for _ in range(n)]
+        if len(left) >= n:
+            load = [0] * n
+            for i, rest in left:
+                c = min(range(n), key=lambda k: (load[k], k))
+                plans[c].append(_Segment(i, rest, (0, 1)))
+                load[c] += len(rest)
+        else:
+            g = 0
+            for i, rest in left:
+                for c in range(n):
+                    plans[c].append(_Segment(i, rest[(c - g) % n :: n], (0, 1) if c == 0 else None))
+                g += len(rest)
+        self._plans = {key: plans}
+        return plans
+
+    def _read_segment(self, seg: _Segment, start: int) -> Iterator[Any]:
+        """Raw samples (or holes) of kept samples ``start..kept-1`` of one segment; returns the extras counted.
 
         Extras are samples past the shard's count (an index that under-counts it); a shard counted 0 is still
-        read for them.
+        read for them. A remote stream that breaks is opened again (``retries`` times, with backoff) and read on
+        from the sample where it broke; after the last attempt its undelivered samples become holes.
         """
-        i, kept, first, stride = seg
-        url = self.shards[i]
+        i, indices, extra = seg
+        url, kept = self.shards[i], len(indices)
         if kept <= start and self.counts[i] > 0:
             return 0
+        if isinstance(indices, range):
+            rank_of = lambda j: indices.index(j) if j in indices else None  # noqa: E731 - O(1) on a range
+        else:
+            table = {j: k for k, j in enumerate(indices)}
+            rank_of = table.get
         produced, failed, total, extras = 0, False, self.counts[i], 0
-        try:
-            for j, raw in enumerate(iter_tar(url)):
-                if j < first or (j - first) % stride:
-                    continue
-                if j >= total:
-                    # Past the index's count: no position to give it without shifting every later one (and
-                    # breaking exact resume), so it is counted as lost. Each extra belongs to one consumer.
-                    self._error(
-                        DataError(
-                            "unindexed_sample",
-                            f"sample #{j} is past the {total} samples its index lists; rebuild the index (write "
-                            "the shards again, or delete the index json so the shards are counted by scanning)",
-                            raw.get("__key__", ""),
-                            url,
+        remote, attempt, j_next = is_url(url), 0, 0
+        while True:
+            try:
+                for j, raw in enumerate(iter_tar(url, skip=j_next), start=j_next):
+                    j_next = j + 1
+                    if j >= total:
+                        if extra is None or (j - extra[0]) % extra[1]:
+                            continue
+                        # Past the index's count: no position to give it without shifting every later one (and
+                        # breaking exact resume), so it is counted as lost. Each extra belongs to one consumer.
+                        self._error(
+                            DataError(
+                                "unindexed_sample",
+                                f"sample #{j} is past the {total} samples its index lists; rebuild the index (write "
+                                "the shards again, or delete the index json so the shards are counted by scanning)",
+                                raw.get("__key__", ""),
+                                url,
+                            )
                         )
-                    )
-                    extras += 1
+                        extras += 1
+                        continue
+                    k = rank_of(j)
+                    if k is None:
+                        continue
+                    produced = k + 1
+                    if k >= start:
+                        yield raw
+                if remote and produced < kept and attempt < self.retries:
+                    # A stream that ends early without an error (a connection closed between members): retry.
+                    raise EOFError(f"the stream ended after {j_next} of {total} samples")
+                break
+            except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+                if remote and attempt < self.retries:
+                    attempt += 1
+                    self._retry(url, attempt, f"{type(e).__name__}: {e}", f"resuming at sample #{j_next}")
                     continue
-                k = (j - first) // stride
-                produced = k + 1
-                if k >= start:
-                    yield raw
-        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-            failed = True
-            reason = "truncated_shard" if "end of" in str(e) or isinstance(e, EOFError) else "unreadable_shard"
-            self._error(DataError(reason, f"{type(e).__name__}: {e} after {produced} kept samples", url=url))
+                failed = True
+                lost = "unreadable_shard"
+                if remote:
+                    lost = "network_error"
+                elif "end of" in str(e) or isinstance(e, EOFError):
+                    lost = "truncated_shard"
+                tries = f" after {attempt + 1} attempts" if remote else ""
+                self._error(DataError(lost, f"{type(e).__name__}: {e}{tries}; {produced} kept samples read", url=url))
+                break
         if not failed and produced < kept:
             # tarfile's stream mode ends quietly when a header is cut off: the index count tells us.
             self._error(DataError("truncated_shard", f"ended after {produced} of {kept} kept samples", url=url))
         for k in range(max(produced, start), kept):  # positions the shard failed to deliver
-            yield _Hole(url, f"#{first + k * stride}")
+            yield _Hole(url, f"#{indices[k]}")
         return extras
 
     def _source(self, epoch: int, c: int, n: int, start: int) -> Iterator[Any]:
         """Raw samples of consumer ``c`` from position ``start`` on (earlier shards skipped by count)."""
         pos = 0
         for seg in self._segments(epoch, c, n):
-            kept = seg[1]
-            if self.counts[seg[0]] == 0:
+            kept = len(seg.indices)
+            if self.counts[seg.shard] == 0:
                 if pos >= start:  # reported once per pass, not again when a resumed stream skips past it
-                    err = self._unreadable.get(seg[0])
+                    err = self._unreadable.get(seg.shard)
                     if err is None:
                         # Read it anyway: an index that lists no samples for a shard that has some is the
                         # extreme under-count, and those samples are counted as unindexed, not as nothing.
                         if (yield from self._read_segment(seg, 0)):
                             continue
-                        err = DataError("empty_shard", "the shard has no samples", url=self.shards[seg[0]])
+                        err = DataError("empty_shard", "the shard has no samples", url=self.shards[seg.shard])
                     self._error(err)
                 continue
             if pos + kept <= start:  # whole segment already consumed: skip it without opening the file
@@ -585,23 +873,32 @@ class ShardDataset(IterableDataset):
             yield from self._read_segment(seg, max(0, start - pos))
             pos += kept
 
+    def _buffer_rng(self, epoch: int, c: int, n: int) -> random.Random:
+        return self._rng("buffer", epoch, c, n, *([self._base_id] if self._base is not None else []))
+
+    def _replay(self, epoch: int, c: int, n: int, skip: int) -> tuple[list[int], int, list[int], random.Random]:
+        """The buffer run on integer positions (no I/O) for ``skip`` outputs of consumer ``c``:
+        ``(source positions emitted, next source position, buffer contents, the buffer's RNG after them)``."""
+        rng = self._buffer_rng(epoch, c, n)
+        if self.shuffle_buffer <= 0:
+            return list(range(skip)), skip, [], rng
+        infinite = (self.resampled or self.epoch_length > 0) and self._base is None
+        total = None if infinite else self.consumer_length(epoch, c, n)
+        sim_src = _Counted(itertools.count() if total is None else iter(range(total)))
+        buf: list = []
+        emitted = list(itertools.islice(_shuffle(sim_src, self.shuffle_buffer, rng, buf), skip))
+        return emitted, sim_src.n, buf, rng
+
     def _outputs(self, epoch: int, c: int, n: int, skip: int, quota: int | None) -> Iterator[tuple[int, Any]]:
         """``(position after this output, raw)`` from position ``skip`` on, at most ``quota`` positions."""
         size = self.shuffle_buffer
         if size <= 0:
             live: Iterator = self._source(epoch, c, n, skip)
         else:
-            rng = self._rng("buffer", epoch, c, n)
             buf: list = []
+            # Replay the buffer on integer positions (no I/O), then fetch what it holds.
+            _, next_pos, slots, rng = self._replay(epoch, c, n, skip)
             if skip > 0:
-                # Replay the buffer on integer positions (no I/O), then fetch what it holds.
-                infinite = self.resampled or self.epoch_length > 0
-                total = None if infinite else self.consumer_length(epoch, c, n)
-                sim_src = _Counted(itertools.count() if total is None else iter(range(total)))
-                sim = _shuffle(sim_src, size, rng, buf)
-                for _ in itertools.islice(sim, skip):
-                    pass
-                next_pos, slots = sim_src.n, list(buf)
                 lo = min([next_pos, *slots])
                 src = self._source(epoch, c, n, lo)
                 wanted, got = set(slots), {}
