@@ -320,3 +320,110 @@ def test_merge_key_bias_marks_merged_slots(model):
     assert bias.shape == prep.embeds.shape[:2]
     torch.testing.assert_close(bias[0, prep.image_positions[0, keep[0]]], merger.last_result.sizes[0].log())
     assert int((bias != 0).sum()) == int((merger.last_result.sizes > 1).sum())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inside the vision tower
+# ---------------------------------------------------------------------------------------------------------
+def _timm_tower():
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
+    return registries.get("vision tower").create("timm_vit", model_name="vit_tiny_patch16_224", kwargs=kwargs).eval()
+
+
+def _mmtok_vit():
+    from mmtok.mim.vit import ViTConfig, ViTEncoder
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)
+    return ViTEncoder(cfg).eval()
+
+
+@pytest.mark.parametrize("which", ["timm", "mmtok"])
+@pytest.mark.parametrize("method", ["tome", "pitome"])
+def test_tower_merging_with_r0_equals_the_towers_own_forward(which, method):
+    from mmtok.mllm.pruning.tower_merge import TowerMergeConfig, tower_hidden_states
+
+    tower = _timm_tower() if which == "timm" else _mmtok_vit()
+    px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = tower.hidden_states(px) if which == "timm" else tower.forward_features(px, output_hidden_states=True)
+        out = tower_hidden_states(tower, px, TowerMergeConfig(method=method, r=0))
+    assert len(out.hidden_states) == len(ref)
+    for a, b in zip(out.hidden_states, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["tome", "pitome"])
+def test_tower_merging_exact_duplicates_changes_nothing_with_proportional_attention(method):
+    # In a ViT, two identical tokens stay identical in every block (attention is not causal). Merging them after
+    # block 0's attention, with proportional attention in the later blocks, must give every token the output it
+    # had without merging; without proportional attention the outputs move. Every patch has a twin here: PiToMe
+    # ranks tokens by density (energy), not by duplication, so with distinct tokens in dense regions of the keys it
+    # may merge those first (the pre-LLM duplicates test above has spread-out distinct tokens).
+    from mmtok.mllm.pruning.tower_merge import TowerMergeConfig, merged_blocks
+
+    tower = _timm_tower()
+    blocks = tower.model.blocks
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 17, 32, generator=g) * 2  # [CLS] + 16 patches
+    pairs = [(i, i + 1) for i in range(1, 17, 2)]  # one token of each pair in ToMe's A set, one in B
+    for a, b in pairs:
+        x[0, b] = x[0, a]
+    cfg = TowerMergeConfig(method=method, r=[len(pairs)], prop_attn=True, margin_start=0.9)
+    with torch.no_grad():
+        plain = merged_blocks(blocks, x, TowerMergeConfig(method=method, r=0), 1)
+        out = merged_blocks(blocks, x, cfg, 1)
+        no_prop = merged_blocks(blocks, x, TowerMergeConfig(method=method, r=[len(pairs)], prop_attn=False), 1)
+    assert out.hidden_states[-1].shape[1] == 17 - len(pairs)
+    assert _partition(out.source_map[0]) == {frozenset(p) for p in pairs} | {
+        frozenset([i]) for i in range(17) if not any(i in p for p in pairs)
+    }
+    assert out.sizes[0].sum() == 17
+    for i in range(1, 4):
+        torch.testing.assert_close(out.unmerged(i), plain.hidden_states[i], rtol=1e-4, atol=1e-4)
+    assert (no_prop.unmerged(3) - plain.hidden_states[3]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["tome", "pitome"])
+def test_tower_merging_r_per_block_and_reference_mode(method):
+    from mmtok.mllm.pruning.tower_merge import TowerMergeConfig, tower_hidden_states
+
+    tower = _timm_tower()
+    px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for reference in (False, True):
+        with torch.no_grad():
+            out = tower_hidden_states(tower, px, TowerMergeConfig(method=method, r=3, reference=reference))
+        assert [h.shape[1] for h in out.hidden_states] == [17, 14, 11, 8]
+        assert out.source_map.shape == (2, 17) and bool((out.source_map[:, 0] == 0).all())  # [CLS] stays first
+        for b in range(2):
+            assert torch.equal(torch.bincount(out.source_map[b], minlength=8).float(), out.sizes[b])
+
+
+def test_merging_tower_inside_the_mllm(model):
+    from mmtok.mllm.pruning.tower_merge import TowerMergeConfig, merging_tower
+
+    torch.manual_seed(0)
+    spec = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    mllm = (
+        registries.get("mllm")
+        .create(
+            "llava",
+            tower={"name": "timm_vit", "model_name": "vit_tiny_patch16_224", "kwargs": spec},
+            llm=dict(model.config.llm),
+            image_token_id=IMG,
+            feature_layer=-1,
+        )
+        .eval()
+    )
+    ids, images = _prompt()
+    with torch.no_grad():
+        ref = mllm(ids, images).logits
+        with merging_tower(mllm.tower, TowerMergeConfig(r=0)):
+            same = mllm(ids, images).logits
+        with merging_tower(mllm.tower, TowerMergeConfig(r=16)) as info:
+            merged = mllm(ids, images, pruner=_make("tome", num_keep=32))
+        assert "hidden_states" not in vars(mllm.tower)  # restored
+    torch.testing.assert_close(same, ref, rtol=1e-5, atol=1e-5)
+    assert info["last"].hidden_states[-1].shape[1] == 1 + 64 - 32  # the tower ran on 33 tokens at the end
+    assert merged.image_mask.sum() == 32
