@@ -142,7 +142,7 @@ def test_vitmae_refusals(tmp_path):
     video = tmp_path / "videomae"
     video.mkdir()
     (video / "config.json").write_text(json.dumps({"model_type": "videomae"}))
-    with pytest.raises(ConversionError, match="VideoMAE"):
+    with pytest.raises(ConversionError, match="convert videomae"):
         load_hf_vitmae(video)
     empty = tmp_path / "bin_only"
     empty.mkdir()
@@ -272,7 +272,7 @@ def test_official_mae_checkpoint_converts_and_matches_timm(tmp_path, decoder):
     assert type(back).__name__ == ("MAE" if decoder else "ViTEncoder")
     back_enc = back.encoder if decoder else back
     with torch.no_grad():
-        torch.testing.assert_close(back_enc(x), want, atol=1e-3, rtol=1e-3)  # reloaded: mmtok's eps 1e-5
+        torch.testing.assert_close(back_enc(x), want, atol=1e-5, rtol=1e-5)  # reloaded: eps 1e-6 is in the config
     if decoder:
         # the decoder's mapping: MAE's forward written from models_mae.py with the official tensors
         noise = torch.rand(2, 16)
@@ -438,3 +438,165 @@ def test_vitmae_encoder_alone_matches_transformers_on_every_patch():
     with torch.no_grad():
         want = enc_hf(pixel_values=_normalise(x, IMAGENET_MEAN, IMAGENET_STD), noise=noise).last_hidden_state
         torch.testing.assert_close(enc(x), want, atol=2e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# transformers VideoMAE
+# ---------------------------------------------------------------------------------------------------------------
+HF_VIDEO_TINY = {
+    "image_size": 16,
+    "patch_size": 4,
+    "num_frames": 4,
+    "tubelet_size": 2,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+    "decoder_hidden_size": 16,
+    "decoder_num_hidden_layers": 1,
+    "decoder_num_attention_heads": 2,
+    "decoder_intermediate_size": 64,
+}
+N_VIDEO = 2 * 4 * 4  # (4 frames / tubelet 2) x (16 / 4)^2 tokens
+
+
+def _hf_videomae(**over):
+    from transformers import VideoMAEConfig, VideoMAEForPreTraining
+
+    torch.manual_seed(0)
+    model = VideoMAEForPreTraining(VideoMAEConfig(**{**HF_VIDEO_TINY, **over})).eval()
+    with torch.no_grad():  # transformers' init is tiny (std 0.02) and zero biases: widen it so differences show
+        for p in model.parameters():
+            if p.ndim >= 2:
+                fan = p[0].numel() if p.ndim > 2 else p.shape[-1]
+                p.normal_(0, 1 / math.sqrt(fan))
+            else:
+                p.normal_(0, 0.1)
+    return model
+
+
+def _video_inputs(b=3, hidden=24, seed=0):
+    """Clips [B, C, T, H, W] in [0, 1], transformers' pixel_values [B, T, C, H, W] and a bool mask [B, N].
+
+    Clip 0 is low-contrast (std ~ 6e-4 per tubelet), where VideoMAE's (v - mean) / (std + 1e-6) and MAE's
+    (v - mean) / sqrt(var + 1e-6) differ by about 2x, so the loss comparison checks the target formula too.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, 3, 4, 16, 16, generator=g)
+    x[0] = 0.5 + (x[0] - 0.5) * 2e-3
+    pixel_values = _normalise(x.transpose(1, 2).reshape(-1, 3, 16, 16), IMAGENET_MEAN, IMAGENET_STD)
+    pixel_values = pixel_values.view(b, 4, 3, 16, 16)
+    order = torch.rand(b, N_VIDEO, generator=g).argsort(1)
+    mask = torch.zeros(b, N_VIDEO, dtype=torch.bool).scatter(1, order[:, :hidden], True)
+    return x, pixel_values, mask
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"norm_pix_loss": True, "use_mean_pooling": True, "qv_bias": True},
+        {"norm_pix_loss": False, "use_mean_pooling": False, "qv_bias": False, "layer_norm_eps": 1e-6},
+    ],
+    ids=["defaults", "raw-targets_final-norm_no-bias"],
+)
+def test_videomae_parity_same_inputs_same_mask(over):
+    from mmtok.mim.convert import videomae_to_mmtok
+    from mmtok.mim.masking import mask_to_output
+
+    hf = _hf_videomae(**over)
+    mae = videomae_to_mmtok(hf.config.to_dict(), hf.state_dict(), IMAGENET_MEAN, IMAGENET_STD)
+    c = mae.config
+    assert (c.cls_token, c.pos_embed_type, c.final_norm) == (False, "flat", not over["use_mean_pooling"])
+    assert c.qkv_bias == over["qv_bias"] and c.norm_eps == over.get("layer_norm_eps", 1e-12)
+    # the fixed position tables are VideoMAE's own, encoder and decoder
+    torch.testing.assert_close(mae.encoder.pos_embed, hf.videomae.embeddings.position_embeddings, atol=1e-6, rtol=0)
+    torch.testing.assert_close(mae.decoder_pos_embed, hf.position_embeddings, atol=1e-6, rtol=0)
+    x, pixel_values, mask = _video_inputs()
+    with torch.no_grad():
+        ref = hf(pixel_values=pixel_values, bool_masked_pos=mask)
+        enc = hf.videomae(pixel_values=pixel_values, bool_masked_pos=mask).last_hidden_state
+        out = mae(x, mask_to_output(mask))
+    assert torch.equal(out.mask, mask)
+    torch.testing.assert_close(out.latent, enc, atol=2e-5, rtol=1e-4)  # visible tokens in raster order
+    pred_hidden = out.pred[mask].view(3, -1, out.pred.shape[-1])  # transformers predicts hidden tokens only
+    torch.testing.assert_close(pred_hidden, ref.logits, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-4)
+    assert out.pred.abs().mean() > 0.1 and out.latent.abs().mean() > 0.1  # non-trivial outputs
+    assert out.loss > 0.1  # an untrained model: a loss near zero would say both sides compared nothing
+
+
+def test_videomae_folder_cli_reload_and_tower(tmp_path):
+    from mmtok.cli.main import main
+    from mmtok.mim.convert import load_hf_videomae
+    from mmtok.mim.masking import mask_to_output
+
+    hf = _hf_videomae()
+    src = tmp_path / "hf"
+    hf.save_pretrained(src)  # what users download: safetensors with q_bias / v_bias
+    from safetensors.torch import load_file
+
+    assert any(k.endswith("attention.attention.q_bias") for k in load_file(str(src / "model.safetensors")))
+    (src / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)})
+    )
+    mae = load_hf_videomae(src)
+    x, pixel_values, mask = _video_inputs(b=2, hidden=28, seed=1)
+    with torch.no_grad():
+        ref = hf(pixel_values=pixel_values, bool_masked_pos=mask)
+        out = mae(x, mask_to_output(mask))
+    torch.testing.assert_close(out.pred[mask].view(2, -1, 96), ref.logits, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-4)
+    # the CLI writes an mmtok folder that reloads with every switch and epsilon (equal outputs)
+    assert main(["convert", "videomae", "--input", str(src), "--out", str(tmp_path / "mm")]) == 0
+    back = hub.from_pretrained(tmp_path / "mm", kind="mim model").eval()
+    assert back.encoder.blocks[0].norm1.eps == 1e-12 and back.decoder_norm.eps == 1e-5
+    with torch.no_grad():
+        again = back(x, mask_to_output(mask))
+    torch.testing.assert_close(again.pred, out.pred, atol=0, rtol=0)
+    torch.testing.assert_close(again.loss, out.loss, atol=0, rtol=0)
+    # as an mmtok_vit tower: no prefix token; its hidden states are the encoder's on every tubelet
+    tower = registries.get("vision tower").create("mmtok_vit", path=str(tmp_path / "mm"))
+    assert tower.num_prefix_tokens == 0 and tower.hidden_size == 32 and tower.num_layers == 2
+    with torch.no_grad():
+        states = tower.hidden_states(x)
+        torch.testing.assert_close(states[-1], back.encoder.forward_features(x)[-1])
+    assert len(states) == 3 and states[-1].shape == (2, N_VIDEO, 32)
+
+
+def test_videomae_encoder_alone_matches_transformers_on_every_tubelet():
+    """VideoMAEModel (no decoder) -> mmtok ViT encoder; no mask: every tubelet, the features a tower would use."""
+    from transformers import VideoMAEModel
+
+    from mmtok.mim.convert import videomae_to_mmtok
+
+    hf = _hf_videomae(use_mean_pooling=False)
+    enc_hf = VideoMAEModel(hf.config).eval()
+    enc_hf.load_state_dict({k[len("videomae.") :]: v for k, v in hf.state_dict().items() if k.startswith("videomae.")})
+    enc = videomae_to_mmtok(enc_hf.config.to_dict(), enc_hf.state_dict(), IMAGENET_MEAN, IMAGENET_STD)
+    assert type(enc).__name__ == "ViTEncoder" and enc.cls_token is None
+    x, pixel_values, _ = _video_inputs(b=2)
+    with torch.no_grad():
+        want = enc_hf(pixel_values=pixel_values).last_hidden_state  # final LayerNorm: use_mean_pooling=False
+        torch.testing.assert_close(enc(x), want, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(enc.pooled_features(x), want.mean(1), atol=2e-5, rtol=1e-4)
+
+
+def test_videomae_refusals(tmp_path):
+    from mmtok.cli.main import main
+    from mmtok.mim.convert import load_hf_videomae, videomae_to_mmtok
+
+    image = tmp_path / "vitmae"
+    image.mkdir()
+    (image / "config.json").write_text(json.dumps({"model_type": "vit_mae"}))
+    with pytest.raises(ConversionError, match="convert vitmae"):
+        load_hf_videomae(image)
+    assert main(["convert", "videomae", "--input", str(image), "--out", str(tmp_path / "o")]) == 2
+    hf = _hf_videomae()
+    with pytest.raises(ConversionError, match="not square"):
+        videomae_to_mmtok({**hf.config.to_dict(), "image_size": [16, 8]}, hf.state_dict())
+    with pytest.raises(ConversionError, match="decoder MLP ratio"):
+        videomae_to_mmtok({**hf.config.to_dict(), "decoder_intermediate_size": 32}, hf.state_dict())
+    sd = {k: v for k, v in hf.state_dict().items() if "layer.1.layernorm_after" not in k}
+    with pytest.raises(ConversionError, match="layernorm_after"):
+        videomae_to_mmtok(hf.config.to_dict(), sd)
+    assert not (tmp_path / "o").exists()

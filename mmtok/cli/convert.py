@@ -2,11 +2,13 @@
 
     mmtok convert mae --input mae_pretrain_vit_base.pth --out checkpoints/mae_vit_base
     mmtok convert vitmae --input checkpoints/vit-mae-base --out checkpoints/mae_vit_base_hf
+    mmtok convert videomae --input checkpoints/videomae-base --out checkpoints/videomae_base_hf
 
 ``mae`` reads an official MAE file (facebookresearch/mae) with ``torch.load(weights_only=True)``: tensors and plain
-containers only, never pickled code. ``vitmae`` reads a transformers ``ViTMAEForPreTraining`` folder (safetensors).
-The output folder loads with ``mmtok.api.load_encoder(out)`` and as an MLLM tower ``{"name": "mmtok_vit",
-"path": out}``. Mistakes get one line and exit status 2.
+containers only, never pickled code. ``vitmae`` reads a transformers ``ViTMAEForPreTraining`` folder (safetensors),
+``videomae`` a transformers ``VideoMAEForPreTraining`` (or ``VideoMAEModel``) folder. The output folder loads with
+``mmtok.hub.from_pretrained(out)``; image encoders also with ``mmtok.api.load_encoder(out)`` and as an MLLM tower
+``{"name": "mmtok_vit", "path": out}``. Mistakes get one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="mmtok convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("source", choices=["mae", "vitmae"], help="mae: official MAE .pth; vitmae: transformers folder")
-    p.add_argument("--input", required=True, help="checkpoint file (mae) or folder (vitmae)")
+    p.add_argument(
+        "source",
+        choices=["mae", "vitmae", "videomae"],
+        help="mae: official MAE .pth; vitmae / videomae: transformers ViTMAE / VideoMAE folder",
+    )
+    p.add_argument("--input", required=True, help="checkpoint file (mae) or folder (vitmae, videomae)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--num-heads", type=int, default=0, help="mae: encoder heads (default width // 64)")
     p.add_argument("--decoder-heads", type=int, default=0, help="mae: decoder heads (default width // 32)")
@@ -46,7 +52,8 @@ def main(argv: list[str]) -> int:
                 kwargs["std"] = args.std
             model, out = convert.convert_mae_checkpoint(args.input, args.out, **kwargs)
         else:
-            model = convert.load_hf_vitmae(args.input)
+            load = convert.load_hf_videomae if args.source == "videomae" else convert.load_hf_vitmae
+            model = load(args.input)
             out = model.save_pretrained(args.out)
     except (CheckpointError, OSError, ValueError, KeyError) as e:
         msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
@@ -54,8 +61,9 @@ def main(argv: list[str]) -> int:
         return 2
     c = model.config
     kind = "MAE (encoder + decoder)" if hasattr(model, "decoder_blocks") else "ViT encoder"
+    clips = f", {c.num_frames} frames, tubelet {c.tubelet_size}" if c.num_frames > 1 or c.tubelet_size > 1 else ""
     print(
         f"wrote {out}: {kind}, width {c.embed_dim}, depth {c.depth}, heads {c.num_heads}, "
-        f"{c.img_size} px, patch {c.patch_size}"
+        f"{c.img_size} px, patch {c.patch_size}{clips}"
     )
     return 0

@@ -1,12 +1,20 @@
 """Checkpoints from elsewhere into mmtok's MAE family, by state-dict key mapping (never unpickling code).
 
-Two sources are read, both offline from local paths:
+Three sources are read, all offline from local paths:
 
 * transformers ``ViTMAEForPreTraining`` folders ("Masked Autoencoders Are Scalable Vision Learners", He et al.,
   arXiv:2111.06377; transformers' ``vit_mae``): ``config.json`` + ``*.safetensors`` (+ the optional
   ``preprocessor_config.json`` whose mean/std the model then applies itself). Both key layouts are accepted:
   transformers 5 (``vit.layers.0.attention.q_proj``) and the older one most downloaded folders still use
   (``vit.encoder.layer.0.attention.attention.query``).
+* transformers ``VideoMAEForPreTraining`` folders ("VideoMAE: Masked Autoencoders are Data-Efficient Learners for
+  Self-Supervised Video Pre-Training", Tong et al., arXiv:2203.12602; transformers' ``videomae``): ``config.json`` +
+  ``*.safetensors`` as ``save_pretrained`` writes them (attention biases as ``q_bias``/``v_bias``, or the
+  ``query.bias``/``value.bias`` of an in-memory state dict). They become an mmtok MAE with VideoMAE's switches:
+  no [CLS] token, the flattened 1-D sinusoid table, no final encoder norm when ``use_mean_pooling``, the source's
+  LayerNorm epsilon (the decoder's last norm keeps 1e-5, as there). The missing key bias is a zero bias (softmax
+  ignores a per-query constant) and ``encoder_to_decoder`` has no bias (a zero one). ``VideoMAEModel`` folders
+  (encoder only) become a ViT encoder.
 * The official MAE checkpoint files (facebookresearch/mae ``models_mae.py``): a dict whose ``"model"`` entry maps
   ``patch_embed.proj.weight``, ``blocks.0.attn.qkv.weight``, ``decoder_embed.weight``... to tensors. They are
   ``.pth`` pickles, so they are read with ``torch.load(weights_only=True)``, which rebuilds tensors and plain
@@ -19,14 +27,13 @@ What differs from the sources, on purpose:
   is folded into the patch-embedding weights (``W / std_c`` and ``b - sum W * mean_c / std_c``), which is exact for
   the encoder and the predictions; the pixel *targets* of the loss are then [0, 1] pixels rather than
   ImageNet-normalised ones, so the loss (not the features) differs from the source's. Equal per-channel values
-  (e.g. 0.5 / 0.5) become mmtok's scalar mean/std and nothing differs.
+  (e.g. 0.5 / 0.5) become mmtok's scalar mean/std and nothing differs. VideoMAE itself un-normalises its input
+  with ImageNet's mean/std before building targets, so with ImageNet stats (every released VideoMAE) its targets
+  are [0, 1] pixels, exactly mmtok's, and the loss is equal too.
 * Position embeddings are fixed sine-cosine tables that mmtok recomputes; the stored ones are compared with
   mmtok's and a mismatch is an error (a model trained with other positions would silently degrade).
-* LayerNorm epsilon is fixed at 1e-5 in mmtok's blocks (transformers' ViTMAE uses 1e-12, the official MAE 1e-6).
-  :func:`load_hf_vitmae` sets the source's epsilon on the loaded modules, so the in-memory model matches exactly;
-  a saved mmtok folder reloads with 1e-5 (a relative difference around 1e-6 on real activations).
-* VideoMAE (``VideoMAEForPreTraining``) is refused with the reason: it has no [CLS] token, a 1D sinusoid position
-  table and no final encoder norm (with mean pooling), none of which mmtok's MAE can express yet.
+* LayerNorm epsilon (transformers uses 1e-12, the official MAE 1e-6, mmtok 1e-5 by default) is carried in the
+  model config (``norm_eps``, ``decoder_norm_eps``), so a converted folder reloads with the source's epsilon.
 """
 
 from __future__ import annotations
@@ -50,9 +57,11 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "convert_mae_checkpoint",
+    "load_hf_videomae",
     "load_hf_vitmae",
     "mask_from_noise",
     "official_mae_to_mmtok",
+    "videomae_to_mmtok",
     "vitmae_to_mmtok",
 ]
 
@@ -124,12 +133,6 @@ def _check_positions(stored: torch.Tensor | None, model: nn.Module, where: str) 
             f"{where}: the stored position embeddings are not MAE's fixed 2D sine-cosine table (max difference "
             f"{diff:.2g}); mmtok recomputes that table, so this checkpoint cannot be converted faithfully"
         )
-
-
-def _set_norm_eps(model: nn.Module, eps: float) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.LayerNorm):
-            m.eps = eps
 
 
 def _build(config: dict[str, Any], state: dict[str, torch.Tensor], where: str) -> nn.Module:
@@ -252,6 +255,7 @@ def vitmae_to_mmtok(
         "num_heads": heads,
         "mlp_ratio": ratio,
         "qkv_bias": bool(c.get("qkv_bias", True)),
+        "norm_eps": float(c.get("layer_norm_eps", 1e-12)),  # decoder norms too: transformers' ViTMAE uses one eps
         **norm,
     }
     w = sd["vit.embeddings.patch_embeddings.projection.weight"]
@@ -302,7 +306,6 @@ def vitmae_to_mmtok(
         stored = sd.get("decoder.decoder_pos_embed")
         if stored is not None and (stored.float() - model.decoder_pos_embed.float()).abs().max() > 1e-4:
             raise ConversionError(f"{where}: the decoder's position table is not MAE's fixed sine-cosine table")
-    _set_norm_eps(model, float(c.get("layer_norm_eps", 1e-12)))
     return model
 
 
@@ -355,9 +358,8 @@ def load_hf_vitmae(folder: str | Path) -> nn.Module:
     cfg = _read_json(folder / "config.json")
     if cfg.get("model_type") == "videomae":
         raise ConversionError(
-            f"{folder}: VideoMAE checkpoints cannot be converted yet: VideoMAE has no [CLS] token, uses a 1D "
-            "sinusoid position table and (with mean pooling) no final encoder norm, none of which mmtok's MAE "
-            "expresses; train a VideoMAE with `mmtok train --config configs/mim/...` instead"
+            f"{folder} is a VideoMAE folder, not ViTMAE: load it with mmtok.mim.convert.load_hf_videomae or convert "
+            f"it with `mmtok convert videomae --input {folder} --out OUT`"
         )
     if cfg.get("model_type") != "vit_mae":
         raise ConversionError(f"{folder}: model_type {cfg.get('model_type')!r} is not vit_mae")
@@ -369,6 +371,215 @@ def load_hf_vitmae(folder: str | Path) -> nn.Module:
     else:
         logger.info("%s has no preprocessor_config.json: assuming ImageNet mean/std", folder)
     return vitmae_to_mmtok(cfg, _read_safetensors_folder(folder), mean, std, where=str(folder))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# transformers VideoMAE
+# ----------------------------------------------------------------------------------------------------------------
+# save_pretrained writes VideoMAE's separate q/v bias parameters; an in-memory transformers 5 model names them
+# query.bias / value.bias. One canonical layout (the latter) is mapped from.
+_VIDEOMAE_BIAS = [
+    (r"\.attention\.attention\.q_bias$", ".attention.attention.query.bias"),
+    (r"\.attention\.attention\.v_bias$", ".attention.attention.value.bias"),
+]
+# heads of VideoMAEForVideoClassification: not part of the pretraining model, left out with a log line
+_VIDEOMAE_HEADS = ("fc_norm.", "classifier.")
+
+
+def _videomae_block(state: dict[str, torch.Tensor], src: str, dst: str, width: int) -> dict[str, torch.Tensor]:
+    """One transformers VideoMAE layer -> a timm ``Block``: q, k, v stacked into ``qkv`` with a zero key bias."""
+    g = lambda name: state[f"{src}.{name}"]  # noqa: E731
+    att = "attention.attention"
+    zeros = torch.zeros(width, dtype=g(f"{att}.query.weight").dtype)
+    # a missing q/v bias (qv_bias=False) is zero too; the model is then built with qkv_bias=False and drops them
+    bias = [state.get(f"{src}.{att}.query.bias", zeros), zeros, state.get(f"{src}.{att}.value.bias", zeros)]
+    return {
+        f"{dst}.norm1.weight": g("layernorm_before.weight"),
+        f"{dst}.norm1.bias": g("layernorm_before.bias"),
+        f"{dst}.attn.qkv.weight": torch.cat([g(f"{att}.{p}.weight") for p in ("query", "key", "value")]),
+        f"{dst}.attn.qkv.bias": torch.cat(bias),
+        f"{dst}.attn.proj.weight": g("attention.output.dense.weight"),
+        f"{dst}.attn.proj.bias": g("attention.output.dense.bias"),
+        f"{dst}.norm2.weight": g("layernorm_after.weight"),
+        f"{dst}.norm2.bias": g("layernorm_after.bias"),
+        f"{dst}.mlp.fc1.weight": g("intermediate.dense.weight"),
+        f"{dst}.mlp.fc1.bias": g("intermediate.dense.bias"),
+        f"{dst}.mlp.fc2.weight": g("output.dense.weight"),
+        f"{dst}.mlp.fc2.bias": g("output.dense.bias"),
+    }
+
+
+def _square(value: Any, what: str, where: str) -> int:
+    """transformers allows ``(h, w)`` sizes; mmtok's patch embed is square."""
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ConversionError(f"{where}: {what} {list(value)} is not square; mmtok's ViT takes square inputs")
+        value = value[0]
+    return int(value)
+
+
+@_missing_key_is_conversion_error
+def videomae_to_mmtok(
+    hf_config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    mean: Any = IMAGENET_MEAN,
+    std: Any = IMAGENET_STD,
+    where: str = "VideoMAE checkpoint",
+) -> nn.Module:
+    """A transformers VideoMAE config dict + state dict -> mmtok :class:`~mmtok.mim.mae.MAE` (eval mode).
+
+    The result takes clips ``[B, C, T, H, W]`` in [0, 1] (transformers' ``pixel_values`` are ``[B, T, C, H, W]``,
+    normalised by the processor). Given the same boolean mask (:func:`~mmtok.mim.masking.mask_to_output`), its
+    ``latent`` equals ``VideoMAEModel``'s ``last_hidden_state`` (visible tokens in raster order), its ``pred`` at
+    the hidden tokens equals ``VideoMAEForPreTraining``'s ``logits`` and its ``loss`` the ``loss``.
+
+    Args:
+        hf_config: ``config.json`` of a ``videomae`` model.
+        state: Its tensors (``VideoMAEForPreTraining``: ``videomae.*``, ``encoder_to_decoder.*``, ``decoder.*``,
+            ``mask_token``; ``VideoMAEModel``: no prefix, encoder only -> an mmtok ViT encoder).
+        mean, std: The processor's normalisation (per channel or scalar), applied inside the mmtok model.
+
+    Raises:
+        ConversionError: shapes or options mmtok's MAE cannot express (named in the message).
+    """
+    c = hf_config
+    if c.get("model_type") not in (None, "videomae"):
+        raise ConversionError(f"{where}: model_type {c.get('model_type')!r} is not videomae")
+    sd = {}
+    for k, v in state.items():
+        for pat, rep in _VIDEOMAE_BIAS:
+            k = re.sub(pat, rep, k)
+        sd[k] = v
+    heads = sorted(k for k in sd if k.startswith(_VIDEOMAE_HEADS))
+    if heads:
+        logger.info("%s: leaving out the classification head (%s): mmtok converts the encoder", where, heads[0])
+        sd = {k: v for k, v in sd.items() if k not in heads}
+    if not any(k.startswith("videomae.") for k in sd):  # VideoMAEModel saved alone
+        sd = {
+            k if k.startswith(("decoder.", "encoder_to_decoder.", "mask_token")) else f"videomae.{k}": v
+            for k, v in sd.items()
+        }
+    if c.get("hidden_act", "gelu") != "gelu":
+        raise ConversionError(f"{where}: hidden_act {c.get('hidden_act')!r} is not supported (mmtok's blocks use GELU)")
+    width, heads_n = int(c.get("hidden_size", 768)), int(c.get("num_attention_heads", 12))
+    ratio = int(c.get("intermediate_size", 4 * width)) / width
+    in_chans = int(c.get("num_channels", 3))
+    norm, fold = _pixel_norm(mean, std, in_chans)
+    if in_chans == 3 and not c.get("norm_pix_loss", True) and fold != (IMAGENET_MEAN, IMAGENET_STD):
+        # raw-pixel targets only: normalised targets are the same up to the 1e-6 in the denominator
+        logger.warning(
+            "%s: transformers' VideoMAE un-normalises its targets with ImageNet's mean/std whatever the processor "
+            "used; with mean %s / std %s its raw-pixel loss targets differ from mmtok's [0, 1] ones",
+            where,
+            mean,
+            std,
+        )
+    depth = _blocks(sd, "videomae.encoder.layer.")
+    if depth == 0:
+        raise ConversionError(f"{where}: no videomae.encoder.layer.N.* tensors; is this a VideoMAE checkpoint?")
+    use_mean_pooling = bool(c.get("use_mean_pooling", True))
+    config: dict[str, Any] = {
+        "img_size": _square(c.get("image_size", 224), "image_size", where),
+        "patch_size": _square(c.get("patch_size", 16), "patch_size", where),
+        "in_chans": in_chans,
+        "num_frames": int(c.get("num_frames", 16)),
+        "tubelet_size": int(c.get("tubelet_size", 2)),
+        "embed_dim": width,
+        "depth": depth,
+        "num_heads": heads_n,
+        "mlp_ratio": ratio,
+        # transformers 4 configs call it qkv_bias, transformers 5 qv_bias: query and value biases either way
+        "qkv_bias": bool(c.get("qv_bias", c.get("qkv_bias", True))),
+        "cls_token": False,
+        "pos_embed_type": "flat",
+        "final_norm": not use_mean_pooling,
+        "norm_eps": float(c.get("layer_norm_eps", 1e-12)),
+        **norm,
+    }
+    w = sd["videomae.embeddings.patch_embeddings.projection.weight"]
+    b = sd["videomae.embeddings.patch_embeddings.projection.bias"]
+    if w.ndim != 5:
+        raise ConversionError(f"{where}: the patch projection {tuple(w.shape)} is not a 3D tubelet convolution")
+    if fold:
+        w, b = _fold_normalisation(w, b, *fold)
+    out = {"encoder.patch_embed.proj.weight": w, "encoder.patch_embed.proj.bias": b}
+    if not use_mean_pooling:
+        out["encoder.norm.weight"], out["encoder.norm.bias"] = (
+            sd["videomae.layernorm.weight"],
+            sd["videomae.layernorm.bias"],
+        )
+    for i in range(depth):
+        out.update(_videomae_block(sd, f"videomae.encoder.layer.{i}", f"encoder.blocks.{i}", width))
+    has_decoder = "decoder.head.weight" in sd
+    if has_decoder:
+        dw, dh = int(c.get("decoder_hidden_size", 384)), int(c.get("decoder_num_attention_heads", 6))
+        d_ratio = int(c.get("decoder_intermediate_size", 4 * dw)) / dw
+        if abs(d_ratio - ratio) > 1e-9:
+            raise ConversionError(
+                f"{where}: decoder MLP ratio {d_ratio} differs from the encoder's {ratio}; mmtok's MAE uses one "
+                "mlp_ratio for both"
+            )
+        d_depth = _blocks(sd, "decoder.decoder_layers.")
+        config.update(
+            decoder_dim=dw,
+            decoder_depth=d_depth,
+            decoder_heads=dh,
+            norm_pix_loss=bool(c.get("norm_pix_loss", True)),
+            decoder_norm_eps=1e-5,  # transformers builds the decoder's last LayerNorm with the default epsilon
+        )
+        proj = sd["encoder_to_decoder.weight"]
+        out.update(
+            {
+                "mask_token": sd["mask_token"],
+                "decoder_embed.weight": proj,
+                "decoder_embed.bias": sd.get("encoder_to_decoder.bias", torch.zeros(dw, dtype=proj.dtype)),
+                "decoder_norm.weight": sd["decoder.norm.weight"],
+                "decoder_norm.bias": sd["decoder.norm.bias"],
+                "decoder_pred.weight": sd["decoder.head.weight"],
+                "decoder_pred.bias": sd["decoder.head.bias"],
+            }
+        )
+        for i in range(d_depth):
+            out.update(_videomae_block(sd, f"decoder.decoder_layers.{i}", f"decoder_blocks.{i}", dw))
+        # mmtok's decoder blocks always have q/k/v biases; with qv_bias=False transformers' have none (zeros)
+    else:
+        out = {k[len("encoder.") :]: v for k, v in out.items()}
+    if not config["qkv_bias"]:  # mmtok's encoder then has no qkv bias at all: drop the zero ones
+        out = {k: v for k, v in out.items() if not (k.endswith("attn.qkv.bias") and not k.startswith("decoder_"))}
+    return _build(config, out, where)
+
+
+def load_hf_videomae(folder: str | Path) -> nn.Module:
+    """A local transformers ``VideoMAEForPreTraining`` / ``VideoMAEModel`` folder -> mmtok MAE (or ViT encoder).
+
+    Reads ``config.json``, the ``*.safetensors`` weights and, when present, the processor's mean/std
+    (``preprocessor_config.json`` or ``video_preprocessor_config.json``; ImageNet's otherwise, as every released
+    VideoMAE uses).
+
+    Example:
+        >>> mae = load_hf_videomae("checkpoints/videomae-base")      # doctest: +SKIP
+        >>> out = mae(clips, mask_to_output(bool_masked_pos))      # clips [B, C, T, H, W] in [0, 1]  # doctest: +SKIP
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ConversionError(f"{folder} has no config.json: pass a transformers VideoMAE folder")
+    cfg = _read_json(folder / "config.json")
+    if cfg.get("model_type") == "vit_mae":
+        raise ConversionError(
+            f"{folder} is a ViTMAE folder, not VideoMAE: convert it with `mmtok convert vitmae --input {folder} "
+            "--out OUT`"
+        )
+    if cfg.get("model_type") != "videomae":
+        raise ConversionError(f"{folder}: model_type {cfg.get('model_type')!r} is not videomae")
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
+        if (folder / name).is_file():
+            p = _read_json(folder / name)
+            mean, std = p.get("image_mean", mean), p.get("image_std", std)
+            break
+    else:
+        logger.info("%s has no preprocessor_config.json: assuming ImageNet mean/std", folder)
+    return videomae_to_mmtok(cfg, _read_safetensors_folder(folder), mean, std, where=str(folder))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -422,6 +633,7 @@ def official_mae_to_mmtok(
         "num_heads": heads,
         "mlp_ratio": sd["blocks.0.mlp.fc1.weight"].shape[0] / width,
         "qkv_bias": "blocks.0.attn.qkv.bias" in sd,
+        "norm_eps": 1e-6,  # models_mae.py builds every LayerNorm with eps=1e-6
         **norm,
     }
     b = sd["patch_embed.proj.bias"]
@@ -453,7 +665,6 @@ def official_mae_to_mmtok(
         raise ConversionError(f"{where}: blocks without qkv bias are not supported")
     model = _build(config, out, where)
     _check_positions(pos, model, where)
-    _set_norm_eps(model, 1e-6)  # models_mae.py builds its LayerNorms with eps=1e-6
     return model
 
 
