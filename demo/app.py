@@ -2,6 +2,7 @@
 referring segmentation.
 
     mmtok demo --models runs            # http://127.0.0.1:7860
+    mmtok demo --device cuda:1          # models on the second GPU (default auto: CUDA if available)
 
 ``build_demo(models_dir)`` finds every model folder under ``models_dir`` (``config.json`` written by
 ``mmtok.hub.save_pretrained``) and offers one tab per kind:
@@ -14,9 +15,10 @@ referring segmentation.
    head (text / allmask / segtoken), a pruner with its budget and the refinement; the overlay, the mask, the
    text head's descriptors, and the latency, decode repairs and image tokens kept.
 
-A kind with no model folder gets a tab that says which ``mmtok train`` command makes one. Models load once
-(CPU) and are cached. Nothing is downloaded: Gradio's telemetry and version check are off, and the theme
-uses system fonts only (the default theme would make the browser fetch web fonts).
+A kind with no model folder gets a tab that says which ``mmtok train`` command makes one. Models load once,
+are moved to the demo's device (``build_demo(device=...)``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``) and are
+cached; the handlers send their inputs to that device. Nothing is downloaded: Gradio's telemetry and version
+check are off, and the theme uses system fonts only (the default theme would make the browser fetch web fonts).
 
 Through ``gradio_client`` each tab is one named endpoint (``/reconstruct``, ``/mask``, ``/answer``,
 ``/segment``) whose every parameter has a default and whose outputs are named by their labels; the UI's own
@@ -35,7 +37,9 @@ import functools
 import importlib.util
 import logging
 import os
+import re
 import sys
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +49,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import gradio as gr  # noqa: E402  (after the environment switches above)
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -83,6 +88,38 @@ footer {display: none !important;}
 PRIVATE = {"api_visibility": "private"}  # UI helpers: not in the API page, not callable by gradio_client
 
 
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` -> a usable ``torch.device``.
+
+    Raises:
+        core.DemoError: an unknown name, CUDA asked for where torch sees none, or a GPU index past the last one
+            (the message names what to pass instead).
+    """
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    name = str(spec).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", name)
+    if match is None:
+        raise core.DemoError(f"device must be auto, cpu, cuda or cuda:N, not {spec!r}")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise core.DemoError(
+            f"device {name} asked for, but torch {torch.__version__} sees no CUDA GPU here; use cpu (or auto)"
+        )
+    index, count = int(match.group(1) or 0), torch.cuda.device_count()
+    if index >= count:
+        raise core.DemoError(f"device {name} asked for, but there are {count} CUDA device(s): cuda:0..cuda:{count - 1}")
+    return torch.device("cuda", index)
+
+
+def device_label(device: torch.device) -> str:
+    """How timings name the hardware: ``CPU`` or ``CUDA:0``."""
+    return "CPU" if device.type == "cpu" else f"{device.type.upper()}:{device.index or 0}"
+
+
 def user_errors(fn: Any) -> Any:
     """Turn a :class:`core.DemoError` raised by a handler into a ``gr.Error``, which the page shows with its
     message (any other exception would reach the page as Gradio's bare "Error")."""
@@ -109,10 +146,13 @@ class DemoApp:
     Their parameter names and defaults are what ``gradio_client`` users see.
     """
 
-    def __init__(self, models_dir: str | os.PathLike = "runs"):
+    def __init__(self, models_dir: str | os.PathLike = "runs", device: str | torch.device = "auto"):
         self.models_dir = Path(models_dir)
+        self.device = resolve_device(device)
         self.models = core.discover_models(self.models_dir)
         self.cache = core.ModelCache()
+        # models already on self.device; weak, so a model the cache reloads (a new object) is moved once more
+        self._placed: weakref.WeakSet = weakref.WeakSet()
         self._bpe: dict[tuple[str, int], tuple[Any, str]] = {}  # (label, id of the loaded model) -> vocabulary
 
     # -- helpers ------------------------------------------------------------------------------------------
@@ -129,7 +169,12 @@ class DemoApp:
         raise core.DemoError(f"unknown {kind} folder {label!r}; pick one of: {choices}")
 
     def load(self, kind: str, label: str | None) -> Any:
-        return self.cache.get(self.folder(kind, label))
+        """The cached model of ``label`` (the first one of ``kind`` when empty), on the demo's device."""
+        model = self.cache.get(self.folder(kind, label))  # the cache loads on the CPU
+        if model not in self._placed:
+            model.to(self.device)
+            self._placed.add(model)
+        return model
 
     def bpe_for(self, label: str, model: Any) -> tuple[Any, str]:
         """The tokenizer's BPE vocabulary (a file beside it, else merges learned here once) and its origin."""
@@ -240,9 +285,15 @@ class DemoApp:
             img = core.pick_image("upload", 0, "", upload)
         else:
             img = core.fashion_scene(int(seed or 0), canvas)[0]
-        x = core.to_tensor(img)
+        x = core.to_tensor(img)  # [1, C, H, W] on the CPU: the overlay below is drawn from it
         a = core.answer_with_pruning(
-            model, x, question, pruner, int(budget or max(1, n // 4)), max_new_tokens=max_new_tokens, repeats=repeats
+            model,
+            x.to(self.device),
+            question,
+            pruner,
+            int(budget or max(1, n // 4)),
+            max_new_tokens=max_new_tokens,
+            repeats=repeats,
         )
         seen = core.to_uint8(F.interpolate(x, size=(canvas, canvas), mode="bilinear"))
         prefix = n - model.tower.num_patches  # [CLS] kept as an image token when feature_select is cls_patch
@@ -258,7 +309,7 @@ class DemoApp:
             f"| | pruned ({pruner}, {a.kept} tokens) | unpruned ({n} tokens) |\n|---|---|---|\n"
             f"| prefill (ms) | {a.prefill_ms:.1f} | {a.prefill_unpruned_ms:.1f} |\n"
             f"| total, ≤ {max_new_tokens} new tokens (ms) | {a.total_ms:.1f} | {a.total_unpruned_ms:.1f} |\n\n"
-            f"prefill speed-up **{speed:.2f}x** (median of {repeats} interleaved runs, CPU)"
+            f"prefill speed-up **{speed:.2f}x** (median of {repeats} interleaved runs, {device_label(self.device)})"
         )
         return answers, overlay, timing
 
@@ -315,7 +366,7 @@ class DemoApp:
         else:
             text = r.text
         summary = (
-            f"**{r.head}** head: mask in **{r.seconds * 1e3:.0f} ms** (CPU, one call) · "
+            f"**{r.head}** head: mask in **{r.seconds * 1e3:.0f} ms** ({device_label(self.device)}, one call) · "
             f"**kept {r.kept} of {r.num_image_tokens}** image tokens{where} · "
             f"decode repairs **{r.repairs}** · "
             + (f"**{r.tokens}** tokens generated · " if r.text is not None else "")
@@ -538,9 +589,13 @@ def _seg_tab(app: DemoApp) -> None:
     )
 
 
-def build_demo(models_dir: str = "runs") -> gr.Blocks:
-    """The demo over the model folders found under ``models_dir`` (the ``DemoApp`` is ``demo.mmtok_app``)."""
-    app = DemoApp(models_dir)
+def build_demo(models_dir: str = "runs", device: str | torch.device = "auto") -> gr.Blocks:
+    """The demo over the model folders found under ``models_dir`` (the ``DemoApp`` is ``demo.mmtok_app``).
+
+    ``device``: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N``; a bad name raises
+    :class:`core.DemoError` before anything is loaded.
+    """
+    app = DemoApp(models_dir, device)
     kinds = (core.TOKENIZER, core.MIM, core.MLLM_KIND, core.SEG)
     words = ("tokenizer", "MAE", "MLLM", "segmentation model")
     counts = [len(app.models[k]) for k in kinds]
@@ -548,7 +603,8 @@ def build_demo(models_dir: str = "runs") -> gr.Blocks:
     with gr.Blocks(title="mmtok demo", analytics_enabled=False) as demo:
         gr.Markdown(
             "# mmtok demo\nVisual tokenizers, masked image modeling, an MLLM with visual-token pruning, and "
-            f"referring segmentation, on the CPU with the models under `{app.models_dir}` ({found})."
+            f"referring segmentation, on {'the CPU' if app.device.type == 'cpu' else device_label(app.device)} "
+            f"with the models under `{app.models_dir}` ({found})."
         )
         with gr.Tabs():
             with gr.Tab(TAB_TITLES[core.TOKENIZER], id="tokenizer"):

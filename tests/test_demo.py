@@ -377,6 +377,37 @@ def test_cli_defaults_to_localhost(models_dir, monkeypatch):
     assert e.value.code == 0
 
 
+def test_cli_device_flag_places_the_models_and_refuses_bad_names(models_dir, monkeypatch, capsys):
+    """--device auto | cpu | cuda | cuda:N: models move there and the handlers' inputs follow; a bad name, or CUDA
+    where torch sees none, is one line on stderr and exit status 2 before any model loads."""
+    from mmtok.cli import demo as cli
+    from mmtok.cli.main import main
+
+    app_module = cli.load_app()
+    calls = []
+    monkeypatch.setattr(app_module, "launch", lambda demo, host, port, block: calls.append(demo))
+    assert main(["demo", "--models", str(models_dir), "--device", "cpu"]) == 0
+    app = calls[-1].mmtok_app
+    assert app.device == torch.device("cpu") and "(CPU)" in capsys.readouterr().out
+    mllm = app.load("mllm", None)
+    assert all(p.device.type == "cpu" for p in mllm.parameters())
+    answers, _, timing = app.run_mllm(None, "fashion scene", 0, None, "how many items are there ?", "random", 4, 2, 1)
+    assert "kept 4 of" in answers and "CPU)" in timing
+    auto = app_module.resolve_device("auto")
+    assert auto.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    bad = ["gpu", "cuda:x", "tpu:0"] + ([] if torch.cuda.is_available() else ["cuda", "cuda:1"])
+    for name in bad:
+        calls.clear()
+        assert main(["demo", "--models", str(models_dir), "--device", name]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("mmtok demo: device") and "\n" not in err and "cpu" in err, err
+        assert not calls
+    if torch.cuda.is_available():  # on a GPU machine: the models and the handlers' inputs on the GPU
+        gpu = app_module.DemoApp(models_dir, "cuda")
+        answers, _, timing = gpu.run_mllm(None, "fashion scene", 0, None, "how many items are there ?", "random", 4)
+        assert next(gpu.load("mllm", None).parameters()).is_cuda and "CUDA:0" in timing
+
+
 def test_gradio_client_calls_every_endpoint_with_its_defaults(demo_app):
     """What a ``gradio_client`` user does: call each endpoint with no arguments; the helpers are not reachable."""
     client_mod = pytest.importorskip("gradio_client")

@@ -3,6 +3,7 @@
     mmtok demo                          # models under runs/, http://127.0.0.1:7860
     mmtok demo --models runs --port 7861
     mmtok demo --host 0.0.0.0           # reachable from other machines (off by default)
+    mmtok demo --device cuda:0          # models on a GPU (default auto: CUDA if available, else CPU)
 
 The demo lives in ``demo/app.py`` at the repository root (not inside the ``mmtok`` package, and not a package
 itself so it never shadows another ``demo`` module); it is loaded by path here.
@@ -36,10 +37,13 @@ def load_app(path: Path = APP) -> ModuleType:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mmtok demo", description="Launch the Gradio demo (CPU, offline).")
+    p = argparse.ArgumentParser(prog="mmtok demo", description="Launch the Gradio demo (offline).")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--models", default="runs", help="folder searched for trained model folders (config.json)")
+    p.add_argument(
+        "--device", default="auto", help="auto | cpu | cuda | cuda:N where the models run (auto: CUDA if available)"
+    )
     args = p.parse_args(argv)
     if not APP.is_file():
         print(f"mmtok demo: {APP} is missing; the Gradio demo is not part of this checkout.", file=sys.stderr)
@@ -52,7 +56,16 @@ def main(argv: list[str]) -> int:
     if not Path(args.models).is_dir():
         print(f"mmtok demo: no folder {args.models!r}; the tabs will say how to train models for it.", file=sys.stderr)
     app = load_app()
-    demo = app.build_demo(models_dir=args.models)
-    print(f"mmtok demo: serving the models under {args.models} on http://{args.host}:{args.port}", flush=True)
+    try:
+        device = app.resolve_device(args.device)  # before any model is found or loaded
+    except app.core.DemoError as e:
+        print(f"mmtok demo: {e}", file=sys.stderr)
+        return 2
+    demo = app.build_demo(models_dir=args.models, device=device)
+    print(
+        f"mmtok demo: serving the models under {args.models} ({app.device_label(device)}) on "
+        f"http://{args.host}:{args.port}",
+        flush=True,
+    )
     app.launch(demo, args.host, args.port, block=True)
     return 0
