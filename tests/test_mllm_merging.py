@@ -427,3 +427,80 @@ def test_merging_tower_inside_the_mllm(model):
     torch.testing.assert_close(same, ref, rtol=1e-5, atol=1e-5)
     assert info["last"].hidden_states[-1].shape[1] == 1 + 64 - 32  # the tower ran on 33 tokens at the end
     assert merged.image_mask.sum() == 32
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the command line
+# ---------------------------------------------------------------------------------------------------------
+def test_list_pruners_shows_both_kinds(capsys):
+    from mmtok.cli.main import main
+
+    assert main(["list", "pruners"]) == 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()[1:]}
+    assert "[merge]" in lines["tome"] and "[merge]" in lines["pitome"]
+    assert "[select]" in lines["dart"] and "[select]" in lines["random"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tiny_models import tiny_fashion_mllm
+
+    torch.manual_seed(0)
+    m = registries.get("mllm").create("llava_fashion_small", **tiny_fashion_mllm("llama"))
+    out = tmp_path_factory.mktemp("mllm") / "model"
+    m.save_pretrained(out)
+    return out
+
+
+def test_prune_cli_merges_before_the_llm_and_in_the_tower(model_dir, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from mmtok.cli.main import main
+
+    img = tmp_path / "scene.png"
+    Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)).save(img)
+    args = ["prune", "--model", str(model_dir), "--image", str(img), "--prompt", "how many items are there ?"]
+    args += ["--keep", "5", "--max-new-tokens", "3", "--repeats", "1"]
+    assert main([*args, "--method", "tome"]) == 0
+    out = capsys.readouterr().out
+    assert "image tokens kept: 5 of 16" in out and "merged groups: 5; the largest covers" in out
+    assert main([*args, "--method", "pitome", "--tower-r", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "vision tower: 17 -> 11 tokens (3 merged per block, pitome)" in out and "x by FLOPs (" in out
+    assert main([*args, "--method", "tome", "--tower-r", "-1"]) == 2
+    assert "--tower-r" in capsys.readouterr().err
+
+
+def test_eval_cli_has_merging_rows(model_dir, tmp_path, capsys):
+    import json
+
+    from mmtok.cli.main import main
+
+    builder = registries.get("shard builder")
+    builder.get("fashion-vqa").target(
+        builder.build_config("fashion-vqa", out=str(tmp_path / "d"), train=0, val=0, test=6)
+    )
+    rc = main(
+        [
+            "eval",
+            "mllm",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(tmp_path / "d" / "test-*.tar"),
+            "--methods",
+            "tome",
+            "pitome",
+            "--keeps",
+            "4",
+            "--tower-r",
+            "2",
+            "--json",
+            str(tmp_path / "acc.json"),
+        ]
+    )
+    assert rc == 0
+    rows = json.loads((tmp_path / "acc.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["none", "tome", "pitome", "tower_tome_r2", "tower_pitome_r2"]
+    assert rows[1]["kind"] == "merge" and rows[3]["tower_tokens"] == [17, 15, 13]

@@ -3,7 +3,8 @@
 A kind is accepted as the README writes it (``tokenizers``, ``seg-formats``, ``vision-towers``), in the
 singular, or with underscores; the listing names kinds that way too. Kinds with no entry (a capability
 this installation does not include) are left out of the full listing; asking for one by name says it
-is empty.
+is empty. Pruners are tagged with their kind: ``[select]`` (keeps a subset of the image tokens) or ``[merge]``
+(merges them into groups: ToMe, PiToMe).
 """
 
 from __future__ import annotations
@@ -53,5 +54,8 @@ def main(argv: list[str]) -> int:
             continue
         print(f"{display_name(kind)}:")
         for name in entries:
-            print(f"  {name:28s} {reg.get(name).help}")
+            entry = reg.get(name)
+            # pruners come in two kinds (mmtok.mllm.pruning.base): "select" keeps a subset, "merge" merges groups
+            tag = f"[{entry.target.kind}] " if kind == "pruner" and hasattr(entry.target, "kind") else ""
+            print(f"  {name:28s} {tag}{entry.help}")
     return 0

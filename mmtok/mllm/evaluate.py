@@ -12,6 +12,10 @@ the unpruned ones) and, below it, how much the kept token sets of each pair of m
 answers were identical. Identical answers from keep sets that differ mean the model's answers do not depend on
 *which* of those tokens are kept (e.g. a pruner at the input of the last layer of a 3-layer LLM leaves the answer
 to the two layers that saw every token); identical keep sets mean the methods agree on this model.
+
+Merging methods (``tome``, ``pitome``: kind ``merge``) are rows like the others; their "keep set" is the slots of
+their merged tokens. ``--tower-r R`` adds rows ``tower_tome_rR`` / ``tower_pitome_rR``: every image token reaches the
+LLM, but the vision tower merges ``R`` tokens in each block (:mod:`mmtok.mllm.pruning.tower_merge`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ["random", "pool", "cls_attention", "vtc_cls", "fastv", "dart"]
+DEFAULT_METHODS = ["random", "pool", "cls_attention", "vtc_cls", "fastv", "dart", "tome", "pitome"]
 
 
 def load_eval_set(pattern: str, limit: int = 0) -> list[dict[str, Any]]:
@@ -105,11 +109,14 @@ def keep_overlap(a: list[list[int]] | None, b: list[list[int]] | None) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
-def retention_table(model, samples, methods: list[str], keeps: list[int], batch_size: int = 16) -> dict[str, Any]:
+def retention_table(
+    model, samples, methods: list[str], keeps: list[int], batch_size: int = 16, tower_rs: tuple[int, ...] = ()
+) -> dict[str, Any]:
     """Accuracy for every (method, keep) plus the unpruned reference, and retention = acc / unpruned acc.
 
     Each row also has ``changed`` (share of answers that differ from the unpruned answers); ``pairs`` compares the
-    methods of each budget two by two (keep-set overlap, identical answers).
+    methods of each budget two by two (keep-set overlap, identical answers). ``tower_rs``: also one row per in-tower
+    merging method (ToMe, PiToMe) and tokens merged per tower block ``r``, with no pruning before the LLM.
     """
     from mmtok import registries
 
@@ -129,6 +136,7 @@ def retention_table(model, samples, methods: list[str], keeps: list[int], batch_
                 "method": m,
                 "keep": keep,
                 "stage": pruner.stage,
+                "kind": pruner.kind,
                 "layer": pruner.layer if pruner.stage == "in_llm" else None,
                 **res,
                 "retention": res["acc"] / max(base["acc"], 1e-9),
@@ -146,6 +154,26 @@ def retention_table(model, samples, methods: list[str], keeps: list[int], batch_
                     "same_answers": a["answers"] == b["answers"],
                 }
             )
+    for r in tower_rs:
+        from mmtok.mllm.pruning.tower_merge import TowerMergeConfig, merging_tower
+
+        for method in ("tome", "pitome"):
+            with merging_tower(model.tower, TowerMergeConfig(method=method, r=r)) as info:
+                res = answer_accuracy(model, samples, None, batch_size)
+            changed = sum(a != b for a, b in zip(res["answers"], base["answers"])) / len(res["answers"])
+            row = {
+                "method": f"tower_{method}_r{r}",
+                "keep": model.num_image_tokens,
+                "stage": "tower",
+                "kind": "merge",
+                "layer": None,
+                "tower_tokens": [h.shape[1] for h in info["last"].hidden_states],
+                **res,
+                "retention": res["acc"] / max(base["acc"], 1e-9),
+                "changed": changed,
+            }
+            rows.append(row)
+            print_row(row, types)
     return {"unpruned_acc": base["acc"], "n": base["n"], "question_types": types, "rows": rows, "pairs": pairs}
 
 
@@ -200,6 +228,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--keeps", type=int, nargs="+", default=[192, 128, 64])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N samples only")
+    p.add_argument(
+        "--tower-r",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also evaluate in-tower ToMe/PiToMe merging with these tokens merged per tower block",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default="", help="write the table here")
     args = p.parse_args(argv)
@@ -216,6 +251,11 @@ def main(argv: list[str]) -> int:
     if any(k < 1 for k in args.keeps) or args.batch_size < 1:
         print("mmtok eval mllm: --keeps and --batch-size must be integers >= 1", file=sys.stderr)
         return 2
+    if any(r < 1 for r in args.tower_r):
+        print(
+            "mmtok eval mllm: --tower-r values must be integers >= 1 (tokens merged per tower block)", file=sys.stderr
+        )
+        return 2
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     try:
         model = load_mllm(args.model, device).model
@@ -229,7 +269,7 @@ def main(argv: list[str]) -> int:
         if k > n:
             print(f"note: --keeps {k} is more than the {n} image tokens: evaluated as {n}")
     print(f"{len(samples)} samples, {n} image tokens per image; 'changed' = share of answers unlike the unpruned ones")
-    table = retention_table(model, samples, args.methods, keeps, args.batch_size)
+    table = retention_table(model, samples, args.methods, keeps, args.batch_size, tuple(args.tower_r))
     for line in explain_ties(model, table):
         print(f"note: {line}")
     if args.json:

@@ -10,6 +10,14 @@ wall-clock ratio does, and on a tiny model fixed per-call costs (Python, kernel 
 Notes say why a speed-up is bounded: pruning at a layer near the end of a shallow LLM, or a vision tower that
 dominates the prefill (pruning never shortens the tower).
 
+Merging methods (``--method tome`` or ``pitome``, kind ``merge`` in ``mmtok list pruners``) merge the image tokens
+into ``--keep`` groups instead of dropping the rest; the output says how many patches the largest group covers.
+``--tower-r R`` also merges ``R`` tokens in every block of the vision tower (ToMe, or PiToMe with
+``--method pitome``; timm and mmtok ViT towers), which shortens the tower too:
+
+    mmtok prune --model runs/mllm_fashion_vqa/export --method pitome --keep 64 --tower-r 48 --image scene.png \
+        --prompt "how many items are there ?"
+
 Input the model adapts (words its tokenizer does not know, a ``--keep`` above the image-token count, an image
 resized to the tower's size) is reported with one ``note:`` line each; input it cannot take (an unknown method, a
 damaged model folder, an unreadable or oversized image, a prompt with ``<image>`` or over the length cap, a
@@ -42,11 +50,14 @@ def _attention_counted() -> bool:
     return fc.get_total_flops() > 0
 
 
-def prefill_flops(model: Any, ids: Any, att: Any, image: Any, pruner: Any) -> dict[str, float]:
+def prefill_flops(
+    model: Any, ids: Any, att: Any, image: Any, pruner: Any, tower_info: dict | None = None
+) -> dict[str, float]:
     """FLOPs of one prefill (tower + projector + LLM + last-token logits): ``{"total", "tower"}``.
 
     Counted with ``torch.utils.flop_counter``; attention products (``QK^T`` and ``AV``: ``4 B D L_q L_k`` per
-    layer) are added by formula where the counter cannot see the fused kernel.
+    layer) are added by formula where the counter cannot see the fused kernel; ``tower_info`` (from
+    :func:`~mmtok.mllm.pruning.tower_merge.merging_tower`) gives the tower's merged lengths per block for it.
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -64,7 +75,10 @@ def prefill_flops(model: Any, ids: Any, att: Any, image: Any, pruner: Any) -> di
         lens = [full if i < k_layer else out.prefill_length for i in range(cfg.num_hidden_layers)]
         total += sum(4.0 * b * cfg.hidden_size * n * n for n in lens)
         t = model.tower.num_patches + model.tower.num_prefix_tokens
-        tower_attn = 4.0 * b * model.tower.hidden_size * t * t * model.tower.num_layers
+        lengths = [t] * model.tower.num_layers  # tokens each block's attention runs on
+        if tower_info and "last" in tower_info:  # a merging tower: block i attends over the input of block i
+            lengths = [h.shape[1] for h in tower_info["last"].hidden_states[:-1]]
+        tower_attn = sum(4.0 * b * model.tower.hidden_size * n * n for n in lengths)
         total += tower_attn
         tower += tower_attn
     return {"total": total, "tower": tower}
@@ -106,7 +120,11 @@ def main(argv: list[str]) -> int:
         prog="mmtok prune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", required=True, help="mmtok MLLM folder or HF llava folder")
-    p.add_argument("--method", default="dart", help="pruner: dart, fastv, cls_attention, vtc_cls, random, pool")
+    p.add_argument(
+        "--method",
+        default="dart",
+        help="pruner: dart, fastv, cls_attention, vtc_cls, random, pool (select) or tome, pitome (merge)",
+    )
     p.add_argument("--keep", type=int, default=64, help="image tokens kept")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--prompt", required=True, help="question about the image (without <image>)")
@@ -114,17 +132,26 @@ def main(argv: list[str]) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per setting after a warm-up (median reported)")
     p.add_argument("--layer", type=int, default=0, help="LLM layer K for in-LLM methods (0 = the method's default)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    p.add_argument(
+        "--tower-r", type=int, default=0, help="also merge this many tokens in every vision-tower block (0 = off)"
+    )
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+
+    import contextlib
 
     import torch
 
     from mmtok.api import InputError, load_mllm
+    from mmtok.mllm.pruning import PruningError
+    from mmtok.mllm.pruning.tower_merge import TowerMergeConfig, merging_tower
     from mmtok.mllm.text import decode_answers
 
     try:
         if args.max_new_tokens < 1 or args.repeats < 1:
             raise InputError("--max-new-tokens and --repeats must be at least 1")
+        if args.tower_r < 0:
+            raise InputError("--tower-r must be >= 0 (tokens merged in every vision-tower block)")
         device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         )
@@ -143,11 +170,28 @@ def main(argv: list[str]) -> int:
         print(f"note: {line}")
     model, tok = pipe.model, pipe.model.tokenizer
     image = image.to(device)
+    tower_cfg = TowerMergeConfig(method="pitome" if args.method == "pitome" else "tome", r=args.tower_r)
+    tower_info: dict[str, Any] = {}
+
+    def tower_merging(pr):
+        """In-tower merging around the pruned runs only (the unpruned reference runs the plain tower)."""
+        if pr is None or not args.tower_r:
+            return contextlib.nullcontext({})
+        return merging_tower(model.tower, tower_cfg)
 
     def run(pr):
-        return model.generate(
-            ids, image, att, pruner=pr, max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id
-        )
+        with tower_merging(pr) as info:
+            out = model.generate(
+                ids, image, att, pruner=pr, max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id
+            )
+        tower_info.update(info)
+        return out
+
+    try:
+        run(pruner)  # fails here, with one line, on a tower the in-tower merging cannot run
+    except PruningError as e:
+        print(f"mmtok prune: {e}", file=sys.stderr)
+        return 2
 
     run(None), run(pruner)  # warm-up: first calls pay for allocations and lazy initialisation
     runs: dict[str, list] = {"pruned": [], "unpruned": []}
@@ -165,6 +209,16 @@ def main(argv: list[str]) -> int:
     print(f"answer (pruned):   {ans['pruned']}")
     print(f"answer (unpruned): {ans['unpruned']}")
     print(f"image tokens kept: {outs['pruned'].image_tokens_kept} of {n}")
+    merged = getattr(pruner, "last_result", None)
+    if merged is not None:
+        print(
+            f"merged groups: {merged.sizes.shape[1]}; the largest covers {int(merged.sizes.max())} of {n} patches, "
+            f"{int((merged.sizes == 1).sum())} tokens were left alone"
+        )
+    if "last" in tower_info:
+        t_out = tower_info["last"].hidden_states[-1].shape[1]
+        t_in = tower_info["last"].hidden_states[0].shape[1]
+        print(f"vision tower: {t_in} -> {t_out} tokens ({args.tower_r} merged per block, {tower_cfg.method})")
     print(
         f"prefill: {pre['pruned']:.1f} ms pruned vs {pre['unpruned']:.1f} ms unpruned "
         f"(median of {args.repeats} interleaved runs after a warm-up)"
@@ -175,7 +229,10 @@ def main(argv: list[str]) -> int:
     )
     flops = None
     if not args.no_flops:
-        flops = {k: prefill_flops(model, ids, att, image, pr) for k, pr in (("unpruned", None), ("pruned", pruner))}
+        flops = {}
+        for k, pr in (("unpruned", None), ("pruned", pruner)):
+            with tower_merging(pr) as info:
+                flops[k] = prefill_flops(model, ids, att, image, pr, info)
         f_pru, f_unp = flops["pruned"]["total"], flops["unpruned"]["total"]
         speed += (
             f" | {f_unp / f_pru:.2f}x by FLOPs ({f_pru / 1e9:.3f} vs {f_unp / 1e9:.3f} GFLOP; vision tower "

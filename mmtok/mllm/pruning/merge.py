@@ -265,7 +265,7 @@ class _BudgetMerger(Merger):
         return merge_to_budget(feats, self.budget(ctx.num_image_tokens), self.step, raster=not self.reference)
 
 
-@PRUNERS.register("tome", config=TomeConfig, help="[merge] ToMe bipartite soft matching to exactly K tokens (pre-LLM)")
+@PRUNERS.register("tome", config=TomeConfig, help="ToMe bipartite soft matching to exactly K tokens (pre-LLM)")
 class TomeMerger(_BudgetMerger):
     """ToMe before the LLM: repeated bipartite soft matching steps down to ``K`` merged tokens."""
 
@@ -273,7 +273,7 @@ class TomeMerger(_BudgetMerger):
         return tome_step(metric, r, protected, stable=not self.reference)
 
 
-@PRUNERS.register("pitome", config=PitomeConfig, help="[merge] PiToMe energy-guided merging to exactly K (pre-LLM)")
+@PRUNERS.register("pitome", config=PitomeConfig, help="PiToMe energy-guided merging to exactly K (pre-LLM)")
 class PitomeMerger(_BudgetMerger):
     """PiToMe before the LLM: energy-protected bipartite merging steps down to ``K`` merged tokens."""
 
