@@ -165,10 +165,98 @@ def test_resume_with_many_batches_skips_whole_shards(shards, monkeypatch):
 def test_resume_rejects_other_settings(shards):
     a = ShardLoader(ShardDataset(shards, shuffle_buffer=4), batch_size=4, num_workers=0)
     state = a.state_dict()
-    with pytest.raises(ValueError, match="num_workers"):
-        ShardLoader(ShardDataset(shards, shuffle_buffer=4), batch_size=4, num_workers=2).load_state_dict(state)
     with pytest.raises(ValueError, match="fingerprint"):
         ShardLoader(ShardDataset(shards, shuffle_buffer=8), batch_size=4).load_state_dict(state)
+    two = ShardLoader(ShardDataset(shards, shuffle_buffer=4, rank=1, world_size=2), batch_size=4).state_dict()
+    with pytest.raises(ValueError, match="states of every saved rank"):
+        ShardLoader(ShardDataset(shards, shuffle_buffer=4), batch_size=4).load_state_dict(two)
+    with pytest.raises(ValueError, match="one per rank"):
+        ShardLoader(ShardDataset(shards, shuffle_buffer=4), batch_size=4).load_state_dict([two])
+
+
+def _run_part(shards, world, workers, states, batches, **kw):
+    """Every rank of a layout resumes from ``states`` (None: the epoch's start) and hands out ``batches[rank]``
+    batches (None: to the epoch's end); returns (keys per rank, states per rank)."""
+    keys, saved = [], []
+    for rank in range(world):
+        ds = ShardDataset(shards, shuffle_buffer=16, seed=3, rank=rank, world_size=world, **kw)
+        loader = ShardLoader(ds, batch_size=4, num_workers=workers)
+        if states is not None:
+            loader.load_state_dict(states)
+        loader.set_epoch(loader.epoch)  # as the engine does: a no-op on a restored epoch
+        it = iter(loader)
+        got = list(it) if batches[rank] is None else list(itertools.islice(it, batches[rank]))
+        keys.append(_keys(got))
+        saved.append(loader.state_dict())
+        del it
+    return keys, saved
+
+
+@pytest.mark.parametrize(
+    "old,new,batches",
+    [
+        ((2, 0), (1, 0), [3, 5]),  # 2 consumers -> 1
+        ((1, 0), (2, 0), [6]),  # 1 -> 2
+        ((1, 2), (1, 0), [5]),  # num_workers 2 -> 0
+        ((2, 2), (1, 2), [2, 4]),
+        ((1, 0), (2, 2), [10]),  # 2 shards left for 4 consumers: sample-level re-split
+        ((2, 1), (2, 0), [0, 7]),  # 1 and 0 workers are one layout: exact
+    ],
+)
+def test_resume_in_another_layout_delivers_every_sample_once(shards, old, new, batches):
+    heads, states = _run_part(shards, old[0], old[1], None, batches)
+    tails, _ = _run_part(shards, new[0], new[1], states, [None] * new[0])
+    seen = [k for part in heads + tails for k in part]
+    assert sorted(seen) == [f"s{i:05d}" for i in range(60)]  # nothing repeated, nothing skipped
+    assert all(tails), "every new consumer gets part of the rest"
+    # The next epoch is the new layout's own, as in a run started there.
+    _, states = _run_part(shards, new[0], new[1], states, [None] * new[0])
+    nxt, _ = _run_part(shards, new[0], new[1], states, [None] * new[0])
+    fresh = []
+    for rank in range(new[0]):
+        loader = ShardLoader(
+            ShardDataset(shards, shuffle_buffer=16, seed=3, rank=rank, world_size=new[0]), 4, num_workers=new[1]
+        )
+        loader.set_epoch(1)
+        fresh.append(_keys(loader))
+    assert nxt == fresh
+
+
+def test_resume_of_a_resume_in_other_layouts(shards):
+    """2 -> 1 -> 2 ranks, saving in the middle of each re-split stream: still every sample once, and saving and
+    resuming in the re-split layout itself is exact."""
+    a, states = _run_part(shards, 2, 0, None, [2, 3])
+    b, states = _run_part(shards, 1, 0, states, [4])
+    ref, _ = _run_part(shards, 1, 0, states, [None])  # the 1-rank re-split stream, uninterrupted
+    again, _ = _run_part(shards, 1, 0, states, [None])
+    assert ref == again and ref[0]
+    c, states = _run_part(shards, 2, 2, states, [1, 2])
+    d, _ = _run_part(shards, 1, 0, states, [None])
+    seen = [k for part in a + b + c + d for k in part]
+    assert sorted(seen) == [f"s{i:05d}" for i in range(60)]
+
+
+def test_layout_free_description(shards):
+    from mmtok.data.loader import delivered_state
+
+    heads, states = _run_part(shards, 2, 0, None, [3, 2])
+    desc = delivered_state(ShardDataset(shards, shuffle_buffer=16, seed=3), states)
+    done = sorted(j + 10 * int(i) for i, runs in desc["delivered"].items() for a, b in runs for j in range(a, b))
+    assert [f"s{j:05d}" for j in done] == sorted(heads[0] + heads[1]) and desc["repeat_bound"] == 0
+    tails, _ = _run_part(shards, 3, 0, desc, [None] * 3)
+    assert sorted(heads[0] + heads[1] + [k for t in tails for k in t]) == [f"s{i:05d}" for i in range(60)]
+
+
+def test_resampled_resume_in_another_layout_keeps_the_epoch_size(shards, caplog):
+    """Resampled streams repeat samples by design: the new layout shares the positions left; the bound is logged."""
+    import logging
+
+    kw = {"resampled": True, "epoch_length": 24}
+    heads, states = _run_part(shards, 2, 0, None, [2, 1], **kw)
+    with caplog.at_level(logging.WARNING, logger="mmtok.data.reader"):
+        tails, _ = _run_part(shards, 1, 2, states, [None], **kw)
+    assert sum(map(len, heads + tails)) == 2 * 24
+    assert "up to 12 samples of epoch 0 may be delivered a second time" in caplog.text
 
 
 def test_build_loader_from_config(shards):

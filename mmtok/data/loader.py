@@ -13,7 +13,14 @@ worker ids are rotated so that physical worker 0, which torch asks first, plays 
 next. The remaining batches then equal those of an uninterrupted run (tested with 0 and 2 workers,
 shuffle on, resampled on and off).
 
-Limits: resume needs the same ``num_workers``, ``world_size`` and shards (checked); transforms that draw
+Resuming in another layout (world size x workers): a position only has a meaning in its own layout, so the
+states of *all* saved ranks are combined into what was delivered (``ShardDataset.delivered``: per shard, the
+sample indices handed out; layout-free, see :func:`delivered_state`), and the rest of the epoch is re-split over
+the new consumers: every sample not yet delivered is delivered exactly once (tested 2 -> 1 and 1 -> 2 processes,
+2 -> 0 workers). ``load_state_dict`` takes this rank's state, the list of every rank's, or that description;
+the saved layout (0 and 1 worker count as the same) resumes exactly as before. Resampled and ``epoch_length``
+streams repeat samples within an epoch by design; there the new streams share the epoch's remaining positions and
+the number of samples that may repeat is logged. Shards and settings must match (checked); transforms that draw
 from the global RNG instead of :func:`mmtok.data.transforms.sample_generator` are not replayed exactly.
 
 A batch that cannot be collated because its samples differ (a tensor of another shape, a field the others
@@ -42,7 +49,7 @@ from mmtok.data.reader import ShardDataset
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: adds the base of a resume in another layout; 1 still loads
 
 
 def default_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -174,6 +181,7 @@ class ShardLoader:
         self._next_worker = 0
         self._worker_stats: dict[int, dict[str, int]] = {}
         self._base_stats: collections.Counter = collections.Counter()
+        self._base: dict[str, Any] | None = None  # of self.epoch, after a resume in another layout
 
     @property
     def _nw(self) -> int:
@@ -184,10 +192,12 @@ class ShardLoader:
         epoch = int(epoch)
         if epoch != self.epoch:
             self.epoch, self.batches, self._positions, self._next_worker = epoch, 0, {}, 0
+            self._base = None
 
     def __iter__(self) -> Iterator[Any]:
         ds = self.dataset
         ds.epoch, ds._skip, ds._rotation = self.epoch, dict(self._positions), self._next_worker
+        ds.set_base(self._base, self.epoch)
         # Fold the last pass's counts into the base; workers start counting from zero again.
         self._base_stats.update(self.stats_since_start())
         self._worker_stats, ds.stats = {}, collections.Counter()
@@ -213,6 +223,7 @@ class ShardLoader:
             self.batches += 1
             yield batch
         self.epoch, self.batches, self._positions, self._next_worker = self.epoch + 1, 0, {}, 0
+        self._base = None
 
     def stats_since_start(self) -> collections.Counter:
         total: collections.Counter = collections.Counter()
@@ -232,6 +243,8 @@ class ShardLoader:
     def __len__(self) -> int:
         """Batches per epoch of this process (an upper bound when samples are skipped for errors)."""
         ds, nw = self.dataset, self._nw
+        ds.epoch = self.epoch
+        ds.set_base(self._base, self.epoch)
         total = 0
         for w in range(nw):
             q = ds.quota(w, nw)
@@ -253,27 +266,44 @@ class ShardLoader:
             "rank": ds.rank,
             "world_size": ds.world_size,
             "fingerprint": ds.fingerprint,
+            "base": self._base,
             "stats": self.stats,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a position saved by :meth:`state_dict` (same shards, settings, workers and world size)."""
-        ds = self.dataset
-        for key, mine in (("num_workers", self.num_workers), ("world_size", ds.world_size), ("rank", ds.rank)):
-            if int(state.get(key, -1)) != mine:
-                raise ValueError(
-                    f"cannot resume the data stream exactly: saved {key}={state.get(key)}, now {mine}; the stream "
-                    f"order depends on it, so resume with the same {key} (or start the data stream afresh)"
-                )
-        if state.get("fingerprint") != ds.fingerprint:
-            raise ValueError(
-                "cannot resume the data stream: the shards, sample counts, seed or shuffle settings differ from "
-                "the saved run (fingerprint mismatch)"
-            )
-        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
-        self._positions = {int(k): int(v) for k, v in state["positions"].items()}
-        self._next_worker = int(state["next_worker"])
-        self._worker_stats, self._base_stats = {}, collections.Counter(state.get("stats", {}))
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Continue a saved stream: this rank's state, every rank's (a list), or :func:`delivered_state`'s.
+
+        In the saved layout the position is restored exactly; in another (world size, or workers per process)
+        the rest of the epoch is re-split over this layout's consumers (see the module docstring).
+
+        Raises:
+            ValueError: other shards or settings (fingerprint), or one rank's state of a multi-rank run when the
+                layout changed (pass all of them).
+        """
+        plan = self.dataset.resume_plan(state, self.num_workers)
+        self.epoch, self._base = plan["epoch"], plan["base"]
+        self._positions, self._next_worker = dict(plan["positions"]), plan["next_worker"]
+        self._worker_stats = {}
+        if plan["exact"]:
+            self.batches = int(plan["saved"].get("batches", 0))
+            self._base_stats = collections.Counter(plan["saved"].get("stats", {}))
+        else:
+            self.batches = 0
+            # The saved run's skip counts travel once (with rank 0), so totals over ranks stay totals.
+            saved = state if isinstance(state, list) else [state]
+            self._base_stats = collections.Counter()
+            if self.dataset.rank == 0:
+                for st in saved:
+                    self._base_stats.update(st.get("stats", {}))
+
+
+def delivered_state(dataset: ShardDataset, states: list[dict[str, Any]]) -> dict[str, Any]:
+    """The layout-free description of what a saved run delivered in its epoch (``ShardDataset.delivered``).
+
+    Any consumer layout restores from it with ``ShardLoader.load_state_dict``; it is what a checkpoint can store
+    instead of per-rank positions when the next run's world size is not known.
+    """
+    return dataset.delivered(states)
 
 
 def build_loader(

@@ -54,6 +54,7 @@ is an intersection and cannot say that one sample lost its mask; a majority of s
 
 from __future__ import annotations
 
+import bisect
 import collections
 import glob
 import hashlib
@@ -471,6 +472,21 @@ class _Hole:
         self.url, self.key = url, key
 
 
+def _ranges(indices: Any) -> list[list[int]]:
+    """Sorted integers as ``[[start, stop), ...]`` runs (compact for the mostly contiguous delivered sets)."""
+    out: list[list[int]] = []
+    for j in sorted(indices):
+        if out and out[-1][1] == j:
+            out[-1][1] = j + 1
+        else:
+            out.append([j, j + 1])
+    return out
+
+
+def _unranges(runs: list[list[int]]) -> list[int]:
+    return [j for a, b in runs for j in range(a, b)]
+
+
 class _Segment(NamedTuple):
     """Samples one consumer keeps from one shard: ``indices`` (in shard order); samples past the shard's count
     (an under-counting index) with ``(j - extra[0]) % extra[1] == 0`` are this consumer's to count (None: none)."""
@@ -593,10 +609,12 @@ class ShardDataset(IterableDataset):
         # Set by ShardLoader before each pass (copied into workers when they start):
         self._skip: dict[int, int] = {}  # logical worker -> positions already consumed
         self._rotation = 0  # physical worker p plays logical worker (p + rotation) % num_workers
-        # Samples of this epoch delivered before a resume into another consumer layout ({shard: sorted
-        # indices}); the epoch's rest is re-split over the consumers (see _resplit). None = the plain stream.
+        # After a resume into another consumer layout (see resume_plan), for epoch _base_epoch only: the samples
+        # delivered before it ({shard: sorted indices}; the rest is re-split by _resplit), or in resampled /
+        # epoch_length mode the positions left for this process (_length). None = the plain stream.
         self._base: dict[int, list[int]] | None = None
-        self._base_id = ""
+        self._length: int | None = None
+        self._base_epoch, self._base_id = -1, ""
         self._plans: dict[tuple, list[list[_Segment]]] = {}
 
     # -- static facts ---------------------------------------------------------------------------
@@ -697,7 +715,8 @@ class ShardDataset(IterableDataset):
         """Positions per epoch of a worker in ``epoch_length`` mode (the process's length split evenly)."""
         if self.epoch_length <= 0:
             return None
-        return self.epoch_length // num_workers + (1 if logical < self.epoch_length % num_workers else 0)
+        length = self._length if self._length is not None and self.epoch == self._base_epoch else self.epoch_length
+        return length // num_workers + (1 if logical < length % num_workers else 0)
 
     def consumer_length(self, epoch: int, c: int, num_consumers: int) -> int:
         """Positions of consumer ``c`` in one non-resampled pass of ``epoch``."""
@@ -715,7 +734,7 @@ class ShardDataset(IterableDataset):
 
     def _segments(self, epoch: int, c: int, n: int, passes: int | None = None) -> Iterator[_Segment]:
         """Segments of consumer ``c`` of ``n``: which samples of which shards it keeps, in stream order."""
-        if self._base is not None:
+        if self._base is not None and epoch == self._base_epoch:
             yield from self._resplit(epoch, n)[c]
             return
         s = len(self.shards)
@@ -874,7 +893,8 @@ class ShardDataset(IterableDataset):
             pos += kept
 
     def _buffer_rng(self, epoch: int, c: int, n: int) -> random.Random:
-        return self._rng("buffer", epoch, c, n, *([self._base_id] if self._base is not None else []))
+        salt = [self._base_id] if self._base_id and epoch == self._base_epoch else []
+        return self._rng("buffer", epoch, c, n, *salt)
 
     def _replay(self, epoch: int, c: int, n: int, skip: int) -> tuple[list[int], int, list[int], random.Random]:
         """The buffer run on integer positions (no I/O) for ``skip`` outputs of consumer ``c``:
@@ -882,7 +902,7 @@ class ShardDataset(IterableDataset):
         rng = self._buffer_rng(epoch, c, n)
         if self.shuffle_buffer <= 0:
             return list(range(skip)), skip, [], rng
-        infinite = (self.resampled or self.epoch_length > 0) and self._base is None
+        infinite = self.resampled or self.epoch_length > 0
         total = None if infinite else self.consumer_length(epoch, c, n)
         sim_src = _Counted(itertools.count() if total is None else iter(range(total)))
         buf: list = []
@@ -980,13 +1000,202 @@ class ShardDataset(IterableDataset):
         self.epoch, self._skip = int(epoch), {}
 
     def state_dict(self) -> dict[str, Any]:
-        """Position of direct, in-process iteration (for DataLoader workers use ShardLoader)."""
-        return {"epoch": self.epoch, "position": self.position, "fingerprint": self.fingerprint}
+        """Position of direct, in-process iteration (for DataLoader workers use ShardLoader); same fields as
+        :meth:`ShardLoader.state_dict <mmtok.data.loader.ShardLoader.state_dict>`, so either restores the other."""
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "positions": {"0": self.position},
+            "num_workers": 0,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "base": self.base_state(self.epoch),
+            "fingerprint": self.fingerprint,
+        }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("fingerprint") != self.fingerprint:
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Continue a saved run here, in its own consumer layout or another (see :meth:`resume_plan`)."""
+        plan = self.resume_plan(state, num_workers=0)
+        self.epoch, self._skip = plan["epoch"], dict(plan["positions"])
+        self.position = self._skip.get(0, 0)
+        self.set_base(plan["base"], plan["epoch"])
+
+    # -- resuming in another consumer layout -------------------------------------------------------
+    def set_base(self, base: dict[str, Any] | None, epoch: int) -> None:
+        """Make ``epoch``'s streams those of a resume into a new layout (``base`` from :meth:`resume_plan`)."""
+        self._base = self._length = None
+        self._base_epoch, self._base_id, self._plans = -1, "", {}
+        if not base:
+            return
+        if "delivered" in base:
+            self._base = {int(i): _unranges(r) for i, r in base["delivered"].items()}
+        else:
+            self._length = int(base["length"])
+        self._base_epoch = int(epoch)
+        self._base_id = hashlib.sha1(json.dumps(base, sort_keys=True).encode()).hexdigest()[:12]
+
+    def base_state(self, epoch: int) -> dict[str, Any] | None:
+        """The base of ``epoch``'s streams in saved form (None for the plain stream)."""
+        if epoch != self._base_epoch:
+            return None
+        if self._base is not None:
+            return {"delivered": {str(i): _ranges(v) for i, v in sorted(self._base.items())}}
+        return {"length": self._length} if self._length is not None else None
+
+    def delivered(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """What every consumer of a saved run delivered in its epoch, with no trace of the consumer layout.
+
+        Args:
+            states: Saved states of *all* ranks of one run (``ShardLoader.state_dict()`` or
+                :meth:`state_dict` of each; any order).
+
+        Returns:
+            ``{"epoch", "fingerprint", "delivered": {shard index: [[start, stop), ...]]}, "repeat_bound"}`` for a
+            one-pass epoch: the samples handed out so far (emitted by a shuffle buffer, not just read into it),
+            exactly. In ``resampled`` / ``epoch_length`` mode samples repeat within an epoch anyway and which ones
+            were drawn is not tracked: ``"remaining"`` positions of the epoch over all ranks replace
+            ``"delivered"``, and ``repeat_bound`` (the positions already delivered) bounds how many samples of the
+            epoch the continued streams may deliver a second time. A rank that had already moved on to the next
+            epoch counts as done with this one; what it delivered of the next adds to ``repeat_bound``.
+
+        Raises:
+            ValueError: states of other shards or settings, or not one state per rank.
+        """
+        if not states:
+            raise ValueError("no saved data states given: pass the state of every rank of the saved run")
+        world = int(states[0]["world_size"])
+        nw = max(1, int(states[0].get("num_workers", 0)))
+        ranks = sorted(int(st["rank"]) for st in states)
+        if ranks != list(range(world)) or any(
+            int(st["world_size"]) != world or max(1, int(st.get("num_workers", 0))) != nw for st in states
+        ):
+            raise ValueError(
+                f"the saved data states are not one per rank of one run (ranks {ranks}, world size {world}): pass "
+                "the state of every rank, e.g. [r['data'] for r in checkpoint_state['ranks']]"
+            )
+        for st in states:
+            if st.get("fingerprint") != self.fingerprint:
+                raise ValueError(
+                    "cannot resume the data stream: the shards, sample counts, seed or shuffle settings differ "
+                    "from the saved run (fingerprint mismatch)"
+                )
+        epoch = min(int(st["epoch"]) for st in states)
+        n = world * nw
+        saved = (self._base, self._length, self._base_epoch, self._base_id, self._plans, self.epoch)
+        delivered: dict[int, set[int]] = collections.defaultdict(set)
+        done_positions, repeat, remaining = 0, 0, 0
+        try:
+            bases = {json.dumps(st.get("base"), sort_keys=True) for st in states if int(st["epoch"]) == epoch}
+            if len(bases) > 1:
+                raise ValueError("the saved ranks resumed from different data states; they cannot be combined")
+            self.set_base(json.loads(bases.pop()), epoch)
+            self.epoch = epoch
+            for i, done in (self._base or {}).items():  # delivered before the saved run's own resume
+                delivered[i].update(done)
+            for st in states:
+                rank, positions = int(st["rank"]), {int(k): int(v) for k, v in st.get("positions", {}).items()}
+                behind = int(st["epoch"]) == epoch
+                if not behind:
+                    repeat += sum(positions.values())  # its progress into a later epoch is not kept
+                for w in range(nw):
+                    c = rank * nw + w
+                    if self.resampled or self.epoch_length > 0:
+                        quota = self.quota(w, nw) or 0
+                        pos = min(positions.get(w, 0), quota) if behind else quota
+                        done_positions += pos
+                        remaining += quota - pos
+                        continue
+                    segs = list(self._segments(epoch, c, n, passes=1))
+                    pos = positions.get(w, 0) if behind else sum(len(g.indices) for g in segs)
+                    starts = list(itertools.accumulate((len(g.indices) for g in segs), initial=0))
+                    for p in self._replay(epoch, c, n, pos)[0]:
+                        k = bisect.bisect_right(starts, p) - 1
+                        delivered[segs[k].shard].add(segs[k].indices[p - starts[k]])
+        finally:
+            self._base, self._length, self._base_epoch, self._base_id, self._plans, self.epoch = saved
+        out: dict[str, Any] = {"epoch": epoch, "fingerprint": self.fingerprint}
+        if self.resampled or self.epoch_length > 0:
+            out.update(remaining=remaining, repeat_bound=repeat + done_positions)
+        else:
+            out.update(delivered={str(i): _ranges(v) for i, v in sorted(delivered.items())}, repeat_bound=repeat)
+        return out
+
+    def resume_plan(self, state: dict[str, Any] | list[dict[str, Any]], num_workers: int) -> dict[str, Any]:
+        """How this process continues a saved run: ``{"epoch", "positions", "next_worker", "base", "exact", "saved"}``.
+
+        ``state`` is this rank's saved state, the list of every rank's states, or the layout-free description
+        from :meth:`delivered`. In the saved layout (same world size and consumers per rank, as 0 and 1 worker
+        are) this rank's positions are restored exactly (``exact``; ``saved`` is its state). In another layout the
+        rest of the epoch is re-split over the new consumers (:meth:`_resplit`): each sample not yet delivered is
+        delivered once, by one consumer. In ``resampled`` / ``epoch_length`` mode the new streams instead share the
+        remaining positions; the bound on repeats is logged (see :meth:`delivered`).
+
+        Raises:
+            ValueError: another run's state, or one rank's state of a multi-rank run when the layout changed.
+        """
+        nw = max(1, int(num_workers))
+        if isinstance(state, dict) and ("delivered" in state or "remaining" in state):
+            total = state
+        else:
+            states = state if isinstance(state, list) else [state]
+            same_layout = all(
+                int(st.get("world_size", -1)) == self.world_size and max(1, int(st.get("num_workers", 0))) == nw
+                for st in states
+            )
+            mine = [st for st in states if int(st.get("rank", -1)) == self.rank]
+            if same_layout and mine:
+                st = mine[0]
+                if st.get("fingerprint") != self.fingerprint:
+                    raise ValueError(
+                        "cannot resume the data stream: the shards, sample counts, seed or shuffle settings differ "
+                        "from the saved run (fingerprint mismatch)"
+                    )
+                positions = {int(k): int(v) for k, v in st.get("positions", {}).items()}
+                if not positions and "position" in st:  # a state written before positions were shared
+                    positions = {0: int(st["position"])}
+                return {
+                    "epoch": int(st["epoch"]),
+                    "positions": positions,
+                    "next_worker": int(st.get("next_worker", 0)),
+                    "base": st.get("base"),
+                    "exact": True,
+                    "saved": st,
+                }
+            if not isinstance(state, list) and int(state.get("world_size", 1)) > 1:
+                raise ValueError(
+                    f"cannot resume the data stream of rank {states[0].get('rank')} of "
+                    f"{states[0].get('world_size')} processes in a layout of {self.world_size} x {nw} consumers "
+                    "from its own state alone: pass the states of every saved rank (a list) to re-split the rest "
+                    "of the epoch"
+                )
+            total = self.delivered(states)
+        if total.get("fingerprint", self.fingerprint) != self.fingerprint:
             raise ValueError("the saved data state belongs to other shards or settings (fingerprint differs)")
-        self.epoch, self._skip, self.position = int(state["epoch"]), {0: int(state["position"])}, int(state["position"])
+        epoch = int(total["epoch"])
+        if "delivered" in total:
+            base = {"delivered": total["delivered"]}
+            done = sum(b - a for r in total["delivered"].values() for a, b in r)
+            how = f"{done} samples delivered, the rest re-split"
+        else:
+            share = int(total["remaining"]) // self.world_size
+            base = {"length": share + (1 if self.rank < int(total["remaining"]) % self.world_size else 0)}
+            how = f"{total['remaining']} positions left, shared"
+        if total.get("repeat_bound"):
+            logger.warning(
+                "data resume in another layout: up to %d samples of epoch %d may be delivered a second time "
+                "(resampled/epoch_length streams, or a rank already in the next epoch)",
+                total["repeat_bound"],
+                epoch,
+            )
+        if self.rank == 0:
+            logger.info(
+                "data stream resumed in a new layout (%d ranks x %d consumers): epoch %d, %s",
+                self.world_size,
+                nw,
+                epoch,
+                how,
+            )
+        return {"epoch": epoch, "positions": {}, "next_worker": 0, "base": base, "exact": False, "saved": None}
 
     def __repr__(self) -> str:
         return (
