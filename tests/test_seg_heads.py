@@ -346,3 +346,23 @@ def test_seg_config_validates():
 
     run = load_run_config(["configs/mllm/seg_scenes_cpu.yaml"])
     assert run.task["name"] == "mllm_seg" and set(run.task["heads"]) == {"allmask", "text", "segtoken"}
+
+
+def test_grid_targets_area_share_and_stamp_reference_rule():
+    # 8 x 8 mask, 2 x 2 grid: the top-left cell full, the top-right cell a quarter covered (its top-left 2 x 2)
+    m = torch.zeros(1, 8, 8, dtype=torch.long)
+    m[0, :4, :4] = 1
+    m[0, :2, 4:6] = 1
+    assert H.grid_targets(m, 2).tolist() == [[1.0, 0.25, 0.0, 0.0]]
+    # STAMP: bilinear resize (align_corners=False) samples cell centres at (1.5, 1.5), (1.5, 5.5), ...; the
+    # top-left centre lies between four object pixels (value 1.0), the top-right one between rows 1-2 and columns
+    # 5-6 of which only pixel (1, 5) is set (value 0.25, truncated to 0)
+    ref = torch.nn.functional.interpolate(m[:, None].float(), size=(2, 2), mode="bilinear", align_corners=False)
+    assert ref.flatten().tolist() == [1.0, 0.25, 0.0, 0.0]
+    assert H.grid_targets(m, 2, "reference").tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    with pytest.raises(ValueError, match="choose from"):
+        H.grid_targets(m, 2, "nearest")
+    with pytest.raises(ValueError, match="unknown target"):
+        registries.get("task").create(
+            "mllm_seg", model="llava_fashion_seg", model_overrides=tiny_seg_mllm(), heads={"allmask": {"target": "x"}}
+        )

@@ -20,11 +20,19 @@ What mmtok does differently, on purpose:
   segmentation has one fixed answer, and in a model that carries several heads (which share the question
   templates) the sentence is what selects the head. ``allmask`` / ``segtoken`` then cost one prefill (+ one chunk
   of mask tokens) and no decoding loop; ``text`` generates the ``<seg>`` block after the sentence.
-* Mask tokens get the positions that follow the answer (``last + 1 ..``); STAMP's exact position rule is not
-  public. Under visual-token pruning the prefill (prompt + answer) is pruned as in generation and the mask tokens
+* Mask tokens get the positions that follow the answer (``last + 1 ..``). STAMP's reference code
+  (HKUST-LongGroup/STAMP, ``model/qwen_changes.py``) places the mask block after the text like a second image in
+  Qwen2-VL's M-RoPE (the image's t/h/w grid, offset past the text); in a 1-D RoPE LLM (LLaVA-style, image tokens
+  numbered in sequence) the same rule is consecutive positions after the text, which is what we do. STAMP runs the
+  mask tokens in a second forward over the sequence cut after its ``<|seg|>`` token; we append them after the
+  answer in the LM-loss forward (causal attention keeps the answer's loss unchanged by the tail). Under
+  visual-token pruning the prefill (prompt + answer) is pruned as in generation and the mask tokens
   are appended after it through the KV cache, so they still carry every patch's feature and produce a full grid.
-* Targets of the per-patch heads are the share of each patch covered by the object (area-average pooling), so
-  bilinear upsampling of the sigmoid scores recovers sub-patch boundaries; a mask is ``score > 0.5``.
+* Targets of the per-patch heads are, by default, the share of each patch covered by the object (area-average
+  pooling), so bilinear upsampling of the sigmoid scores recovers sub-patch boundaries (STAMP refines with SAM,
+  which we do not have); a mask is ``score > 0.5``. ``target="reference"`` uses STAMP's rule instead: the mask
+  resized bilinearly to the grid (``align_corners=False``), truncated to an integer, so a cell is foreground only
+  where the interpolated value reaches 1.
 """
 
 from __future__ import annotations
@@ -77,6 +85,7 @@ class AllMaskHeadConfig:
     answer: str = "sure , here is the mask of {} ."
     bce_weight: float = 0.3
     dice_weight: float = 0.7
+    target: str = "area"  # patch targets: "area" (covered share, soft) | "reference" (STAMP's hard rule)
     width: int = 0  # LLM hidden size (0 = filled in from the model)
 
 
@@ -88,6 +97,7 @@ class SegTokenHeadConfig:
     dim: int = 64  # shared embedding width of the [SEG] and patch projections
     bce_weight: float = 2.0
     dice_weight: float = 0.5
+    target: str = "area"  # patch targets: "area" (covered share, soft) | "reference" (hard, as STAMP's)
     width: int = 0  # LLM hidden size (0 = filled in from the model)
 
 
@@ -198,6 +208,8 @@ def build_seg_heads(model: Any, specs: dict[str, dict[str, Any]]) -> nn.ModuleDi
         if "width" in {f.name for f in dataclasses.fields(reg.get(name).config)}:
             kwargs["width"] = width
         head = reg.create(name, **kwargs)
+        if getattr(head.config, "target", "area") not in TARGETS:
+            raise ValueError(f"{name} head: unknown target {head.config.target!r}; choose from {list(TARGETS)}")
         heads[name] = head
         if head.tokens:
             _ensure_tokens(model, head.tokens)
@@ -263,9 +275,22 @@ def mask_losses(logits: torch.Tensor, target: torch.Tensor, head: Any) -> dict[s
     return {"bce": bce, "dice": dice, "mask_loss": head.config.bce_weight * bce + head.config.dice_weight * dice}
 
 
-def grid_targets(masks: torch.Tensor, g: int) -> torch.Tensor:
-    """``masks [B, H, W]`` (0/1) -> share of each of the ``g x g`` patches covered ``[B, g*g]`` in [0, 1]."""
-    return F.adaptive_avg_pool2d(masks[:, None].float(), g).flatten(1)
+TARGETS = ("area", "reference")
+
+
+def grid_targets(masks: torch.Tensor, g: int, rule: str = "area") -> torch.Tensor:
+    """``masks [B, H, W]`` (0/1) -> per-patch targets ``[B, g*g]`` in [0, 1].
+
+    ``rule="area"``: the share of each of the ``g x g`` patches the object covers. ``rule="reference"``: STAMP's
+    target, the mask resized bilinearly (``align_corners=False``, no antialiasing) and truncated to an integer, so
+    a cell is 1 only where the interpolated value is exactly 1 (its sample point lies inside the object).
+    """
+    x = masks[:, None].float()
+    if rule == "area":
+        return F.adaptive_avg_pool2d(x, g).flatten(1)
+    if rule == "reference":
+        return F.interpolate(x, size=(g, g), mode="bilinear", align_corners=False).long().float().flatten(1)
+    raise ValueError(f"unknown patch target rule {rule!r}; choose from {list(TARGETS)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,7 +309,7 @@ def seg_forward(model: Any, head_name: str, batch: dict[str, Any]) -> dict[str, 
         res = model.lm_outputs(prep, out)
         return {"loss": res.loss, "lm_loss": res.loss.detach()}
     g = patch_grid(model)
-    target = grid_targets(batch["masks"].to(model.device), g)
+    target = grid_targets(batch["masks"].to(model.device), g, head.config.target)
     feats = prep.ctx.image_features  # [B, N, D] projected patch features
     if head.kind == "allmask":
         n = feats.shape[1]
