@@ -1,5 +1,10 @@
 """Data-loading throughput: WebDataset shards (mmtok.data) vs a folder of PNG files, same decode + transforms.
 
+The shards are also read as remote shards through webdataset's ``gopen``: over HTTP from a local
+``http.server`` on 127.0.0.1 (gopen runs ``curl`` per shard) and through ``pipe:cat``. These rows measure what
+streaming adds (a process per shard, reading through a pipe) next to local files; a real object store adds its
+network latency and bandwidth on top.
+
 Both readers decode with ``mmtok.data.decode`` (PIL) and apply the same transform (resize + random
 horizontal flip), batch with the same collate and shuffle (shards: a 1000-sample buffer; folder: a random
 permutation). Each measurement is one full epoch through a fresh ``DataLoader`` (worker start-up
@@ -8,16 +13,20 @@ included), repeated ``--repeats`` times; the best run is reported. Files are in 
 
     python tools/bench/data.py --quick --json bench_results/data.json
     python tools/bench/data.py --json bench_results/data_full.json       # 20k FMNIST, 4k scenes
+    python tools/bench/data.py --quick --readers shards,shards-http,shards-pipe   # remote rows only
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import http.server
 import json
 import os
 import platform
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -103,6 +112,27 @@ def write_png(arr: np.ndarray) -> bytes:
     return encode_image(arr, "png")
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def serve(folder: Path) -> http.server.ThreadingHTTPServer:
+    """An HTTP server on 127.0.0.1 (a free port) for ``folder``, in a daemon thread."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def remote_pattern(reader: str, pattern: str, srv: http.server.ThreadingHTTPServer | None) -> str:
+    """The index json ``pattern`` as the URL ``reader`` streams it from ("shards" = the local file)."""
+    if reader == "shards-http":
+        return f"http://127.0.0.1:{srv.server_address[1]}/{os.path.basename(pattern)}"
+    if reader == "shards-pipe":
+        return f"pipe:cat {pattern}"
+    return pattern
+
+
 def run_epoch(loader) -> tuple[int, float]:
     t0 = time.perf_counter()
     n = 0
@@ -116,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sets (2k FMNIST, 500 scenes), one repeat")
     p.add_argument("--json", type=str, default="", help="write the results here")
     p.add_argument("--workers", type=str, default="0,1,2", help="comma-separated DataLoader worker counts")
+    p.add_argument(
+        "--readers",
+        type=str,
+        default="shards,shards-http,shards-pipe,png-folder",
+        help="comma-separated: shards (local), shards-http (local HTTP server), shards-pipe (pipe:cat), png-folder",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=0, help="runs per cell (default: 1 quick, 2 full)")
     p.add_argument("--data-dir", type=str, default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "mmtok-bench-data"))
@@ -124,18 +160,21 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {"fmnist": 2000, "scenes": 500} if args.quick else {"fmnist": 20000, "scenes": 4000}
     repeats = args.repeats or (1 if args.quick else 2)
     workers = [int(w) for w in args.workers.split(",")]
+    readers = [r.strip() for r in args.readers.split(",") if r.strip()]
     rows = []
     for name, n in sizes.items():
         pattern, folder = prepare(Path(args.data_dir), name, n)
+        srv = serve(Path(pattern).parent) if "shards-http" in readers else None
         size = 32 if name == "fmnist" else 64
         transform = Compose([Resize(size), RandomHorizontalFlip()])
         for w in workers:
             results = {}
-            for reader in ("shards", "png-folder"):
+            for reader in readers:
                 best = None
                 for _ in range(repeats):
-                    if reader == "shards":
-                        ds = ShardDataset(pattern, transform=transform, shuffle_buffer=1000, seed=0)
+                    if reader.startswith("shards"):
+                        src = remote_pattern(reader, pattern, srv)
+                        ds = ShardDataset(src, transform=transform, shuffle_buffer=1000, seed=0)
                         loader = ShardLoader(ds, args.batch_size, num_workers=w)
                     else:
                         loader = DataLoader(
@@ -159,17 +198,26 @@ def main(argv: list[str] | None = None) -> int:
                         "samples_per_s": round(n / best, 1),
                     }
                 )
-            rows[-2]["speedup_vs_folder"] = round(results["png-folder"] / results["shards"], 2)
+            for r in rows[-len(readers) :]:
+                if r["reader"].startswith("shards") and "png-folder" in results:
+                    r["speedup_vs_folder"] = round(results["png-folder"] / results[r["reader"]], 2)
+                if r["reader"] != "shards" and r["reader"].startswith("shards") and "shards" in results:
+                    r["time_vs_local_shards"] = round(results[r["reader"]] / results["shards"], 2)
+        if srv is not None:
+            srv.shutdown()
+            srv.server_close()
     header = (
-        f"{'dataset':8} {'samples':>7} {'reader':11} {'workers':>7} {'seconds':>8} {'samples/s':>10} {'x folder':>8}"
+        f"{'dataset':8} {'samples':>7} {'reader':11} {'workers':>7} {'seconds':>8} {'samples/s':>10} {'x folder':>8} "
+        f"{'time/local':>10}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         sp = f"{r['speedup_vs_folder']:.2f}" if "speedup_vs_folder" in r else ""
+        vs = f"{r['time_vs_local_shards']:.2f}" if "time_vs_local_shards" in r else ""
         print(
             f"{r['dataset']:8} {r['samples']:7d} {r['reader']:11} {r['workers']:7d} {r['seconds']:8.2f} "
-            f"{r['samples_per_s']:10.0f} {sp:>8}"
+            f"{r['samples_per_s']:10.0f} {sp:>8} {vs:>10}"
         )
     if args.json:
         out = {
