@@ -305,3 +305,21 @@ def test_fast_ustar_path_and_pax_fallback_agree(shards, tmp_path):
     with wds.TarWriter(str(tmp_path / "w.tar")) as w:  # webdataset's own writer (float mtime: PAX)
         w.write({"__key__": "a", "txt": "hello", "json": {"x": 1}})
     assert ShardDataset(str(tmp_path / "w.tar")).__iter__().__next__()["text"] == "hello"
+
+
+def test_direct_iteration_state_resumes_in_its_layout_and_in_another(shards):
+    ds = ShardDataset(shards, shuffle_buffer=16, seed=3)
+    it = iter(ds)
+    head = [next(it)["__key__"] for _ in range(25)]
+    state = ds.state_dict()
+    rest = [s["__key__"] for s in it]
+    old = {k: state[k] for k in ("epoch", "position", "fingerprint")}  # as written before layouts could change
+    again = ShardDataset(shards, shuffle_buffer=16, seed=3)
+    again.load_state_dict(old)
+    assert [s["__key__"] for s in again] == rest
+    tails = []
+    for rank in range(2):
+        part = ShardDataset(shards, shuffle_buffer=16, seed=3, rank=rank, world_size=2)
+        part.load_state_dict(state)
+        tails += [s["__key__"] for s in part]
+    assert sorted(head + tails) == [f"s{i:05d}" for i in range(60)]

@@ -189,3 +189,16 @@ def test_build_loader_passes_the_retry_settings(shards, server):
     loader = build_loader(cfg, "train")
     assert loader.dataset.retries == 5 and loader.dataset.retry_backoff == 0
     assert _keys(loader) == KEYS
+
+
+def test_a_bad_sample_under_raise_is_not_taken_for_a_broken_stream(shards, server):
+    """The policy's own DataError (here: a sample past an under-counting index) raises at once, no retry."""
+    import json
+
+    index = json.loads((shards / "train.json").read_text())
+    index["shards"][0]["count"] = 7
+    (shards / "train.json").write_text(json.dumps(index))
+    ds = ShardDataset(_pattern("http", shards, server), on_error="raise", retries=2, retry_backoff=0.01)
+    with pytest.raises(DataError, match="unindexed_sample.*s00007"):
+        list(ds)
+    assert "network_retry" not in ds.stats and server.requests.count("train-000000.tar") == 1

@@ -29,6 +29,16 @@ position by their counts, reads (without decoding) up to the source position, an
 the stream is identical to an uninterrupted one. :class:`mmtok.data.loader.ShardLoader` records per-worker
 positions of the batches it hands out and restores them (see there for the worker interleaving).
 
+Resuming in another consumer layout (a different world size or number of workers): positions mean nothing
+outside their layout, so :meth:`ShardDataset.delivered` turns the saved positions of *all* consumers into the
+samples of the epoch that were handed out (per shard, the indices emitted by each buffer: the buffer is replayed
+on integers as above); :meth:`ShardDataset.resume_plan` then re-splits the rest of the epoch over the new consumers
+(whole shards, what is left of them, to the least-loaded consumer; every ``n``-th remaining sample when fewer
+shards than consumers are left) with fresh buffers, and that description travels in every later state, so a
+resumed run can be resumed again, in its own layout exactly or in yet another. The next epoch is the plain stream
+of the new layout. Resampled and ``epoch_length`` streams repeat samples within an epoch by design; for them the
+new consumers share the positions left in the epoch and the number of samples that may repeat is logged.
+
 Error policy: ``on_error="skip"`` drops the sample, counts it in ``stats[reason]`` and logs its key and
 shard (the first ``log_limit`` per reason, then every 1000th); ``"raise"`` raises :class:`DataError`.
 A pattern that matches nothing always raises :class:`ShardPatternError`. Under ``skip`` no single sample or
@@ -849,6 +859,8 @@ class ShardDataset(IterableDataset):
                     # A stream that ends early without an error (a connection closed between members): retry.
                     raise EOFError(f"the stream ended after {j_next} of {total} samples")
                 break
+            except DataError:
+                raise  # the policy's own verdict (under "raise") on a sample, not a broken stream
             except (tarfile.TarError, OSError, EOFError, ValueError) as e:
                 if remote and attempt < self.retries:
                     attempt += 1
@@ -1063,11 +1075,11 @@ class ShardDataset(IterableDataset):
         """
         if not states:
             raise ValueError("no saved data states given: pass the state of every rank of the saved run")
-        world = int(states[0]["world_size"])
+        world = int(states[0].get("world_size", 1))
         nw = max(1, int(states[0].get("num_workers", 0)))
-        ranks = sorted(int(st["rank"]) for st in states)
+        ranks = sorted(int(st.get("rank", 0)) for st in states)
         if ranks != list(range(world)) or any(
-            int(st["world_size"]) != world or max(1, int(st.get("num_workers", 0))) != nw for st in states
+            int(st.get("world_size", 1)) != world or max(1, int(st.get("num_workers", 0))) != nw for st in states
         ):
             raise ValueError(
                 f"the saved data states are not one per rank of one run (ranks {ranks}, world size {world}): pass "
@@ -1093,7 +1105,10 @@ class ShardDataset(IterableDataset):
             for i, done in (self._base or {}).items():  # delivered before the saved run's own resume
                 delivered[i].update(done)
             for st in states:
-                rank, positions = int(st["rank"]), {int(k): int(v) for k, v in st.get("positions", {}).items()}
+                rank = int(st.get("rank", 0))
+                positions = {int(k): int(v) for k, v in st.get("positions", {}).items()}
+                if not positions and "position" in st:  # ShardDataset.state_dict before positions were shared
+                    positions = {0: int(st["position"])}
                 behind = int(st["epoch"]) == epoch
                 if not behind:
                     repeat += sum(positions.values())  # its progress into a later epoch is not kept
@@ -1139,10 +1154,10 @@ class ShardDataset(IterableDataset):
         else:
             states = state if isinstance(state, list) else [state]
             same_layout = all(
-                int(st.get("world_size", -1)) == self.world_size and max(1, int(st.get("num_workers", 0))) == nw
+                int(st.get("world_size", 1)) == self.world_size and max(1, int(st.get("num_workers", 0))) == nw
                 for st in states
             )
-            mine = [st for st in states if int(st.get("rank", -1)) == self.rank]
+            mine = [st for st in states if int(st.get("rank", 0)) == self.rank]
             if same_layout and mine:
                 st = mine[0]
                 if st.get("fingerprint") != self.fingerprint:
