@@ -322,6 +322,21 @@ def test_merge_key_bias_marks_merged_slots(model):
     assert int((bias != 0).sum()) == int((merger.last_result.sizes > 1).sum())
 
 
+@pytest.mark.parametrize("name", ["tome", "pitome"])
+def test_prefill_logits_is_the_mllm_path_plus_the_size_bias(model, name):
+    from mmtok.mllm.pruning import PruningError
+
+    ids, images = _prompt(3)
+    with torch.no_grad():
+        own = model(ids, images, pruner=_make(name, num_keep=9), logits_to_keep=1).logits[:, -1]
+        same = mg.prefill_logits(model, ids, images, _make(name, num_keep=9))
+        prop = mg.prefill_logits(model, ids, images, _make(name, num_keep=9, proportional_attention=True))
+        with pytest.raises(PruningError, match="proportional_attention=True needs the caller"):
+            model(ids, images, pruner=_make(name, num_keep=9, proportional_attention=True))
+    torch.testing.assert_close(same, own, rtol=1e-5, atol=1e-5)
+    assert (prop - own).abs().max() > 1e-4
+
+
 # ---------------------------------------------------------------------------------------------------------
 # inside the vision tower
 # ---------------------------------------------------------------------------------------------------------

@@ -9,8 +9,15 @@ Timings are medians of repeated runs, interleaved across methods so outside load
 Both wall time and process CPU time are reported: on a shared machine the CPU time (work done by this
 process) is the load-robust figure, and ``cpu eff`` = CPU-time speed-up / FLOP ratio.
 
+Merging methods (``tome``, ``pitome``: they merge the image tokens into K groups before the LLM) are rows like the
+pruners; their "sel ms" is the whole merge (similarities and averaging), the merging overhead. ``--tower-merge``
+adds a table of in-tower merging (ToMe / PiToMe, ``r`` tokens merged in every tower block, ``r`` chosen so that the
+last block ends with about half of the tower's tokens unless ``--tower-r`` is given): tower latency, speed-up and
+FLOP ratio against the plain tower.
+
     python tools/bench/prune.py --quick --json runs/bench/prune_quick.json
     python tools/bench/prune.py --json runs/bench/prune.json          # the full table (~15 min on 2 cores)
+    python tools/bench/prune.py --skip-speed --tower-merge --json runs/bench/tower_merge.json
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-METHODS = ["none", "random", "pool", "cls_attention", "vtc_cls", "fastv", "dart"]
+METHODS = ["none", "random", "pool", "cls_attention", "vtc_cls", "fastv", "dart", "tome", "pitome"]
 
 
 def build_model(width: int, layers: int, tower_width: int, tower_depth: int, vocab: int):
@@ -169,6 +176,7 @@ def run(args) -> dict:
             flops, length = prefill_flops(model, ids, images, make_pruner(*c), add_attn)
             row = {
                 "method": c[0],
+                "kind": getattr(make_pruner(*c), "kind", "select"),
                 "keep": c[1],
                 "batch": batch,
                 "llm_tokens": length,
@@ -235,6 +243,76 @@ def print_row(r: dict) -> None:
     )
 
 
+def tower_flops(tower, lengths: list[int], batch: int, linear_flops: float) -> float:
+    """Tower FLOPs: the counted linear layers plus attention by formula over each block's token count."""
+    return linear_flops + sum(4.0 * batch * tower.hidden_size * n * n for n in lengths)
+
+
+def tower_merge(args) -> dict:
+    """In-tower merging: tower latency and FLOPs with ToMe / PiToMe merging r tokens per block, against no merging."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmtok.mllm.pruning.tower_merge import TowerMergeConfig, tower_hidden_states
+
+    torch.set_num_threads(args.threads)
+    model = build_model(args.width, args.layers, args.tower_width, args.tower_depth, args.vocab)
+    tower = model.tower
+    t0 = tower.num_patches + tower.num_prefix_tokens
+    depth = tower.num_layers
+    # r: about half of the tokens gone after the last block, merged evenly over the blocks (ToMe's constant
+    # schedule) or all in the first block (a front-loaded schedule: the later blocks run on half the tokens)
+    r = args.tower_r if args.tower_r else -(-(t0 - 1) // (2 * depth))
+    first = [(t0 - 1) // 2]
+    configs = [("plain", None)]
+    for m in ("tome", "pitome"):
+        configs += [(m, TowerMergeConfig(method=m, r=r)), (f"{m}_first", TowerMergeConfig(method=m, r=first))]
+    rows = []
+    print(f"\nin-tower merging: {t0} tokens, {depth} blocks, r = {r} per block (*_first: r = {first[0]} in block 0)")
+    print(f"{'method':12s} {'B':>2s} {'tokens':>12s} {'tower ms':>9s} {'x':>5s} {'cpu ms':>8s} {'x':>5s} {'FLOPx':>6s}")
+    for batch in args.batches:
+        px = tower.preprocess(torch.rand(batch, 3, 96, 96, generator=torch.Generator().manual_seed(0)))
+        times = {c[0]: ([], []) for c in configs}
+        lengths, flops = {}, {}
+        with torch.no_grad():
+            for name, cfg in configs:  # warm-up, token counts and FLOPs
+                with FlopCounterMode(display=False) as fc:
+                    if cfg is None:
+                        tower.hidden_states(px)
+                        lengths[name] = [t0] * (depth + 1)
+                    else:
+                        lengths[name] = [h.shape[1] for h in tower_hidden_states(tower, px, cfg).hidden_states]
+                flops[name] = tower_flops(tower, lengths[name][:-1], batch, float(fc.get_total_flops()))
+            for _ in range(args.repeats):
+                for name, cfg in configs:  # interleaved
+                    t, c = time.perf_counter(), time.process_time()
+                    tower.hidden_states(px) if cfg is None else tower_hidden_states(tower, px, cfg)
+                    times[name][0].append(time.perf_counter() - t)
+                    times[name][1].append(time.process_time() - c)
+        base = None
+        for name, cfg in configs:
+            row = {
+                "method": name,
+                "batch": batch,
+                "r": 0 if cfg is None else cfg.r,
+                "tokens": lengths[name],
+                "tower_ms": 1e3 * statistics.median(times[name][0]),
+                "tower_cpu_ms": 1e3 * statistics.median(times[name][1]),
+                "gflops": flops[name] / 1e9,
+            }
+            base = base or row
+            row["speedup"] = base["tower_ms"] / row["tower_ms"]
+            row["cpu_speedup"] = base["tower_cpu_ms"] / row["tower_cpu_ms"]
+            row["flop_ratio"] = base["gflops"] / row["gflops"]
+            rows.append(row)
+            span = f"{t0}->{lengths[name][-1]}"
+            print(
+                f"{name:12s} {batch:2d} {span:>12s} {row['tower_ms']:9.1f} {row['speedup']:5.2f} "
+                f"{row['tower_cpu_ms']:8.1f} {row['cpu_speedup']:5.2f} {row['flop_ratio']:6.2f}",
+                flush=True,
+            )
+    return {"tower_tokens": t0, "depth": depth, "r": r, "rows": rows}
+
+
 def accuracy(args) -> dict:
     """Held-out answer accuracy of a trained MLLM for every method at 192/128/64 kept, as a fraction of unpruned."""
     from mmtok.mllm.evaluate import DEFAULT_METHODS, load_eval_set, retention_table
@@ -245,7 +323,7 @@ def accuracy(args) -> dict:
     samples = load_eval_set(args.accuracy_data, args.accuracy_limit)
     keeps = [k for k in args.keeps if k < model.num_image_tokens] or [64]
     print(f"\naccuracy retention: {len(samples)} held-out samples, {model.num_image_tokens} image tokens")
-    table = retention_table(model, samples, DEFAULT_METHODS, keeps)
+    table = retention_table(model, samples, DEFAULT_METHODS, keeps, tower_rs=tuple(args.accuracy_tower_r))
     table["model"] = args.accuracy_model
     return table
 
@@ -268,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accuracy-data", default="data/fashion-vqa/test-*.tar", help="held-out VQA shards")
     p.add_argument("--accuracy-limit", type=int, default=0, help="first N held-out samples (0 = all)")
     p.add_argument("--skip-speed", action="store_true", help="only the accuracy-retention table")
+    p.add_argument("--tower-merge", action="store_true", help="also the in-tower merging table (ToMe, PiToMe)")
+    p.add_argument("--tower-r", type=int, default=0, help="tokens merged per tower block (0 = halve the tokens)")
+    p.add_argument(
+        "--accuracy-tower-r", type=int, nargs="*", default=[], help="in-tower merging r values for the accuracy table"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps CPU-time figures free of spin-waits)")
     args = p.parse_args(argv)
     if args.quick:
@@ -277,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_speed:
         print(HEADER)
         report = run(args)
+    if args.tower_merge:
+        report["tower_merge"] = tower_merge(args)
     if args.accuracy_model:
         report["accuracy"] = accuracy(args)
     if args.json:

@@ -91,6 +91,8 @@ class PruneContext:
     tower: Any = None
     tower_hidden: list[torch.Tensor] | None = None  # hidden_states of the tower (index 0 = embeddings)
     feature_block: int = -1  # tower block whose output feeds the LLM (0-based)
+    # True when the caller applies a merger's proportional-attention bias (decoder.run_layers key_bias)
+    accepts_key_bias: bool = False
     # in_llm side
     llm: Any = None
     layer: int = -1  # the layer K at whose input we prune
@@ -233,7 +235,17 @@ class Merger(Pruner):
     def merge(self, ctx: PruneContext) -> MergeResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    proportional_attention: bool = False  # wants log(size) added to the LLM's attention logits of merged keys
+
     def select(self, ctx: PruneContext) -> torch.Tensor:
+        if self.proportional_attention and not ctx.accepts_key_bias:
+            # refusing beats a silent no-op: the caller would believe the merged tokens were size-weighted
+            raise PruningError(
+                f"{type(self).__name__}: proportional_attention=True needs the caller to add the merged tokens' "
+                "log(size) to the LLM's attention mask (mmtok.mllm.decoder.run_layers key_bias, built by "
+                "mmtok.mllm.pruning.merge.merge_key_bias) and to say so with PruneContext.accepts_key_bias; this "
+                "caller does not: use proportional_attention=False here, or mmtok.mllm.pruning.merge.prefill_logits"
+            )
         result = self.merge(ctx)
         slots = merge_slots(result)
         self.last_result, self._last_slots = result, slots

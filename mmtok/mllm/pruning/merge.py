@@ -46,10 +46,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from mmtok.mllm import decoder as dec
 from mmtok.mllm.pruning.base import Merger, MergeResult, PruneContext, PrunerConfig, PruningError
 from mmtok.registries import PRUNERS
 
@@ -232,13 +234,56 @@ def merge_key_bias(
     return bias.scatter_(1, image_positions.gather(1, slots), result.sizes.float().log())
 
 
+@torch.no_grad()
+def prefill_logits(
+    model: Any,
+    input_ids: torch.Tensor,
+    images: torch.Tensor,
+    merger: Merger,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Next-token logits ``[B, V]`` after a prefill with ``merger`` before the LLM, with proportional attention.
+
+    The MLLM's own pre-LLM path (``MLLM._run``) does not pass a key bias yet, so a merger with
+    ``proportional_attention=True`` refuses to run there; this function is that same path (prepare, merge, scatter
+    the merged features into their slots, drop the other image tokens at the input of layer 0) plus the
+    ``log(size)`` key bias. With ``proportional_attention=False`` it gives the MLLM's own logits (tested).
+    """
+    from mmtok.mllm.modeling import sequence_keep
+
+    prep = model.prepare(input_ids, attention_mask, images)
+    if prep.ctx is None:
+        raise PruningError("prefill_logits merges image tokens: give images")
+    prep.ctx.accepts_key_bias = True
+    keep = merger.select(prep.ctx)
+    feats = merger.gather_features(prep.ctx.image_features, keep)
+    slots = prep.image_positions.gather(1, keep)  # sequence positions of the merged tokens
+    embeds = prep.embeds.scatter(1, slots[..., None].expand(-1, -1, feats.shape[-1]), feats.to(prep.embeds))
+    seq_len = prep.embeds.shape[1]
+    seq_keep = sequence_keep(keep, prep.image_positions, seq_len)
+    bias = None
+    if merger.proportional_attention:
+        bias = merge_key_bias(merger.last_result, keep, prep.image_positions, seq_len)
+    out = dec.run_layers(
+        model.llm,
+        embeds,
+        prep.key_valid,
+        prep.position_ids,
+        prune_layer=0,
+        prune_hook=lambda *_: seq_keep,
+        key_bias=bias,
+    )
+    return model.lm_logits(out.hidden[:, -1])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # registered mergers
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
 class TomeConfig(PrunerConfig):
     reference: bool = False  # True: the reference's tie-breaking and token order in every step (module docstring)
-    proportional_attention: bool = False  # add log(size) to the LLM's attention logits of merged keys (if wired)
+    # add log(size) to the LLM's attention logits of merged keys; needs a caller that applies it (prefill_logits)
+    proportional_attention: bool = False
 
 
 @dataclass
