@@ -245,6 +245,12 @@ def test_layout_free_description(shards):
     assert [f"s{j:05d}" for j in done] == sorted(heads[0] + heads[1]) and desc["repeat_bound"] == 0
     tails, _ = _run_part(shards, 3, 0, desc, [None] * 3)
     assert sorted(heads[0] + heads[1] + [k for t in tails for k in t]) == [f"s{i:05d}" for i in range(60)]
+    # The hook the training engine calls with every saved rank's state when the world size changed.
+    one = ShardLoader(ShardDataset(shards, shuffle_buffer=16, seed=3), batch_size=4)
+    with pytest.raises(ValueError, match="reads as rank 0 of 1"):
+        one.load_state_dict_resplit(states, rank=0, world_size=2)
+    one.load_state_dict_resplit(states, rank=0, world_size=1)
+    assert sorted(heads[0] + heads[1] + _keys(one)) == [f"s{i:05d}" for i in range(60)]
 
 
 def test_resampled_resume_in_another_layout_keeps_the_epoch_size(shards, caplog):

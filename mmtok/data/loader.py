@@ -296,6 +296,21 @@ class ShardLoader:
                 for st in saved:
                     self._base_stats.update(st.get("stats", {}))
 
+    def load_state_dict_resplit(self, states: list[dict[str, Any]], *, rank: int, world_size: int) -> None:
+        """:meth:`load_state_dict` from every saved rank's state, for this process as ``rank`` of ``world_size``
+        (checked against the dataset's own split, so an engine that renumbered ranks finds out here).
+
+        Raises:
+            ValueError: ``rank``/``world_size`` differ from the dataset's, or as :meth:`load_state_dict`.
+        """
+        ds = self.dataset
+        if (rank, world_size) != (ds.rank, ds.world_size):
+            raise ValueError(
+                f"this loader reads as rank {ds.rank} of {ds.world_size}, not {rank} of {world_size}: build it with "
+                "the rank and world size of this run"
+            )
+        self.load_state_dict(list(states))
+
 
 def delivered_state(dataset: ShardDataset, states: list[dict[str, Any]]) -> dict[str, Any]:
     """The layout-free description of what a saved run delivered in its epoch (``ShardDataset.delivered``).
