@@ -1204,7 +1204,7 @@ class ShardDataset(IterableDataset):
             )
         if self.rank == 0:
             logger.info(
-                "data stream resumed in a new layout (%d ranks x %d consumers): epoch %d, %s",
+                "data stream resumed in a new layout (%d process(es) x %d consumer(s) each): epoch %d, %s",
                 self.world_size,
                 nw,
                 epoch,
