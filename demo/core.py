@@ -261,7 +261,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     x = x[0] if x.ndim == 4 else x
     x = x.detach().float().clamp(0, 1)
     x = x.expand(3, -1, -1) if x.shape[0] == 1 else x[:3]
-    return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return (x.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
 
 def upscale(img: np.ndarray, size: int = DISPLAY) -> np.ndarray:
@@ -402,6 +402,7 @@ def run_tokenizer(model: Any, img: np.ndarray, bpe: Any = None, bpe_source: str 
 
     cfg = model.config
     x01 = prepare_images(to_tensor(img), cfg.image_size, cfg.in_channels)  # [1, C, S, S] in [0, 1]
+    x01 = x01.to(next(model.parameters()).device)  # the model's device (``mmtok demo --device``)
     enc = model.encode(x01 * 2 - 1)
     recon = ((model.decode_indices(enc.indices).float() + 1) / 2).clamp(0, 1)
     psnr = float(peak_signal_noise_ratio(recon, x01, data_range=1.0))
@@ -470,8 +471,9 @@ def run_masking(model: Any, img: np.ndarray, masker_name: str, mask_ratio: float
 
     cfg = model.config
     x = prepare_images(to_tensor(img), cfg.img_size, cfg.in_chans)  # [1, C, S, S] in [0, 1]
+    x = x.to(next(model.parameters()).device)  # the model's device (``mmtok demo --device``)
     args: dict[str, Any] = {"mask_ratio": float(mask_ratio)}
-    ctx = MaskContext(grid=model.grid_size, generator=torch.Generator().manual_seed(int(seed)))
+    ctx = MaskContext(grid=model.grid_size, generator=torch.Generator().manual_seed(int(seed)), device=x.device)
     note = ""
     if masker_name == "adaptive":
         args.update(embed_dim=cfg.embed_dim, num_heads=cfg.num_heads)

@@ -34,7 +34,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "convert": (
         "mmtok.cli.convert",
-        "convert an official MAE .pth or a transformers ViTMAE folder into an mmtok folder (safetensors)",
+        "convert an official MAE .pth or a transformers ViTMAE / VideoMAE folder into an mmtok folder (safetensors)",
         "checkpoint conversion",
     ),
     "bench": ("mmtok.cli.bench", "run a benchmark script from tools/bench", "benchmarks"),

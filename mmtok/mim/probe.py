@@ -135,7 +135,7 @@ class _Classifier(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.encoder(x)[:, 1:].mean(1)  # mean-pooled final-norm patch tokens
+        feats = self.encoder(x)[:, self.encoder.num_prefix_tokens :].mean(1)  # mean-pooled final-norm patch tokens
         return self.head(feats)
 
 
