@@ -116,6 +116,10 @@ def test_pattern_forms_with_urls(shards, server):
     )
     assert with_name("https://h/x/train-000001.tar?sig=1", "train.json") == "https://h/x/train.json?sig=1"
     assert len(expand_pattern(f"file://{shards}/train-*.tar")) == 6
+    # A command around the shard name: the name (not the command) identifies the shard, so states carry over.
+    piped = ShardDataset(f"pipe:cat {shards}/train-{{000000..000005}}.tar | cat")
+    assert piped.fingerprint == ShardDataset(f"{shards}/train-{{000000..000005}}.tar").fingerprint
+    assert [s["__key__"] for s in piped] == KEYS
     with pytest.raises(ShardPatternError, match="glob cannot list remote"):
         expand_pattern(f"{server.base}/train-*.tar")
     with pytest.raises(ShardPatternError, match="cannot read the shard index"):

@@ -712,7 +712,7 @@ class ShardDataset(IterableDataset):
     def fingerprint(self) -> str:
         """Hash of everything that defines the stream except the epoch and position."""
         spec = [
-            [os.path.basename(s) for s in self.shards],
+            [s[slice(*_name_span(s))] if is_url(s) else os.path.basename(s) for s in self.shards],
             self.counts,
             self.shuffle_buffer,
             self.seed,
