@@ -10,18 +10,22 @@ world size, with the same global batch (2 processes x 16, or 1 process x 16 x ``
   both runs draw the same random numbers (it draws per process). With DeepSpeed this goes through the
   universal checkpoint that the resume converts.
 * Through ``mmtok train --resume auto`` with the real data loader: the log says the world size changed (and,
-  for DeepSpeed, that the checkpoint is converted), and the final training loss is within 0.1 of the
-  uninterrupted run's (the data order of the last 10 steps differs there).
+  for DeepSpeed, that the checkpoint is converted), the final training loss is within 0.1 of the uninterrupted
+  run's (the data order of the last 10 steps differs there), and the keys logged before and after the change
+  are every training sample exactly once in epoch 0 (the reader re-splits the rest of the epoch over the new
+  consumers). Likewise for another ``data.num_workers`` at the same world size.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -215,3 +219,40 @@ def test_cli_resume_auto_other_world_size(backend, world_from, world_to, uninter
     start = json.loads((full / "metrics.jsonl").read_text().splitlines()[0])["loss"]  # step 1, about ln 10
     assert reference["train"]["loss"] < start - 0.2  # the reference run did learn something
     assert abs(summary["train"]["loss"] - reference["train"]["loss"]) < 0.1
+    _assert_epoch0_once(fmnist_shards, full, out)
+
+
+def _keys_of(run: Path, steps: range, epoch: int) -> collections.Counter:
+    seen: collections.Counter = collections.Counter()
+    for f in sorted((run / "keys").glob("rank-*.jsonl")):
+        for line in f.read_text().splitlines():
+            d = json.loads(line)
+            if d["step"] in steps and d["epoch"] == epoch:
+                seen.update(d["keys"])
+    return seen
+
+
+def _assert_epoch0_once(shards: Path, before: Path, after: Path) -> None:
+    """Epoch 0 = the keys logged up to the checkpoint by the first run plus those the resumed run logged: every
+    training sample exactly once (an epoch is 15 steps of 32 samples, so both runs end inside epoch 1)."""
+    seen = _keys_of(before, range(1, MID + 1), 0) + _keys_of(after, range(MID + 1, STEPS + 1), 0)
+    assert _keys_of(after, range(MID + 1, STEPS + 1), 1), "the resumed run never reached epoch 1"
+    expected = set()
+    for shard in shards.glob("train-*.tar"):
+        with tarfile.open(shard) as tf:
+            expected |= {m.name.split(".", 1)[0] for m in tf.getmembers() if m.isfile()}
+    repeated = sorted(k for k, n in seen.items() if n > 1)
+    missing = sorted(expected - set(seen))
+    assert not repeated and not missing, f"epoch 0: {len(repeated)} seen twice {repeated[:4]}, {len(missing)} missing"
+    assert len(expected) == 480
+
+
+def test_cli_resume_other_num_workers(uninterrupted, fmnist_shards, tmp_path):
+    """The same world size with another data.num_workers (0 -> 2): the rest of the epoch is re-split over the
+    new workers, each sample once."""
+    full = uninterrupted("torch", 1)
+    out = _resumable_copy(full, tmp_path / "resumed")
+    log = _train(1, [*_overrides(fmnist_shards, out, "torch", 1), "data.num_workers=2"])
+    assert "world size changed" not in log
+    assert json.loads((out / "run_summary.json").read_text())["steps"] == STEPS
+    _assert_epoch0_once(fmnist_shards, full, out)

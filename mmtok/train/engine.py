@@ -693,15 +693,17 @@ class _Run:
             if self.step:
                 logger.warning("the data loader has no saved position; the resumed run restarts its data stream")
             return
-        if int(state["world_size"]) == self.info.world_size:
-            loader.load_state_dict(saved[self.info.rank])
-            return
-        # Another world size: each rank's saved position belongs to a stream split over the old consumers.
-        # The reader owns the re-split; until it offers one, the epoch is restarted and the bound is logged.
+        # mmtok's ShardLoader takes every rank's saved state: the position is exact in the saved layout, and in
+        # another one (world size, or workers per process) the rest of the epoch is re-split over the new
+        # consumers, each sample once (mmtok/data/reader.py). Other loaders get their own rank's state.
         resplit = getattr(loader, "load_state_dict_resplit", None)
         if resplit is not None:
             resplit(saved, rank=self.info.rank, world_size=self.info.world_size)
             return
+        if int(state["world_size"]) == self.info.world_size:
+            loader.load_state_dict(saved[self.info.rank])
+            return
+        # A loader that cannot re-split: the epoch restarts, and the bound on repeated samples is logged.
         epoch = int(state["epoch"])
         seen = sum(sum(int(v) for v in (d.get("positions") or {}).values()) for d in saved if d.get("epoch") == epoch)
         if hasattr(loader, "set_epoch"):
