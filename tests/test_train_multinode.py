@@ -4,7 +4,9 @@ Two "nodes" are two torchrun processes on 127.0.0.1 (``--nnodes 2 --nproc_per_no
 --rdzv_endpoint 127.0.0.1:PORT``, gloo): the toy recipe under DDP and under DeepSpeed ZeRO-2 trains past one
 epoch with ``train.log_keys=true``, and the keys the ranks logged for epoch 0 are every training sample exactly
 once (split over nodes x processes x DataLoader workers: 2 x 1 x 2 = 4 consumers reading one shard each, and
-2 x 1 x 3 = 6 consumers splitting 4 shards sample by sample). ``tools/slurm.sh`` runs end to end with an
+2 x 1 x 3 = 6 consumers splitting 4 shards sample by sample). DeepSpeed's launcher with a two-host hostfile
+runs as two nodes with ``--no_ssh --node_rank R`` (the pdsh/ssh fan-out from one host needs real hosts).
+``tools/slurm.sh`` runs end to end with an
 ``srun`` stand-in that starts its command once per node with the variables SLURM sets; the command composition
 (:func:`mmtok.train.launch.slurm_torchrun_command`) is tested against SLURM environments directly.
 """
@@ -192,32 +194,11 @@ def _train_args(shards: Path, out: Path, steps: int, workers: int) -> list[str]:
     ]
 
 
-def _two_nodes(args: list[str]) -> None:
-    """Node 0 and node 1 as two torchruns meeting at 127.0.0.1 (static rendezvous, gloo)."""
-    port = _free_port()
+def _run_nodes(cmds: list[list[str]]) -> None:
+    """Start one command per node at once and wait for all; every node must succeed."""
     procs = [
-        subprocess.Popen(
-            [
-                str(BIN / "torchrun"),
-                "--nnodes",
-                "2",
-                "--nproc_per_node",
-                "1",
-                "--node_rank",
-                str(rank),
-                "--rdzv_endpoint",
-                f"127.0.0.1:{port}",
-                "-m",
-                "mmtok.train",
-                *args,
-            ],
-            env=_env(),
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (0, 1)
+        subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for cmd in cmds
     ]
     logs = []
     try:
@@ -230,6 +211,13 @@ def _two_nodes(args: list[str]) -> None:
                 p.wait()
     for rank, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"node {rank}:\n{log[-4000:]}"
+
+
+def _two_nodes(args: list[str]) -> None:
+    """Node 0 and node 1 as two torchruns meeting at 127.0.0.1 (static rendezvous, gloo)."""
+    port = _free_port()
+    rdzv = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_endpoint", f"127.0.0.1:{port}"]
+    _run_nodes([[str(BIN / "torchrun"), *rdzv, "--node_rank", str(r), "-m", "mmtok.train", *args] for r in (0, 1)])
 
 
 def _shard_keys(shards: Path) -> list[str]:
@@ -341,3 +329,27 @@ def test_slurm_script_runs_two_nodes(fmnist_shards, tmp_path):
     env_json = json.loads((out / "env.json").read_text())
     assert env_json["world_size"] == 2 and env_json["backend"] == "ddp"
     assert json.loads((out / "run_summary.json").read_text())["steps"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_deepspeed_hostfile_two_nodes_without_ssh(fmnist_shards, tmp_path):
+    """DeepSpeed's launcher with a hostfile of two hosts; ``--no_ssh --node_rank R`` starts each node's part
+    where it runs (here both on this machine) instead of over pdsh/ssh from the first host."""
+    pytest.importorskip("deepspeed")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    out = tmp_path / "ds_hostfile"
+    port = str(_free_port())
+    args = [
+        *_train_args(fmnist_shards, out, steps=3, workers=0),
+        f"deepspeed.config={REPO}/configs/ds/zero2.json",
+        "deepspeed.enabled=true",
+    ]
+    launcher = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--master_addr", "127.0.0.1"]
+    launcher += ["--master_port", port]
+    _run_nodes([[*launcher, "--node_rank", str(r), "--module", "mmtok.train", *args] for r in (0, 1)])
+    env = json.loads((out / "env.json").read_text())
+    assert env["backend"] == "deepspeed" and env["world_size"] == 2
+    keys = [f.name for f in sorted((out / "keys").glob("rank-*.jsonl"))]
+    assert keys == ["rank-00000.jsonl", "rank-00001.jsonl"]  # one process on each "node"
