@@ -13,6 +13,7 @@ TARGETS: dict[str, tuple[str, str]] = {
     "mim": ("mmtok.mim.evaluate", "linear probe / fine-tune of a masked-modeling encoder, recon figure"),
     "mllm": ("mmtok.mllm.evaluate", "answer accuracy of an MLLM on a held-out VQA split, under pruning"),
     "seg": ("mmtok.mllm.seg.evaluate", "segmentation gIoU/cIoU/mIoU of an MLLM per head, refinement and pruner"),
+    "clip": ("mmtok.clip.evaluate", "CLIP retrieval recall@1/5 on held-out scenes and zero-shot Fashion-MNIST"),
     "run": ("mmtok.train.evaluate", "evaluate a training run's checkpoint with its task's evaluate()"),
 }
 
