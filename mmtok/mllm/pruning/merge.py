@@ -10,8 +10,11 @@
   energy are mergeable (split alternately into A and B in energy order), the rest are protected, and every A token
   merges into its most similar B token.
 
-Merged tokens carry a size (how many original tokens they cover); the MLLM may add ``log(size)`` to the attention
-logits of the merged keys ("proportional attention", see :func:`mmtok.mllm.decoder.run_layers` ``key_bias``).
+Merged tokens carry a size (how many original tokens they cover). ``proportional_attention=True`` adds
+``log(size)`` to the LLM's attention logits of the merged keys (ToMe's proportional attention, on SDPA through the
+additive mask: :func:`mmtok.mllm.decoder.run_layers` ``key_bias``), so a merged token weighs as much as the tokens
+it stands for. The MLLM's own pre-LLM path does not pass that bias yet, so there such a merger refuses to run
+(never a silent no-op); :func:`prefill_logits` is that path with the bias.
 
 Before the LLM mmtok merges the projected image features ``[B, N, D]`` to exactly ``K`` tokens (the budget) in
 successive bipartite steps: each step merges ``r = min(t - K, t // 2)`` of the ``t`` current tokens (a bipartite step
