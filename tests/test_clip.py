@@ -275,14 +275,15 @@ def test_fmnist_canvas_centres_a_bright_item():
     assert torch.allclose(canv, canv.flip(-1), atol=1e-4)  # centred
 
 
-def test_config_loads_and_task_is_registered():
+@pytest.mark.parametrize(("name", "grid"), [("fashion_clip", 16), ("fashion_vqa_clip", 24)])
+def test_configs_load_and_task_is_registered(name, grid):
     from mmtok import registries
     from mmtok.train.config import load_run_config
 
     assert "clip" in registries.get("task").list()
-    cfg = load_run_config([REPO / "configs/clip/fashion_clip.yaml"])
+    cfg = load_run_config([REPO / f"configs/clip/{name}.yaml"])
     tc = cfg.task_config()
-    assert tc.vision["image_size"] // tc.vision["patch_size"] == 16 and cfg.train.max_seconds == 900
+    assert tc.vision["image_size"] // tc.vision["patch_size"] == grid and cfg.train.max_seconds == 900
 
 
 # -- two processes ----------------------------------------------------------------------------------------------
