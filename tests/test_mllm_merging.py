@@ -410,6 +410,9 @@ def test_tower_merging_r_per_block_and_reference_mode(method):
         with torch.no_grad():
             out = tower_hidden_states(tower, px, TowerMergeConfig(method=method, r=3, reference=reference))
         assert [h.shape[1] for h in out.hidden_states] == [17, 14, 11, 8]
+        with torch.no_grad():  # PiToMe's ratio convention: floor(T - 0.75 T) of the T = 16, 12, 9 patches
+            ratio = tower_hidden_states(tower, px, TowerMergeConfig(method=method, keep_ratio=0.75))
+        assert [h.shape[1] for h in ratio.hidden_states] == [17, 13, 10, 8]
         assert out.source_map.shape == (2, 17) and bool((out.source_map[:, 0] == 0).all())  # [CLS] stays first
         for b in range(2):
             assert torch.equal(torch.bincount(out.source_map[b], minlength=8).float(), out.sizes[b])

@@ -7,8 +7,10 @@
 * PiToMe (Tran et al., NeurIPS 2024, arXiv:2405.16148; reference code hchautran/PiToMe
   ``algo/pitome/patch/timm.py``): the same place in the block and the same metric, with the energy-guided step of
   :func:`mmtok.mllm.pruning.merge.pitome_step`; the margin falls linearly over depth,
-  ``margin_l = margin_start - (margin_start - margin_end) * l / L`` (0.9 -> 0 by default, as mmtok reads the
-  paper's schedule; one version of the reference code uses 0.9 - 0.8 l / L: set ``margin_end=0.1``).
+  ``margin_l = margin_start - (margin_start - margin_end) * l / L``, by default ``0.9 - 0.8 l / L`` as the
+  reference's ``apply_patch`` sets it (``margin_end=0.0`` gives ``0.9 - 0.9 l / L``). The reference sets the
+  tokens merged per block by a ratio (``r = floor(T - T * ratio)`` of the ``T`` mergeable tokens):
+  ``keep_ratio``; ToMe's is a count: ``r``.
 
 What mmtok does differently: no timm class is forked or patched. :func:`merged_block` runs a timm ``Block`` from
 its own sub-modules (``norm1``, ``attn.qkv``/``q_norm``/``k_norm``/``norm``/``proj``, ``ls1``, ``drop_path1``,
@@ -30,6 +32,7 @@ the per-patch copies are exact duplicates, which those merge first.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +59,8 @@ class TowerMergeConfig:
         prop_attn: Proportional attention (``log(size)`` added to the keys' logits). ToMe's advice: on for models
             used off the shelf, off for models trained with merging (and for MAE encoders).
         reference: The reference code's tie-breaking and token order (see the module docstring).
+        keep_ratio: PiToMe's convention instead of ``r``: merge ``floor(T - T * keep_ratio)`` of the ``T`` mergeable
+            tokens in every block (None = use ``r``).
         margin_start, margin_end: PiToMe's margin schedule over the blocks.
         alpha: PiToMe's ELU alpha.
     """
@@ -64,8 +69,9 @@ class TowerMergeConfig:
     r: int | list[int] = 0
     prop_attn: bool = True
     reference: bool = False
+    keep_ratio: float | None = None
     margin_start: float = 0.9
-    margin_end: float = 0.0
+    margin_end: float = 0.1
     alpha: float = 1.0
 
     def __post_init__(self) -> None:
@@ -77,8 +83,13 @@ class TowerMergeConfig:
                 f"tower merging r (tokens merged per block) must be an integer >= 0 or a list of them, got {self.r!r}"
             )
 
-    def r_at(self, block: int) -> int:
-        """Tokens to merge in ``block``."""
+        if self.keep_ratio is not None and not 0.0 < float(self.keep_ratio) <= 1.0:
+            raise PruningError(f"tower merging keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+
+    def r_at(self, block: int, mergeable: int) -> int:
+        """Tokens to merge in ``block`` whose input has ``mergeable`` tokens besides the prefix."""
+        if self.keep_ratio is not None:
+            return math.floor(mergeable - mergeable * float(self.keep_ratio))
         if isinstance(self.r, (list, tuple)):
             return int(self.r[block]) if block < len(self.r) else 0
         return int(self.r)
@@ -169,7 +180,7 @@ def merged_blocks(
     for i, blk in enumerate(blocks):
         # sizes are all 1 until something merged: plain attention there (bias 0 would change nothing)
         x, metric, finish = merged_block(blk, x, sizes if config.prop_attn and merged else None)
-        r = config.r_at(i)
+        r = config.r_at(i, x.shape[1] - num_prefix)
         if r > 0 and x.shape[1] - num_prefix >= 2:
             stable = not config.reference
             if config.method == "tome":
