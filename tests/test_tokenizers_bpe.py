@@ -1,4 +1,5 @@
-"""2D BPE over code grids: lossless round trips (property tests), incremental == full recount, files, ids."""
+"""2D BPE over code grids: lossless round trips (property tests), incremental == full recount, compiled kernel ==
+numpy reference trainer merge for merge, files, ids."""
 
 from __future__ import annotations
 
@@ -45,13 +46,69 @@ def smooth_grids(rng, n, h, w, codes):
     return np.where(noise, rng.integers(0, codes, size=(n, h, w)), g)
 
 
+@pytest.mark.parametrize("backend", ["numba", "python"])
 @pytest.mark.parametrize("mode", ["2d", "1d"])
-def test_incremental_trainer_equals_full_recount(mode):
+def test_incremental_trainer_equals_full_recount(mode, backend):
     rng = np.random.default_rng(0)
     grids = smooth_grids(rng, 40, 8, 8, 6)
-    vocab = train_bpe(grids, 60, num_codes=6, mode=mode)
+    vocab = train_bpe(grids, 60, num_codes=6, mode=mode, backend=backend)
     assert vocab.merges == recount_merges(grids, 60, 6, mode)
     assert vocab.num_merges > 20
+
+
+@st.composite
+def corpora(draw):
+    """A few grids of mixed shapes (1D sequences too) over a tiny codebook: many ties, chains and flat runs."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    codes = draw(st.integers(1, 5))
+    grids = []
+    for _ in range(draw(st.integers(1, 8))):
+        h, w = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+        if draw(st.booleans()):  # flat 2x2 blocks with noise, like real VQ codes
+            g = smooth_grids(rng, 1, h, w, codes)[0]
+        else:
+            g = rng.integers(0, codes, size=(h, w))
+        grids.append(g[0] if h == 1 and draw(st.booleans()) else g)
+    return grids, codes
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    corpus=corpora(),
+    num_merges=st.integers(0, 50),
+    min_frequency=st.integers(1, 3),
+    mode=st.sampled_from(["1d", "2d"]),
+)
+def test_compiled_kernel_equals_numpy_reference(corpus, num_merges, min_frequency, mode):
+    """Same merges in the same order (ties included), same counts, same final tiling; the input is untouched."""
+    grids, codes = corpus
+    kept = [g.copy() for g in grids]
+    kw = dict(num_codes=codes + 1, mode=mode, min_frequency=min_frequency, return_stats=True)
+    fast, fast_stats = train_bpe(grids, num_merges, backend="numba", **kw)
+    ref, ref_stats = train_bpe(grids, num_merges, backend="python", **kw)
+    assert fast.merges == ref.merges
+    assert fast_stats == ref_stats
+    assert all(np.array_equal(g, k) for g, k in zip(grids, kept))
+    enc = fast.encode(grids)
+    assert sum(len(e) for e in enc) == fast_stats.tokens_after
+
+
+@pytest.mark.parametrize("mode", ["1d", "2d"])
+def test_compiled_kernel_equals_reference_on_larger_seeded_corpus(mode):
+    """A corpus big enough for long chains, hundreds of merges and counts that fall to min_frequency."""
+    rng = np.random.default_rng(7)
+    grids = list(smooth_grids(rng, 120, 12, 12, 16)) + [rng.integers(0, 16, size=(5, 17)) for _ in range(20)]
+    grids.append(np.zeros((16, 16), np.int64))  # one flat grid: a a a ... chains in both directions
+    fast, fast_stats = train_bpe(grids, 600, num_codes=16, mode=mode, backend="numba", return_stats=True)
+    ref, ref_stats = train_bpe(grids, 600, num_codes=16, mode=mode, backend="python", return_stats=True)
+    assert fast.merges == ref.merges and fast_stats == ref_stats
+    assert fast.num_merges > 300
+    assert fast_stats.merge_counts[-1] >= 2
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(BPEError, match="backend must be one of"):
+        train_bpe(np.zeros((2, 3, 3), np.int64), 2, backend="rust")
 
 
 def test_2d_merges_include_vertical_and_identical_pairs_and_encode_reproduces_training():

@@ -11,8 +11,10 @@ What mmtok does differently (see REFERENCES.md section 1.4):
   flat regions) may be merged; the reference only allows ``id1 < id2``.
 * Training is incremental: pair counts, an occurrence index (pair -> anchor cells) and a lazy
   max-heap. A merge only touches the occurrences of the chosen pair and their neighbours, never
-  recounts the corpus; per merge all occurrence work is vectorised with numpy. The input is never
-  mutated.
+  recounts the corpus. The input is never mutated. Two trainers learn exactly the same merges:
+  the compiled kernel in ``_bpe_fast.py`` (numba; applies occurrences one at a time, ~25 us per late
+  merge) and the numpy reference here (each merge one vectorised batch, ~0.15 ms of fixed cost per
+  merge), which the kernel is tested against and which runs when numba does not import.
 * ``encode`` replays the learned merges in learned order (exactly the segmentation training
   produced on the training grids); ``decode`` paints every token back and is lossless on every grid,
   including codes never seen in training (all base codes are in the vocabulary).
@@ -61,6 +63,8 @@ logger = logging.getLogger(__name__)
 VOCAB_FORMAT = "mmtok-bpe"
 VOCAB_VERSION = 1
 DIRS = ("h", "v")
+BACKENDS = ("auto", "numba", "python")
+_FAST_WARNED = False  # the "numba missing" warning is logged once per process
 
 
 class BPEError(ValueError):
@@ -549,6 +553,7 @@ def train_bpe(
     mode: str = "2d",
     min_frequency: int = 2,
     return_stats: bool = False,
+    backend: str = "auto",
 ) -> BPEVocab | tuple[BPEVocab, BPETrainStats]:
     """Learn ``num_merges`` merges over code grids (incremental: counts + occurrence index + lazy heap).
 
@@ -560,12 +565,17 @@ def train_bpe(
         min_frequency: Stop when the most frequent pair occurs fewer times (an integer >= 1; a pair must
             occur at least once to be merged, so 0 or less would mean the same as 1 and is refused).
         return_stats: Also return :class:`BPETrainStats`.
+        backend: ``"numba"`` (the compiled kernel of ``_bpe_fast.py``), ``"python"`` (the numpy reference
+            trainer, kept to test the kernel against) or ``"auto"`` (numba when it imports). Both learn exactly
+            the same merges in the same order.
 
     Ties between equally frequent pairs go to the smallest key ``((a * V + b) * 2 + dir)`` with
     ``V = num_codes + num_merges``, so training is deterministic.
     """
     if mode not in ("1d", "2d"):
         raise BPEError(f"mode must be '1d' or '2d', not {mode!r}")
+    if backend not in BACKENDS:
+        raise BPEError(f"backend must be one of {BACKENDS}, not {backend!r}")
     if isinstance(num_merges, bool) or not isinstance(num_merges, (int, np.integer)) or num_merges < 0:
         raise BPEError(f"num_merges must be an integer >= 0, got {num_merges!r}")
     if isinstance(min_frequency, bool) or not isinstance(min_frequency, (int, np.integer)) or min_frequency < 1:
@@ -581,6 +591,55 @@ def train_bpe(
     tw = np.ones(vmax, np.int64)
     state = _Grids(grids, th, tw, vmax, two_d=mode == "2d")
     tokens_before = state.tok.size
+    kernel = None if backend == "python" else _fast_kernel(required=backend == "numba")
+    if kernel is not None:
+        a, b, d, counts, m = kernel(
+            state.tok, state.owner, state.row, state.col, state.gh, state.gw, th, tw,
+            c, int(num_merges), int(min_frequency), mode == "2d",
+        )  # fmt: skip
+        merges = [(x, y, DIRS[z]) for x, y, z in zip(a[:m].tolist(), b[:m].tolist(), d[:m].tolist())]
+        merge_counts = counts[:m].tolist()
+    else:
+        merges, merge_counts = _train_reference(state, int(num_merges), int(min_frequency))
+    if len(merges) < num_merges:
+        logger.info("BPE stopped after %d merges: no pair occurs %d times", len(merges), min_frequency)
+    vocab = BPEVocab(c, merges, mode=mode)
+    if return_stats:
+        return vocab, BPETrainStats(tokens_before, int((state.tok >= 0).sum()), merge_counts)
+    return vocab
+
+
+def _fast_kernel(required: bool):
+    """The compiled trainer kernel of ``_bpe_fast.py``, or None (warning once) when numba does not import."""
+    global _FAST_WARNED
+    try:
+        from mmtok.tokenizers._bpe_fast import train_kernel
+    except ImportError as e:
+        if required:
+            raise BPEError(
+                f"backend='numba' needs numba ({e}); install it (`make setup`) or use backend='python'"
+            ) from e
+        if not _FAST_WARNED:
+            logger.warning("numba does not import (%s): BPE training falls back to the slower numpy trainer", e)
+            _FAST_WARNED = True
+        return None
+    return train_kernel
+
+
+def _train_reference(
+    state: _Grids, num_merges: int, min_frequency: int
+) -> tuple[list[tuple[int, int, str]], list[int]]:
+    """The numpy reference trainer: counts + occurrence index + lazy heap, each merge applied as one batch.
+
+    Every occurrence-level step is vectorised, so a merge costs ~100 numpy calls whatever its count (this
+    fixed cost dominates from a few thousand merges on); the compiled kernel does the same work one
+    occurrence at a time. Updates ``state`` (and its ``th``/``tw``) in place.
+
+    Returns:
+        (merges ``[(a, b, "h"|"v"), ...]``, count of each merge when it was chosen).
+    """
+    th, tw, vmax = state.th, state.tw, state.vmax
+    c = vmax - num_merges
 
     # initial pairs: counts and occurrences of base-code pairs in CSR form (sorted by key)
     anchors, keys = state.all_pairs()
@@ -660,9 +719,4 @@ def train_bpe(
         merges.append((a, b, DIRS[d]))
         merge_counts.append(-negc)
         assert current(k) == 0, "all occurrences of the merged pair must be consumed"
-    if len(merges) < num_merges:
-        logger.info("BPE stopped after %d merges: no pair occurs %d times", len(merges), min_frequency)
-    vocab = BPEVocab(c, merges, mode=mode)
-    if return_stats:
-        return vocab, BPETrainStats(tokens_before, int((state.tok >= 0).sum()), merge_counts)
-    return vocab
+    return merges, merge_counts
