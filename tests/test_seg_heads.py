@@ -226,6 +226,39 @@ def test_semantic_target_uses_class_names():
     assert lab.tolist() == [[0, 1, 1], [2, 2, 1]]
 
 
+def test_scene_questions_have_the_answer_the_metadata_fixes():
+    from mmtok.mllm.seg.tasks import scene_question
+
+    items = [
+        {"class_name": "bag", "colour": "red", "position": "top left", "expression": "the bag"},
+        {"class_name": "sneaker", "colour": "red", "position": "center", "expression": "the sneaker"},
+        {"class_name": "dress", "colour": "blue", "position": "center", "expression": "the dress"},
+    ]
+    truth = {
+        "how many items are there ?": "three",
+        "what colour is the bag ?": "red",
+        "what colour is the sneaker ?": "red",
+        "what colour is the dress ?": "blue",
+        "where is the bag ?": "top left",
+        "where is the sneaker ?": "center",
+        "where is the dress ?": "center",
+        "what is the blue item ?": "dress",  # red is not unique: no "what is the red item ?"
+        "what is at the top left ?": "bag",  # center is not unique: no "what is in the center ?"
+    }
+    seen = {scene_question(items, np.random.default_rng(i)) for i in range(300)}
+    assert seen == set(truth.items())
+    assert scene_question([], np.random.default_rng(0)) is None
+    # qa_share: referring samples become grounded questions trained with the LM loss (train split only)
+    task = make_task(qa_share=1.0)
+    sample = {"__key__": "k", "image": torch.rand(3, 32, 32), "mask": torch.ones(32, 32, dtype=torch.long)}
+    sample["json"] = {"expression": "the bag", "class_name": "bag", "items": items}
+    out = task.sample_transform("train")(sample)
+    assert out["vqa"] and (out["question"], out["phrase"]) in truth.items()
+    assert not task.sample_transform("val")(sample)["vqa"]
+    with pytest.raises(ValueError, match="qa_share"):
+        make_task(qa_share=1.5)
+
+
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     from mmtok.data.sources.scenes import FashionScenesConfig, build_fashion_scenes

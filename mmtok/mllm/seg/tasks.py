@@ -7,7 +7,8 @@ answer (Text4Seg: a sentence and the ``<seg>`` block; STAMP: a sentence and one 
 sentence with ``[SEG]``). With ``semantic_share > 0`` a share of the text-head samples asks for every item
 ("segment every item .") and its answer labels each cell with the item's class name (from ``instances.png``).
 Samples whose json has ``question``/``answer`` and no ``expression`` (fashion-vqa) train the plain LM loss, so
-VQA and segmentation can share batches.
+VQA and segmentation can share batches; with ``qa_share > 0`` a share of the referring samples is asked a grounded
+question about its own scene instead (:func:`scene_question`: an item's colour, place or class, or the count).
 
 A batch is grouped by head and each group runs its own forward (the all-mask group's sequences end in ``N``
 mask tokens, the others do not); the loss is the sample-weighted mean of the groups' losses.
@@ -45,6 +46,9 @@ class SegTaskConfig(MLLMTaskConfig):
     heads: dict[str, dict[str, Any]] = field(default_factory=_default_heads)  # head -> config overrides
     head_mix: dict[str, float] = field(default_factory=dict)  # head -> sampling weight ({} = uniform)
     semantic_share: float = 0.0  # share of text-head samples asking for every item (needs instances.png)
+    # share of referring samples asked a grounded question about their scene instead (answer from the json's
+    # ``items``: an item's class, colour, place, or the item count), trained with the plain LM loss like VQA
+    qa_share: float = 0.0
     eval_heads: list[str] = field(default_factory=list)  # heads scored by segment() in evaluate ([] = all)
     # also train the LLM's input/output embeddings: the new <mask> / [SEG] rows start random (LISA trains
     # embed_tokens and lm_head beside its LoRA adapters); needed with lora_rank > 0
@@ -61,8 +65,9 @@ class SegTask(MLLMTask):
         unknown = set(config.head_mix) - set(config.heads)
         if unknown:
             raise ValueError(f"head_mix names heads that are not in task.heads: {sorted(unknown)}")
-        if not 0.0 <= config.semantic_share <= 1.0:
-            raise ValueError(f"semantic_share must be in [0, 1], got {config.semantic_share}")
+        for name in ("semantic_share", "qa_share"):
+            if not 0.0 <= getattr(config, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(config, name)}")
         config.model_overrides = {**config.model_overrides, "seg_heads": dict(config.heads)}
         super().__init__(config)
         self.model.seg_heads.requires_grad_(True)
@@ -94,6 +99,10 @@ class SegTask(MLLMTask):
                 return {**out, "question": meta["question"], "phrase": meta["answer"], "vqa": True}
             if "mask" not in sample:
                 raise ValueError(f"sample {key} has an expression but no mask.png")
+            if split == "train" and cfg.qa_share and rng.random() < cfg.qa_share:
+                qa = scene_question(meta.get("items", []), rng)
+                if qa is not None:
+                    return {**out, "question": qa[0], "phrase": qa[1], "vqa": True}
             phrase = meta["expression"]
             out.update(
                 vqa=False,
@@ -233,6 +242,38 @@ class SegTask(MLLMTask):
             meta = {"expression": "the red bag", "class_name": "bag"}
             samples.append(transform({"__key__": f"synthetic_{i}", "image": image, "mask": mask, "json": meta}))
         return self.collate(samples)
+
+
+_COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+def scene_question(items: list[dict[str, Any]], rng: np.random.Generator) -> tuple[str, str] | None:
+    """A question about one item of a scene whose answer the scene's metadata fixes, or None (no items).
+
+    Kinds, drawn uniformly among those with a unique answer: the colour or the place of an item named by its
+    (unique) referring expression, the class of the only item of a colour or at a place, the number of items.
+    Every word is in the ``builtin:fashion-seg`` vocabulary. These teach the LLM which words name what it sees,
+    the binding a referring-segmentation head needs (LISA and Text4Seg mix VQA data for the same reason).
+    """
+    from mmtok.data.sources.scenes import position_phrase
+
+    items = [it for it in items if it.get("expression") and it.get("class_name")]
+    if not items:
+        return None
+    it = items[int(rng.integers(len(items)))]
+    colours = [o.get("colour") for o in items]
+    places = [o.get("position") for o in items]
+    kinds = [("how many items are there ?", _COUNT_WORDS[min(len(items), 10)])]
+    if it.get("colour"):
+        kinds.append((f"what colour is {it['expression']} ?", it["colour"]))
+        if colours.count(it["colour"]) == 1:
+            kinds.append((f"what is the {it['colour']} item ?", it["class_name"]))
+    if it.get("position"):
+        kinds.append((f"where is {it['expression']} ?", it["position"]))
+        if places.count(it["position"]) == 1:
+            kinds.append((f"what is {position_phrase(it['position'])} ?", it["class_name"]))
+    q, a = kinds[int(rng.integers(len(kinds)))]
+    return q, a.lower()
 
 
 def semantic_target(instances: np.ndarray, items: list[dict[str, Any]]) -> tuple[np.ndarray, list[str]]:
