@@ -25,6 +25,16 @@ and data-stream position, and the step/epoch counters. On CPU in fp32 with
 ``train.deterministic=true``, a run killed and resumed ends bitwise equal to an uninterrupted one
 (tested); DeepSpeed runs match within floating-point tolerance.
 
+Another world size (``--resume auto`` after a job comes back with more or fewer processes): the engine reads
+the saved world size and logs the change. Model, optimizer and schedule states of plain / DDP runs are full
+copies and load as they are; ZeRO checkpoints are converted once by DeepSpeed's ``ds_to_universal`` and loaded
+with ``checkpoint.load_universal`` (:func:`mmtok.train.checkpoint.ensure_universal`). The reader re-splits the
+rest of the epoch over the new consumers (``ShardLoader.load_state_dict_resplit``); each rank takes the RNG
+state of saved rank ``rank % saved_world_size``. Given the same samples per step, the resumed run ends within
+floating-point tolerance of the uninterrupted one (tested 2 -> 1 and 1 -> 2, DDP and ZeRO-2).
+``train.log_keys=true`` writes every rank's sample keys per micro-batch to ``keys/rank-XXXXX.jsonl``, which
+is how the tests count that an epoch saw each sample once across nodes, workers and resumes.
+
 Where this differs from the usual trainers (HF Trainer, LLaVA's scripts): the schedule is ours on
 every back-end (a pure function of the step), evaluation runs with the RNG forked so that turning it
 on or off does not change training, and nothing in a checkpoint is ever unpickled.
@@ -331,11 +341,31 @@ class DeepSpeedBackend:
             raise CheckpointError(f"{folder} was written without DeepSpeed; resume it without DeepSpeed")
         # DeepSpeed reads <dir>/<tag>: the step folder itself, or its universal/ sub-folder.
         where = self.universal if self.universal is not None else folder
+        groups = getattr(self.optimizer, "optimizer", self.optimizer).param_groups  # the wrapped torch optimizer's
+        own = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]
         path, _ = self.engine.load_checkpoint(
             str(where.parent), tag=where.name, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint in {folder}")
+        if self.universal is not None:
+            self._repair_universal_load(groups, own)
+
+    def _repair_universal_load(self, groups: list[dict[str, Any]], own: list[dict[str, Any]]) -> None:
+        """Undo two slips of DeepSpeed 0.19's ZeRO-3 universal load (both harmless for ZeRO-1/2's loader).
+
+        It copies the first group's hyper-parameters into every group, so the no-decay group (biases, norms)
+        would be decayed from then on: each group gets its own back (the rate is the same in every group: the
+        schedule sets it from the step). And it gives every flat parameter group the *same* ``step`` tensor,
+        which torch's Adam increments in place once per group, so the bias correction would advance twice per
+        step: each state gets its own copy.
+        """
+        for group, values in zip(groups, own):
+            group.update(values)
+        state = getattr(self.optimizer, "optimizer", self.optimizer).state
+        for per_param in state.values():
+            if torch.is_tensor(per_param.get("step")):
+                per_param["step"] = per_param["step"].clone()
 
     def gathered(self) -> contextlib.AbstractContextManager:
         """Full parameters on every rank (ZeRO-3 partitions them) for export."""
@@ -638,6 +668,8 @@ class _Run:
         parameter, and the engine loads that with ``checkpoint.load_universal``.
         """
         saved, now = int(state["world_size"]), self.info.world_size
+        # ZeRO stages 1-3 partition the optimizer by rank (*optim_states.pt); stage 0 keeps it whole.
+        convert = state.get("backend") == "deepspeed" and self.info.deepspeed and any(folder.glob("*optim_states.pt"))
         if self.info.is_main:
             cfg = self.cfg
             logger.warning(
@@ -647,14 +679,14 @@ class _Run:
                 folder,
                 saved,
                 now,
-                " through a DeepSpeed universal checkpoint" if state.get("backend") == "deepspeed" else "",
+                " through a DeepSpeed universal checkpoint" if convert else "",
                 cfg.data.batch_size * cfg.train.grad_accum * now,
                 cfg.data.batch_size,
                 cfg.train.grad_accum,
                 now,
             )
-        if state.get("backend") != "deepspeed" or not self.info.deepspeed:
-            return None  # a back-end mismatch is refused by the back-end's load()
+        if not convert:
+            return None  # loads as it is (a back-end mismatch is refused by the back-end's load())
         made, error = None, None
         if self.info.is_main:
             try:
