@@ -331,10 +331,21 @@ def test_prefill_logits_is_the_mllm_path_plus_the_size_bias(model, name):
         own = model(ids, images, pruner=_make(name, num_keep=9), logits_to_keep=1).logits[:, -1]
         same = mg.prefill_logits(model, ids, images, _make(name, num_keep=9))
         prop = mg.prefill_logits(model, ids, images, _make(name, num_keep=9, proportional_attention=True))
+        # the MLLM's own path applies the bias (forward, and generation with and without the KV cache)
+        own_prop = model(ids, images, pruner=_make(name, num_keep=9, proportional_attention=True), logits_to_keep=1)
+        gens = [
+            model.generate(
+                ids, images, pruner=_make(name, num_keep=9, proportional_attention=True), max_new_tokens=4, **kw
+            ).sequences
+            for kw in ({}, {"use_cache": False})
+        ]
         with pytest.raises(PruningError, match="proportional_attention=True needs the caller"):
-            model(ids, images, pruner=_make(name, num_keep=9, proportional_attention=True))
+            ctx = model.prepare(ids, None, images).ctx  # a caller that does not apply the bias
+            _make(name, num_keep=9, proportional_attention=True).select(ctx)
     torch.testing.assert_close(same, own, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(own_prop.logits[:, -1], prop, rtol=1e-5, atol=1e-5)
     assert (prop - own).abs().max() > 1e-4
+    assert torch.equal(gens[0], gens[1])
 
 
 # ---------------------------------------------------------------------------------------------------------

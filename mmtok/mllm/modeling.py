@@ -192,6 +192,7 @@ class PreparedInputs:
     labels: torch.Tensor | None
     input_ids: torch.Tensor  # [B, L] after placeholder expansion
     ctx: PruneContext | None = None  # pre_llm context (features, tower states)
+    key_bias: torch.Tensor | None = None  # [B, L] additive per-key attention bias (merged tokens' log size)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -428,6 +429,7 @@ class MLLM(nn.Module, hub.HubMixin):
                 keep_inputs_of=keep_inputs_of,
                 grad_checkpointing=self.config.grad_checkpointing,
                 bidirectional_tail=bidirectional_tail,
+                key_bias=prep.key_bias,
             )
 
         if fixed_keep is not None:  # a keep set chosen earlier (no-cache recomputation in generate)
@@ -437,6 +439,7 @@ class MLLM(nn.Module, hub.HubMixin):
             return run(prep.embeds), None
         n = prep.ctx.num_image_tokens
         if pruner.stage == "pre_llm":
+            prep.ctx.accepts_key_bias = True  # a merger's proportional attention goes in as prep.key_bias below
             keep = _check_keep(pruner.select(prep.ctx), pruner.budget(n), n, pruner)
             feats = prep.ctx.image_features
             kept_feats = pruner.gather_features(feats, keep)
@@ -446,6 +449,10 @@ class MLLM(nn.Module, hub.HubMixin):
             )
             seq_keep = sequence_keep(keep, prep.image_positions, prep.embeds.shape[1])
             prep.embeds = embeds  # generate(use_cache=False) re-runs from these (pooled features in place)
+            if getattr(pruner, "proportional_attention", False):  # ToMe's log(size) on the merged keys
+                from mmtok.mllm.pruning.merge import merge_key_bias
+
+                prep.key_bias = merge_key_bias(pruner.last_result, keep, prep.image_positions, embeds.shape[1])
             return run(embeds, 0, lambda i, h, v, p, saved, cache: seq_keep), keep
         if pruner.stage != "in_llm":
             raise ValueError(f"pruner stage must be 'pre_llm' or 'in_llm', not {pruner.stage!r}")
@@ -592,9 +599,13 @@ class MLLM(nn.Module, hub.HubMixin):
                 seq_embeds = torch.cat([seq_embeds, tok_emb], dim=1)
                 seq_valid = torch.cat([seq_valid, torch.ones(b, 1, dtype=torch.bool, device=tok.device)], dim=1)
                 seq_pos = torch.cat([seq_pos, next_pos[:, None]], dim=1)
+                bias = prep.key_bias
+                if bias is not None:  # generated tokens are single tokens: bias 0
+                    bias = torch.cat([bias, bias.new_zeros(b, seq_embeds.shape[1] - bias.shape[1])], dim=1)
                 step_prep = PreparedInputs(
                     seq_embeds, seq_valid, seq_pos, prep.image_mask, prep.image_positions, None, prep.input_ids
                 )
+                step_prep.key_bias = bias
                 step_out, _ = self._run(step_prep, pruner, use_cache=False, fixed_keep=fixed)
                 logits = self.lm_logits(step_out.hidden[:, -1]).float()
         seqs = torch.stack(new_tokens, dim=1) if new_tokens else torch.zeros(b, 0, dtype=torch.long)

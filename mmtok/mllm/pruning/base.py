@@ -244,7 +244,7 @@ class Merger(Pruner):
                 f"{type(self).__name__}: proportional_attention=True needs the caller to add the merged tokens' "
                 "log(size) to the LLM's attention mask (mmtok.mllm.decoder.run_layers key_bias, built by "
                 "mmtok.mllm.pruning.merge.merge_key_bias) and to say so with PruneContext.accepts_key_bias; this "
-                "caller does not: use proportional_attention=False here, or mmtok.mllm.pruning.merge.prefill_logits"
+                "caller does not: use proportional_attention=False here, or run the merger through an MLLM"
             )
         result = self.merge(ctx)
         slots = merge_slots(result)

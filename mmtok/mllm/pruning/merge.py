@@ -13,8 +13,9 @@
 Merged tokens carry a size (how many original tokens they cover). ``proportional_attention=True`` adds
 ``log(size)`` to the LLM's attention logits of the merged keys (ToMe's proportional attention, on SDPA through the
 additive mask: :func:`mmtok.mllm.decoder.run_layers` ``key_bias``), so a merged token weighs as much as the tokens
-it stands for. The MLLM's own pre-LLM path does not pass that bias yet, so there such a merger refuses to run
-(never a silent no-op); :func:`prefill_logits` is that path with the bias.
+it stands for. The MLLM's pre-LLM path (``MLLM._run``) passes that bias to every layer and keeps it in the KV
+cache; a caller that cannot apply it gets an error, never a silent no-op. :func:`prefill_logits` is the same path
+written out by hand (the test's independent check).
 
 Before the LLM mmtok merges the projected image features ``[B, N, D]`` to exactly ``K`` tokens (the budget) in
 successive bipartite steps: each step merges ``r = min(t - K, t // 2)`` of the ``t`` current tokens (a bipartite step
@@ -247,10 +248,9 @@ def prefill_logits(
 ) -> torch.Tensor:
     """Next-token logits ``[B, V]`` after a prefill with ``merger`` before the LLM, with proportional attention.
 
-    The MLLM's own pre-LLM path (``MLLM._run``) does not pass a key bias yet, so a merger with
-    ``proportional_attention=True`` refuses to run there; this function is that same path (prepare, merge, scatter
-    the merged features into their slots, drop the other image tokens at the input of layer 0) plus the
-    ``log(size)`` key bias. With ``proportional_attention=False`` it gives the MLLM's own logits (tested).
+    The MLLM's pre-LLM path written out by hand (prepare, merge, scatter the merged features into their slots,
+    drop the other image tokens at the input of layer 0, add the ``log(size)`` key bias): the independent check
+    that ``MLLM._run`` applies proportional attention (tested equal, with and without the bias).
     """
     from mmtok.mllm.modeling import sequence_keep
 
@@ -285,7 +285,7 @@ def prefill_logits(
 @dataclass
 class TomeConfig(PrunerConfig):
     reference: bool = False  # True: the reference's tie-breaking and token order in every step (module docstring)
-    # add log(size) to the LLM's attention logits of merged keys; needs a caller that applies it (prefill_logits)
+    # add log(size) to the LLM's attention logits of merged keys (the MLLM applies it; other callers must say so)
     proportional_attention: bool = False
 
 
