@@ -297,7 +297,10 @@ class DemoApp:
         )
         seen = core.to_uint8(F.interpolate(x, size=(canvas, canvas), mode="bilinear"))
         prefix = n - model.tower.num_patches  # [CLS] kept as an image token when feature_select is cls_patch
-        overlay = core.keep_overlay(seen, a.keep, model.tower.num_patches, prefix)
+        if a.groups is not None:  # a merger: what each merged token covers
+            overlay = core.group_overlay(seen, a.groups, model.tower.num_patches, prefix)
+        else:
+            overlay = core.keep_overlay(seen, a.keep, model.tower.num_patches, prefix)
         where = f"LLM layer {a.layer}" if a.stage == "in_llm" else "before the LLM"
         answers = (
             f"**Answer with {pruner}:** {a.answer or '(empty)'}\n\n"

@@ -526,6 +526,7 @@ class PrunedAnswer:
     stage: str  # "pre_llm" | "in_llm"
     layer: int  # LLM layer for in_llm pruners
     timings: dict[str, list[float]] = field(default_factory=dict)
+    groups: np.ndarray | None = None  # [N] merged token of every image token (mergers: ToMe, PiToMe), else None
 
     @property
     def kept(self) -> int:
@@ -592,7 +593,44 @@ def answer_with_pruning(
         stage=pruner.stage,
         layer=int(getattr(pruner, "layer", 0)),
         timings={"prefill_ms": pre["pruned"], "prefill_unpruned_ms": pre["unpruned"]},
+        groups=_merge_groups(pruner),
     )
+
+
+def _merge_groups(pruner: Any) -> np.ndarray | None:
+    """``[N]`` merged-token index of every image token after a merger's last call (None for a selecting pruner)."""
+    result = getattr(pruner, "last_result", None) if getattr(pruner, "kind", "select") == "merge" else None
+    return None if result is None else result.source_map[0].cpu().numpy()
+
+
+def group_overlay(img: np.ndarray, groups: np.ndarray, num_patches: int, num_prefix: int = 0) -> np.ndarray:
+    """The image with every merged token's patches tinted in one colour and group borders drawn.
+
+    Args:
+        img: uint8 ``[S, S, 3]`` image at the tower's resolution.
+        groups: ``[N]`` merged-token index of every image token (a merger's ``source_map``); patch ``p`` is image
+            token ``p + num_prefix``.
+        num_patches: ``g * g`` patch tokens.
+
+    Patches that stayed alone (a group of one) keep their colours; merged groups are tinted (one colour per group,
+    neighbouring groups told apart by a white border), so the overlay shows what each of the ``K`` tokens covers.
+    """
+    g = int(round(num_patches**0.5))
+    per_patch = np.asarray(groups, np.int64)[num_prefix : num_prefix + num_patches].reshape(g, g)
+    sizes = np.bincount(per_patch.ravel())
+    base = upscale(np.asarray(img)).astype(np.float32)
+    ys = (np.arange(DISPLAY) * g // DISPLAY)[:, None]
+    xs = (np.arange(DISPLAY) * g // DISPLAY)[None, :]
+    cell = per_patch[ys, xs]  # [DISPLAY, DISPLAY] group of every display pixel
+    # a fixed, well-spread hue per group id (golden-ratio steps), bright enough to read on dark scenes
+    hue = (cell * 0.61803398875) % 1.0
+    tint = np.stack([np.abs(hue * 6 - 3) - 1, 2 - np.abs(hue * 6 - 2), 2 - np.abs(hue * 6 - 4)], -1).clip(0, 1)
+    merged = (sizes[cell] > 1)[..., None]
+    out = np.where(merged, base * 0.45 + tint * 255 * 0.55, base)
+    border = (cell != np.roll(cell, 1, 0)) | (cell != np.roll(cell, 1, 1))
+    border[0, :] = border[:, 0] = False
+    out[border] = (255, 255, 255)
+    return out.clip(0, 255).astype(np.uint8)
 
 
 def keep_overlay(img: np.ndarray, keep: np.ndarray, num_patches: int, num_prefix: int = 0) -> np.ndarray:

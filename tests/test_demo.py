@@ -211,10 +211,18 @@ def test_mllm_tab_every_pruner_keeps_the_budget(demo_app, pruner):
     if pruner == "random":  # a seeded subset: the same one the pruner's own generator gives
         want = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:budget].sort().values.numpy()
         assert np.array_equal(a.keep, want)
-    # the overlay dims exactly the dropped patch cells (4 x 4 grid of 64-px cells; look at cell centres)
-    centres = overlay[32::64, 32::64].reshape(n, 3).astype(int)
+    centres = overlay[32::64, 32::64].reshape(n, 3).astype(int)  # 4 x 4 grid of 64-px cells: their centres
     seen = core.upscale(core.to_uint8(torch.nn.functional.interpolate(img, size=(32, 32), mode="bilinear")))
     ref = seen[32::64, 32::64].reshape(n, 3).astype(int)
+    if getattr(registries.get("pruner").create(pruner, num_keep=budget), "kind", "select") == "merge":
+        # mergers: every image token belongs to one of the K merged tokens; merged groups are tinted, lone ones not
+        assert a.groups is not None and a.groups.shape == (n,) and set(a.groups.tolist()) == set(range(budget))
+        alone = np.bincount(a.groups)[a.groups] == 1
+        assert np.abs(centres[alone] - ref[alone]).max(initial=0) <= 1
+        assert np.abs(centres[~alone] - ref[~alone]).max() > 10
+        return
+    assert a.groups is None
+    # the overlay dims exactly the dropped patch cells
     kept = np.zeros(n, bool)
     kept[a.keep] = True
     assert np.abs(centres[kept] - ref[kept]).max() <= 1
