@@ -114,7 +114,7 @@ def test_segment_is_the_same_batched_and_alone(model, head):
     assert (both.text is not None) == (head == "text")
 
 
-@pytest.mark.parametrize("pruner", ["random", "pool", "cls_attention", "fastv", "dart"])
+@pytest.mark.parametrize("pruner", ["random", "pool", "cls_attention", "fastv", "dart", "tome", "pitome"])
 @pytest.mark.parametrize("head", ["allmask", "segtoken", "text"])
 @torch.no_grad()
 def test_segment_under_pruning_keeps_the_budget(model, head, pruner):

@@ -26,8 +26,9 @@ What mmtok does differently, on purpose:
   numbered in sequence) the same rule is consecutive positions after the text, which is what we do. STAMP runs the
   mask tokens in a second forward over the sequence cut after its ``<|seg|>`` token; we append them after the
   answer in the LM-loss forward (causal attention keeps the answer's loss unchanged by the tail). Under
-  visual-token pruning the prefill (prompt + answer) is pruned as in generation and the mask tokens
-  are appended after it through the KV cache, so they still carry every patch's feature and produce a full grid.
+  visual-token pruning or merging (ToMe, PiToMe) the prefill (prompt + answer) is reduced as in generation and
+  the mask tokens are appended after it through the KV cache, so they still carry every patch's feature and produce
+  a full grid.
 * Targets of the per-patch heads are, by default, the share of each patch covered by the object (area-average
   pooling), so bilinear upsampling of the sigmoid scores recovers sub-patch boundaries (STAMP refines with SAM,
   which we do not have); a mask is ``score > 0.5``. ``target="reference"`` uses STAMP's rule instead: the mask
