@@ -8,7 +8,7 @@ Prints the pruned and unpruned answers, the image tokens kept, the prefill and t
 ratio of the two prefills beside the wall-clock ratio. The FLOP ratio does not depend on the machine's load; the
 wall-clock ratio does, and on a tiny model fixed per-call costs (Python, kernel launches) hide the FLOPs saved.
 Notes say why a speed-up is bounded: pruning at a layer near the end of a shallow LLM, or a vision tower that
-dominates the prefill (pruning never shortens the tower).
+dominates the prefill (pruning the LLM's input never shortens the tower; ``--tower-r`` merging does).
 
 Merging methods (``--method tome`` or ``pitome``, kind ``merge`` in ``mmtok list pruners``) merge the image tokens
 into ``--keep`` groups instead of dropping the rest; the output says how many patches the largest group covers.
@@ -99,8 +99,8 @@ def speed_notes(model: Any, pruner: Any, flops: dict[str, dict[str, float]], pre
     share = base["tower"] / max(base["total"], 1.0)
     if share >= 0.3:
         notes.append(
-            f"the vision tower is {share:.0%} of the unpruned prefill FLOPs and pruning never shortens it: the "
-            f"prefill speed-up cannot exceed {1 / share:.2f}x"
+            f"the vision tower is {share:.0%} of the unpruned prefill FLOPs and pruning the LLM's input never "
+            f"shortens it: the prefill speed-up cannot exceed {1 / share:.2f}x (merging in the tower, --tower-r, does)"
         )
     if prefill_ms < 20:
         notes.append(
