@@ -94,7 +94,8 @@ class TrainConfig:
     # A resumed run then no longer repeats the uninterrupted one bit for bit.
     schedule_by_time: bool = False
     # Append the __key__ of every training sample to output_dir/keys/rank-XXXXX.jsonl, one line per micro-batch
-    # with its step and epoch: an audit of the data split over nodes, processes and workers, and across resumes.
+    # with its step and epoch: an audit of the data split over nodes, processes and workers, and across resumes
+    # (data read from data.train; batches passed to train() from Python carry no keys).
     log_keys: bool = False
 
     def __post_init__(self) -> None:

@@ -31,7 +31,7 @@ copies and load as they are; ZeRO checkpoints are converted once by DeepSpeed's 
 with ``checkpoint.load_universal`` (:func:`mmtok.train.checkpoint.ensure_universal`). The reader re-splits the
 rest of the epoch over the new consumers (``ShardLoader.load_state_dict_resplit``); each rank takes the RNG
 state of saved rank ``rank % saved_world_size``. Given the same samples per step, the resumed run ends within
-floating-point tolerance of the uninterrupted one (tested 2 -> 1 and 1 -> 2, DDP and ZeRO-2).
+floating-point tolerance of the uninterrupted one (tested 2 -> 1 and 1 -> 2 with DDP and ZeRO-2, 2 -> 1 with ZeRO-3).
 ``train.log_keys=true`` writes every rank's sample keys per micro-batch to ``keys/rank-XXXXX.jsonl``, which
 is how the tests count that an epoch saw each sample once across nodes, workers and resumes.
 
