@@ -59,6 +59,28 @@ def test_caption_rule_order_and_signature():
         item_phrase({"class_name": "bag", "colour": "red"})
 
 
+def test_colour_free_captions_and_hard_negatives():
+    import numpy as np
+
+    from mmtok.clip.captions import caption, hard_negative, item_phrase
+
+    items = [
+        {"class_name": "ankle boot", "colour": "red", "position": "left"},
+        {"class_name": "bag", "colour": "blue", "position": "top"},
+    ]
+    assert item_phrase(items[0], colour=False) == "an ankle boot on the left"
+    assert caption(items, colour=False) == "an ankle boot on the left and a bag at the top"
+    kinds = set()
+    for i in range(40):
+        wrong = hard_negative(items, np.random.default_rng(i))
+        changed = [(a, b) for a, b in zip(items, wrong) if a != b]
+        assert len(changed) == 1  # one item, one field
+        (a, b), diff = changed[0], {k for k in changed[0][0] if changed[0][0][k] != changed[0][1][k]}
+        assert diff in ({"class_name"}, {"position"}) and b["colour"] == a["colour"]
+        kinds |= diff
+    assert kinds == {"class_name", "position"}
+
+
 def test_flip_items_recomputes_positions_from_mirrored_boxes():
     from mmtok.clip.captions import flip_items
 
@@ -107,6 +129,23 @@ def test_task_loss_is_symmetric_cross_entropy_of_the_batch():
     assert task.model.token_embedding.weight.grad.abs().sum() > 0
 
 
+def test_hard_negative_term_is_added_to_clip_loss():
+    from open_clip.loss import ClipLoss
+
+    task = _task(hard_negative_weight=0.5)
+    batch = task.synthetic_batch(4)
+    batch["neg_text"] = task.tokenizer([f"a red {c} on the left" for c in ("bag", "coat", "dress", "shirt")])
+    torch.manual_seed(3)
+    out = task(batch)
+    torch.manual_seed(3)
+    img, txt, scale = task.encode(batch["image"], batch["text"])
+    neg = task.model.encode_text(batch["neg_text"], normalize=True)
+    pair = scale * torch.stack([(img * txt).sum(-1), (img * neg).sum(-1)], 1)  # [4, 2]: caption first
+    hard = -torch.log_softmax(pair, 1)[:, 0].mean()
+    assert torch.allclose(out["loss"], ClipLoss()(img, txt, scale) + 0.5 * hard, atol=1e-5)
+    assert torch.allclose(out["hard_neg_loss"], hard, atol=1e-5)
+
+
 def test_logit_scale_is_capped():
     task = _task(max_logit_scale=20.0)
     with torch.no_grad():
@@ -138,15 +177,21 @@ def test_sample_transform_flips_image_and_caption_together(scenes):
     assert torch.equal(val["text"], task.tokenizer.encode(caption(items, key_seed(sample["__key__"]))))
     assert torch.allclose(val["image"], sample["image"] * 2 - 1)  # mean = std = 0.5
     train_tf = task.sample_transform("train")
+    grey = (sample["image"] * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True) * 2 - 1
     seen = set()
-    for _ in range(12):
+    for _ in range(40):
         out = train_tf(dict(sample))
-        flipped = torch.allclose(out["image"], val["image"].flip(-1))
-        assert flipped or torch.allclose(out["image"], val["image"])
+        is_grey = bool(torch.equal(out["image"][0], out["image"][1]))
+        ref = grey.expand(3, -1, -1) if is_grey else val["image"]
+        flipped = torch.allclose(out["image"], ref.flip(-1), atol=1e-5)
+        assert flipped or torch.allclose(out["image"], ref, atol=1e-5)
         want = flip_items(items, 64) if flipped else items
-        assert out["signature"] == items_signature(want)
-        seen.add(flipped)
-    assert seen == {True, False}
+        assert out["signature"] == items_signature(want, colour=not is_grey)
+        assert out["neg_text"].shape == out["text"].shape and not torch.equal(out["neg_text"], out["text"])
+        words = set(task.tokenizer.tokenizer.convert_ids_to_tokens(out["text"].tolist()))
+        assert bool(words & {it["colour"] for it in items}) == (not is_grey)
+        seen.add((flipped, is_grey))
+    assert {f for f, _ in seen} == {True, False} and {g for _, g in seen} == {True, False}
 
 
 # -- training, export, tower, eval ------------------------------------------------------------------------------
@@ -241,9 +286,10 @@ def test_eval_cli_writes_recall_and_zero_shot(export, scenes, tmp_path, fmnist_d
     )  # fmt: skip
     assert rc == 0
     res = json.loads(out.read_text())
-    ret, zs = res["retrieval"], res["zero_shot"]
+    ret, zs, attrs = res["retrieval"], res["zero_shot"], res["attributes"]
     assert ret["n"] == 12 and zs["n"] == 30 and zs["chance"] == 0.1
-    for key in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "chance_r1", "chance_r5", "acc", "acc_white"):
+    assert attrs["n"] >= 1 and attrs["chance_class"] == 0.1 and attrs["chance_colour"] == 0.125
+    for key in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "chance_r1", "chance_r5", "acc", "acc_white", "acc_plain"):
         assert 0.0 <= {**ret, **zs}[key] <= 1.0
     assert ret["i2t_r5"] >= ret["i2t_r1"]
     assert "image->text" in capsys.readouterr().out

@@ -13,6 +13,12 @@ The caption rule (the text side of ``mmtok train`` task ``clip`` and of ``mmtok 
   (the engine seeds it per rank and worker), so a training scene is read with a new order each epoch and a
   resumed run repeats its orders.
 
+Training-only variants (task ``clip``): a share of the scenes (``grey_share``) is turned to grey levels and captioned
+without colour words ("a sneaker on the left and a bag at the top"), and every training caption comes with a hard
+negative, the same caption with one item's class or position changed (:func:`hard_negative`). Both exist because
+colour alone tells most captions of a batch apart: without them a short run learns colour words perfectly and
+classes and positions hardly at all (measured: 1.00 / 0.17 / 0.13 on one-item test scenes, chance 0.13 / 0.10 / 0.11).
+
 Two captions describe the same scene content exactly when their items agree as a set of (colour, class,
 position) triples (:func:`items_signature`); retrieval counts a hit on any such caption or image.
 
@@ -29,26 +35,32 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmtok.data.sources.fashion_mnist import CLASS_NAMES
 from mmtok.data.sources.scenes import position_phrase, position_word
 
 ITEM_FIELDS = ("class_name", "colour", "position")
+# every value of scenes.position_word: the 3 x 3 grid of the canvas
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 
 
 class CaptionError(ValueError):
     """A caption that the tokenizer or the model cannot take (unknown word, too long)."""
 
 
-def item_phrase(item: dict[str, Any]) -> str:
-    """``{"class_name": "bag", "colour": "orange", "position": "top right"}`` -> "an orange bag at the top right"."""
+def item_phrase(item: dict[str, Any], colour: bool = True) -> str:
+    """``{"class_name": "bag", "colour": "orange", "position": "top right"}`` -> "an orange bag at the top right".
+
+    ``colour=False`` leaves the colour word out ("a bag at the top right"): the caption of a greyscale scene.
+    """
     missing = [k for k in ITEM_FIELDS if k not in item]
     if missing:
         raise KeyError(
             f"scene item {item} lacks {missing}; captions need class_name, colour and position "
             "(shards built by `mmtok shards fashion-scenes` or `mmtok shards fashion-vqa`)"
         )
-    colour = str(item["colour"])
-    article = "an" if colour[:1] in "aeiou" else "a"
-    return f"{article} {colour} {item['class_name']} {position_phrase(str(item['position']))}"
+    words = f"{item['colour']} {item['class_name']}" if colour else str(item["class_name"])
+    article = "an" if words[:1] in "aeiou" else "a"
+    return f"{article} {words} {position_phrase(str(item['position']))}"
 
 
 def key_seed(key: str, seed: int = 0) -> int:
@@ -56,24 +68,41 @@ def key_seed(key: str, seed: int = 0) -> int:
     return zlib.crc32(f"{seed}:{key}".encode())
 
 
-def caption(items: list[dict[str, Any]], order_seed: int | None = None) -> str:
+def caption(items: list[dict[str, Any]], order_seed: Any = None, colour: bool = True) -> str:
     """The caption of a scene: item phrases joined with " and ", shuffled by ``order_seed`` (None: stored order).
+
+    ``order_seed`` is anything ``numpy.random.default_rng`` takes (an int, a list of ints); ``colour=False`` drops
+    the colour words (greyscale scenes).
 
     Raises:
         ValueError: the scene has no items.
     """
     if not items:
         raise ValueError("a scene without items has no caption")
-    phrases = [item_phrase(it) for it in items]
+    phrases = [item_phrase(it, colour) for it in items]
     if order_seed is not None:
         order = np.random.default_rng(order_seed).permutation(len(phrases))
         phrases = [phrases[i] for i in order]
     return " and ".join(phrases)
 
 
-def items_signature(items: list[dict[str, Any]]) -> str:
+def items_signature(items: list[dict[str, Any]], colour: bool = True) -> str:
     """What a caption says, without its order: the sorted item phrases (equal for equal scene descriptions)."""
-    return " | ".join(sorted(item_phrase(it) for it in items))
+    return " | ".join(sorted(item_phrase(it, colour) for it in items))
+
+
+def hard_negative(items: list[dict[str, Any]], rng: np.random.Generator) -> list[dict[str, Any]]:
+    """The items with one detail wrong: one item's class or its position (even odds) replaced by another value.
+
+    The caption of the result differs from the scene's in one or two words, so telling them apart needs the class
+    or the place of an item, not only its colour (NegCLIP's hard negatives, Yuksekgonul et al., arXiv:2210.01936).
+    Items of one scene differ in (colour, class, position), so the result never describes the scene.
+    """
+    out = [dict(it) for it in items]
+    target = out[int(rng.integers(len(out)))]
+    key, values = ("class_name", CLASS_NAMES) if rng.random() < 0.5 else ("position", POSITIONS)
+    target[key] = str(rng.choice([v for v in values if v != target[key]]))
+    return out
 
 
 def flip_items(items: list[dict[str, Any]], canvas: int) -> list[dict[str, Any]]:

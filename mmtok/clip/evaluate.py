@@ -13,8 +13,11 @@
   test images (never seen in training: training scenes use Fashion-MNIST train images), each drawn as a white item
   in the center of a dark canvas at 40% of its side (the scenes' item size), classified by the nearest class
   embedding. Class embedding = the normalised mean of the embeddings of "a <colour> <class> in the center" over
-  the 8 palette colours (``acc``); ``acc_white`` uses the single prompt "a white <class> in the center". Chance is
-  0.10. The prompts use only caption words: the word-level tokenizer has no "photo".
+  the 8 palette colours (``acc``); ``acc_white`` uses the single prompt "a white <class> in the center",
+  ``acc_plain`` "a <class> in the center" (the form of the grey training captions). Chance is 0.10. The prompts
+  use only caption words: the word-level tokenizer has no "photo".
+* Attribute probe (``--attr-limit`` one-item test scenes): the right caption among the captions that differ from
+  it in the class (10 options), the colour (8) or the position (9) only: which words the model has learnt to read.
 """
 
 from __future__ import annotations
@@ -33,10 +36,16 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-PROMPT = "{article} {colour} {cls} in the center"
+PROMPT = "{article} {words} in the center"  # words = "<colour> <class>" or "<class>"
 ITEM_SHARE = 0.4  # item side / canvas side in the zero-shot canvases (scenes draw 30-50%)
 BACKGROUND = 25.0 / 255  # the scenes' dark backgrounds have a base value of 5..45 per channel
 WHITE = 240.0 / 255  # the "white" palette entry
+
+
+def prompt(class_name: str, colour: str = "") -> str:
+    """The zero-shot prompt: "a white sneaker in the center", "an ankle boot in the center" (``colour=""``)."""
+    words = f"{colour} {class_name}".strip()
+    return PROMPT.format(article="an" if words[:1] in "aeiou" else "a", words=words)
 
 
 def _match_matrix(signatures: list[str]) -> torch.Tensor:
@@ -107,10 +116,11 @@ def fmnist_canvases(images: np.ndarray, canvas: int) -> torch.Tensor:
 
 @torch.no_grad()
 def class_embeddings(model, tokenizer, class_names: list[str], colours: list[str], device) -> torch.Tensor:
-    """``[C, D]`` unit-norm class embeddings: the mean over ``colours`` of each prompt's text embedding."""
+    """``[C, D]`` unit-norm class embeddings: the mean over ``colours`` of each prompt's text embedding (a colour
+    ``""`` gives the colour-free prompt)."""
     rows = []
     for cls in class_names:
-        texts = [PROMPT.format(article="an" if c[:1] in "aeiou" else "a", colour=c, cls=cls) for c in colours]
+        texts = [prompt(cls, c) for c in colours]
         emb = model.encode_text(tokenizer(texts).to(device), normalize=True)  # [len(colours), D]
         rows.append(F.normalize(emb.mean(0), dim=-1))
     return torch.stack(rows)
@@ -147,10 +157,53 @@ def zero_shot_fmnist(
     feats = _encode_images(model, canv, pre.get("mean", [0.5] * 3), pre.get("std", [0.5] * 3), size, batch_size, device)
     y = torch.tensor(np.asarray(labels), dtype=torch.long)
     out = {"n": float(len(y)), "chance": 1.0 / len(CLASS_NAMES)}
-    for name, colours in (("acc", list(PALETTE)), ("acc_white", ["white"])):
+    for name, colours in (("acc", list(PALETTE)), ("acc_white", ["white"]), ("acc_plain", [""])):
         w = class_embeddings(model, tokenizer, list(CLASS_NAMES), colours, device).cpu()
         pred = (feats @ w.T).argmax(1)
         out[name] = float((pred == y).float().mean())
+    return out
+
+
+@torch.no_grad()
+def attribute_accuracy(
+    model, tokenizer, meta: dict[str, Any], pattern: str, limit: int = 300, device="cpu"
+) -> dict[str, float]:
+    """Which words the model reads: on one-item scenes, pick the right caption among those that differ from it in
+    one attribute only (10 classes, 8 colours or 9 positions). Accuracy per attribute and its chance level."""
+    from mmtok.clip.captions import POSITIONS, item_phrase
+    from mmtok.clip.tasks import ClipSampleTransform
+    from mmtok.data import ShardDataset
+    from mmtok.data.sources.fashion_mnist import CLASS_NAMES
+    from mmtok.data.sources.scenes import PALETTE
+
+    size = int(meta["model_cfg"]["vision_cfg"]["image_size"])
+    pre = meta.get("preprocess_cfg", {})
+    tf = ClipSampleTransform(
+        tokenizer, size, pre.get("mean", [0.5] * 3), pre.get("std", [0.5] * 3), False, False, False, 0
+    )
+    options = {"class_name": list(CLASS_NAMES), "colour": list(PALETTE), "position": list(POSITIONS)}
+    right = dict.fromkeys(options, 0)
+    n = 0
+    for s in ShardDataset(pattern, on_error="raise"):
+        items = (s.get("json") or {}).get("items") or []
+        if len(items) != 1:
+            continue
+        item = items[0]
+        feat = model.encode_image(tf(dict(s))["image"][None].to(device), normalize=True)  # [1, D]
+        for key, values in options.items():
+            texts = [item_phrase({**item, key: v}) for v in values]
+            emb = model.encode_text(tokenizer(texts).to(device), normalize=True)  # [V, D]
+            right[key] += values[int((feat @ emb.T).argmax())] == item[key]
+        n += 1
+        if n >= limit:
+            break
+    if not n:
+        return {}
+    out = {"n": float(n)}
+    for key, values in options.items():
+        name = key.replace("_name", "")
+        out[name] = right[key] / n
+        out[f"chance_{name}"] = 1.0 / len(values)
     return out
 
 
@@ -205,12 +258,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--fmnist-root", default=DEFAULT_ROOT, help="Fashion-MNIST IDX folder")
     p.add_argument("--fmnist-limit", type=int, default=2000, help="zero-shot on the first N test images (0 = all)")
     p.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot Fashion-MNIST figure")
+    p.add_argument("--attr-limit", type=int, default=300, help="one-item scenes of the attribute probe (0 = skip)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default="", help="write the figures here")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.limit < 0 or args.fmnist_limit < 0:
-        print("mmtok eval clip: --batch-size must be >= 1, --limit and --fmnist-limit >= 0", file=sys.stderr)
+    if args.batch_size < 1 or min(args.limit, args.fmnist_limit, args.attr_limit) < 0:
+        print("mmtok eval clip: --batch-size must be >= 1, the limits >= 0", file=sys.stderr)
         return 2
     from mmtok.clip.captions import CaptionError
     from mmtok.clip.tasks import load_clip_folder
@@ -219,6 +273,7 @@ def main(argv: list[str]) -> int:
     try:
         model, tok, meta = load_clip_folder(args.model, device)
         ret = evaluate_retrieval(model, tok, meta, args.data, args.limit, args.batch_size, device)
+        attrs = attribute_accuracy(model, tok, meta, args.data, args.attr_limit, device) if args.attr_limit else {}
         zs = {}
         if not args.no_zero_shot:
             zs = zero_shot_fmnist(model, tok, meta, args.fmnist_root, args.fmnist_limit, args.batch_size, device)
@@ -231,12 +286,20 @@ def main(argv: list[str]) -> int:
     print(f"{'image->text':14s} {ret['i2t_r1']:7.3f} {ret['i2t_r5']:7.3f}")
     print(f"{'text->image':14s} {ret['t2i_r1']:7.3f} {ret['t2i_r5']:7.3f}")
     print(f"{'chance':14s} {ret['chance_r1']:7.3f} {ret['chance_r5']:7.3f}")
+    if attrs:
+        print(
+            f"one-item scenes ({int(attrs['n'])}), right caption among one-word variants: class {attrs['class']:.3f} "
+            f"(chance {attrs['chance_class']:.2f}), colour {attrs['colour']:.3f} ({attrs['chance_colour']:.2f}), "
+            f"position {attrs['position']:.3f} ({attrs['chance_position']:.2f})"
+        )
     if zs:
         print(
             f"zero-shot Fashion-MNIST ({int(zs['n'])} test images): acc {zs['acc']:.3f} (8-colour prompt ensemble), "
-            f"{zs['acc_white']:.3f} ('a white <class> in the center'); chance {zs['chance']:.2f}"
+            f"{zs['acc_white']:.3f} ('a white <class> in the center'), {zs['acc_plain']:.3f} ('a <class> in the "
+            f"center'); chance {zs['chance']:.2f}"
         )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"model": args.model, "retrieval": ret, "zero_shot": zs}, indent=2))
+        res = {"model": args.model, "retrieval": ret, "attributes": attrs, "zero_shot": zs}
+        Path(args.json).write_text(json.dumps(res, indent=2))
     return 0

@@ -6,12 +6,17 @@ captions of the batch (a symmetric cross-entropy over the ``[B, B]`` similarity 
 (``open_clip.CLIP`` built from ``CLIPVisionCfg`` / ``CLIPTextCfg`` dicts) and the loss (``open_clip.loss.ClipLoss``)
 are open_clip's own; this module only feeds them and exports the result.
 
-Batches: ``{"image": [B, 3, S, S] normalised with the task's mean/std, "text": long [B, L], "signature": [str]}``
-(captions and their tokenization: :mod:`mmtok.clip.captions`). What differs from open_clip's training script:
+Batches: ``{"image": [B, 3, S, S] normalised with the task's mean/std, "text": long [B, L], "signature": [str]}``,
+training batches also ``"neg_text": long [B, L]`` (captions and their tokenization: :mod:`mmtok.clip.captions`).
+What differs from open_clip's training script:
 
 * patch dropout (FLIP, arXiv:2212.00794) is on by default (``vision.patch_dropout=0.5``): on 2 CPU cores it makes
   a step ~3.5x cheaper; evaluation and the exported tower see every patch (the export sets it to 0);
 * horizontal flips are allowed because the caption follows them (positions recomputed from mirrored boxes);
+* colour is a shortcut (the colour words alone tell most captions of a batch apart), so by default a quarter of
+  the training scenes are grey with colour-free captions (``grey_share``) and each image also has to prefer its
+  caption over a hard negative with one class or position changed (NegCLIP, arXiv:2210.01936; here a 2-way
+  cross-entropy per image added to ClipLoss with ``hard_negative_weight``, not extra columns of ClipLoss);
 * the logit scale is capped at 100 in the forward (open_clip clamps the parameter after each optimizer step, which
   the engine does not know about; capping the value used is the same on every ZeRO stage);
 * several processes: ``ClipLoss(local_loss=True, gather_with_grad=True)`` over every rank's features, as
@@ -34,10 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmtok.clip.captions import CaptionTokenizer, caption, flip_items, items_signature, key_seed
+from mmtok.clip.captions import CaptionTokenizer, caption, flip_items, hard_negative, items_signature, key_seed
 from mmtok.registries import TASKS
 from mmtok.train.task import Task
 
@@ -73,6 +79,8 @@ class ClipTaskConfig:
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     hflip: bool = True  # mirror training scenes (the caption's positions follow)
     shuffle_items: bool = True  # training captions list the items in a new order on every read
+    grey_share: float = 0.25  # training scenes shown in grey levels with colour-free captions
+    hard_negative_weight: float = 1.0  # weight of the caption-vs-its-hard-negative loss (0 = plain CLIP)
     caption_seed: int = 0  # mixed into the key-seeded item order
     init_logit_scale: float = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
     max_logit_scale: float = 100.0  # cap of exp(logit_scale), as CLIP
@@ -136,11 +144,15 @@ class ClipSampleTransform:
         hflip: bool,
         shuffle_items: bool,
         caption_seed: int,
+        grey_share: float = 0.0,
+        hard_negatives: bool = False,
     ):
         self.tokenizer, self.image_size, self.train = tokenizer, image_size, train
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self.hflip, self.shuffle_items, self.caption_seed = hflip and train, shuffle_items and train, caption_seed
+        self.grey_share = grey_share if train else 0.0
+        self.hard_negatives = hard_negatives and train
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         key = str(sample.get("__key__", ""))
@@ -159,14 +171,23 @@ class ClipSampleTransform:
         if self.hflip and torch.rand(()) < 0.5:
             canvas = int(meta.get("canvas", x.shape[-1]))
             x, items = x.flip(-1), flip_items(items, canvas)
-        seed = key_seed(key, self.caption_seed)
+        colour = True
+        if self.grey_share and torch.rand(()) < self.grey_share:  # luminance (ITU-R 601) in all three channels
+            x = (x * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True).expand(3, -1, -1)
+            colour = False
+        seeds = [key_seed(key, self.caption_seed)]
         if self.shuffle_items:  # a new order per read, reproducible from the engine's seeds
-            seed = [seed, int(torch.randint(0, 2**31 - 1, ()))]
-        text = self.tokenizer.encode(caption(items, seed))
+            seeds.append(int(torch.randint(0, 2**31 - 1, ())))
+        seed = seeds if len(seeds) > 1 else seeds[0]
+        out = {"text": self.tokenizer.encode(caption(items, seed, colour))}
+        if self.hard_negatives:
+            wrong = hard_negative(items, np.random.default_rng([*seeds, 1]))
+            out["neg_text"] = self.tokenizer.encode(caption(wrong, seed, colour))
         if x.shape[-2:] != (self.image_size, self.image_size):
             x = F.interpolate(x[None], size=(self.image_size,) * 2, mode="bilinear", antialias=True)[0]
-        x = (x.clamp(0, 1) - self.mean) / self.std
-        return {"image": x, "text": text, "signature": items_signature(items)}
+        out["image"] = (x.clamp(0, 1) - self.mean) / self.std
+        out["signature"] = items_signature(items, colour)
+        return out
 
 
 @TASKS.register("clip", config=ClipTaskConfig, help="CLIP with open_clip's model and ClipLoss on captioned scenes")
@@ -230,6 +251,8 @@ class ClipTask(Task):
             hflip=c.hflip,
             shuffle_items=c.shuffle_items,
             caption_seed=c.caption_seed,
+            grey_share=c.grey_share,
+            hard_negatives=c.hard_negative_weight > 0,
         )
 
     def synthetic_batch(self, batch_size: int) -> dict[str, Any]:
@@ -274,13 +297,23 @@ class ClipTask(Task):
                 f"{sorted(batch) if isinstance(batch, dict) else type(batch).__name__}"
             )
         img, txt, scale = self.encode(batch["image"], batch["text"])
-        loss = self._clip_loss(self.training and torch.is_grad_enabled())(img, txt, scale)
+        clip_loss = self._clip_loss(self.training and torch.is_grad_enabled())(img, txt, scale)
         with torch.no_grad():
             sim = img @ txt.T  # [B, B] local similarities
             target = torch.arange(sim.shape[0], device=sim.device)
             i2t = (sim.argmax(1) == target).float().mean()
             t2i = (sim.argmax(0) == target).float().mean()
-        return {"loss": loss, "logit_scale": scale.detach(), "i2t_acc": i2t, "t2i_acc": t2i}
+        out = {"loss": clip_loss, "clip_loss": clip_loss.detach(), "logit_scale": scale.detach()}
+        out.update(i2t_acc=i2t, t2i_acc=t2i)
+        if "neg_text" in batch and self.config.hard_negative_weight > 0:
+            # each image chooses between its caption and the same caption with one class or position wrong
+            neg = self.model.encode_text(batch["neg_text"], normalize=True).float()  # [B, D]
+            pair = scale * torch.stack([(img * txt).sum(-1), (img * neg).sum(-1)], dim=1)  # [B, 2]
+            hard = F.cross_entropy(pair, torch.zeros_like(target))
+            out["loss"] = clip_loss + self.config.hard_negative_weight * hard
+            out["hard_neg_loss"] = hard.detach()
+            out["hard_neg_acc"] = (pair[:, 0] > pair[:, 1]).float().mean().detach()
+        return out
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Any]) -> dict[str, float]:
