@@ -731,10 +731,16 @@ class _Run:
         resplit = getattr(loader, "load_state_dict_resplit", None)
         if resplit is not None:
             resplit(saved, rank=self.info.rank, world_size=self.info.world_size)
-            return
-        if int(state["world_size"]) == self.info.world_size:
+        elif int(state["world_size"]) == self.info.world_size:
             loader.load_state_dict(saved[self.info.rank])
+        else:
+            self._restart_epoch(loader, state, saved)
             return
+        # The stream starts the loader's own epoch: a rank can be an epoch ahead of rank 0 (uneven shards, or a
+        # re-split that left it nothing of the saved epoch), and set_epoch(rank 0's epoch) would reset its position.
+        self.stream.epoch = int(getattr(loader, "epoch", self.stream.epoch))
+
+    def _restart_epoch(self, loader: Any, state: dict[str, Any], saved: list[dict[str, Any]]) -> None:
         # A loader that cannot re-split: the epoch restarts, and the bound on repeated samples is logged.
         epoch = int(state["epoch"])
         seen = sum(sum(int(v) for v in (d.get("positions") or {}).values()) for d in saved if d.get("epoch") == epoch)
