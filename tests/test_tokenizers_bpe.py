@@ -106,6 +106,23 @@ def test_compiled_kernel_equals_reference_on_larger_seeded_corpus(mode):
     assert fast_stats.merge_counts[-1] >= 2
 
 
+@pytest.mark.parametrize("mode", ["1d", "2d"])
+def test_compiled_kernel_hash_path_for_large_codebooks_equals_reference(mode):
+    """``dense_max=0``: base pairs take the hash table, as they do for a codebook too large for the dense table."""
+    from mmtok.tokenizers._bpe_fast import train_kernel
+
+    rng = np.random.default_rng(3)
+    grids = list(smooth_grids(rng, 60, 10, 10, 12))
+    ref, ref_stats = train_bpe(grids, 200, num_codes=12, mode=mode, backend="python", return_stats=True)
+    th, tw = np.ones(12 + 200, np.int64), np.ones(12 + 200, np.int64)
+    state = _Grids(grids, th, tw, 12 + 200, two_d=mode == "2d")
+    a, b, d, counts, m = train_kernel(
+        state.tok, state.owner, state.row, state.col, state.gh, state.gw, th, tw, 12, 200, 2, mode == "2d", 0
+    )
+    assert [(x, y, DIRS[z]) for x, y, z in zip(a[:m].tolist(), b[:m].tolist(), d[:m].tolist())] == ref.merges
+    assert counts[:m].tolist() == ref_stats.merge_counts and int((state.tok >= 0).sum()) == ref_stats.tokens_after
+
+
 def test_unknown_backend_is_refused():
     with pytest.raises(BPEError, match="backend must be one of"):
         train_bpe(np.zeros((2, 3, 3), np.int64), 2, backend="rust")

@@ -34,6 +34,7 @@ from numba import njit
 
 _EMPTY = -1  # empty slot of the hash table (keys are >= 0)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing multiplier
+DENSE_MAX = 1 << 23  # base-pair id table: C * C * dirs entries (64 MiB) at most; a larger codebook uses the hash
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,7 +166,7 @@ def _up(s, tok, tw, owner, row, col, gw):
 # The trainer
 # ----------------------------------------------------------------------------------------------
 @njit(cache=True)
-def train_kernel(tok, owner, row, col, gh, gw, th, tw, num_codes, num_merges, min_frequency, two_d):
+def train_kernel(tok, owner, row, col, gh, gw, th, tw, num_codes, num_merges, min_frequency, two_d, dense_max):
     """Learn up to ``num_merges`` merges in place over a flat tiling (see :class:`bpe._Grids`).
 
     Args:
@@ -179,6 +180,8 @@ def train_kernel(tok, owner, row, col, gh, gw, th, tw, num_codes, num_merges, mi
         num_merges: M, the most merges to learn (also fixes the key space ``V = C + M``).
         min_frequency: Stop when the best pair occurs fewer times (>= 1).
         two_d: Horizontal and vertical pairs (else horizontal only, within rows).
+        dense_max: Largest dense base-pair table (entries) to use; :data:`DENSE_MAX` in practice, 0 forces
+            the hash table for base pairs too (as with a large codebook; tests use it).
 
     Returns:
         ``(a, b, d, counts, m)``: arrays of length M whose first ``m`` entries are the learned merges
@@ -188,13 +191,18 @@ def train_kernel(tok, owner, row, col, gh, gw, th, tw, num_codes, num_merges, mi
     vmax = num_codes + num_merges
     ndir = 2 if two_d else 1
 
-    # -- pair ids: hash table key -> id, per-id count / key / occurrence range in the pool
+    # -- pair ids: per-id count / key / occurrence range in the pool. Pairs of base codes get their ids
+    #    from a dense table (or, for a large codebook, the hash); pairs with a merged token from the hash
+    #    table, which therefore only ever holds keys made during training
     hkeys = np.full(1 << 16, _EMPTY, np.int64)
     hvals = np.empty(1 << 16, np.int64)
+    nhash = 0
     cap = 1 << 15
     pcount = np.zeros(cap, np.int64)
     pkey = np.zeros(cap, np.int64)
     npairs = 0
+    dense = num_codes * num_codes * ndir <= dense_max
+    base_pid = np.full(num_codes * num_codes * ndir if dense else 1, -1, np.int64)
 
     # -- initial pairs of base codes: count them, remember each occurrence's id, then lay the
     #    occurrences out per id (CSR); anchors are visited in increasing order, so each list is sorted.
@@ -207,19 +215,27 @@ def train_kernel(tok, owner, row, col, gh, gw, th, tw, num_codes, num_merges, mi
             if g < 0:
                 continue
             key = (tok[s] * vmax + tok[g]) * 2 + d
-            i = _slot(hkeys, key)
-            if hkeys[i] == _EMPTY:
-                if 2 * (npairs + 1) > hkeys.size:
-                    hkeys, hvals = _rehash(hkeys, hvals)
-                    i = _slot(hkeys, key)
+            if dense:
+                pid = base_pid[(tok[s] * num_codes + tok[g]) * ndir + d]
+            else:
+                i = _slot(hkeys, key)
+                pid = hvals[i] if hkeys[i] != _EMPTY else -1
+            if pid < 0:
                 if npairs == pcount.size:
                     pcount = _grown(pcount, 2 * pcount.size, 0)
                     pkey = _grown(pkey, 2 * pkey.size, 0)
-                hkeys[i] = key
-                hvals[i] = npairs
-                pkey[npairs] = key
+                pid = npairs
+                pkey[pid] = key
                 npairs += 1
-            pid = hvals[i]
+                if dense:
+                    base_pid[(tok[s] * num_codes + tok[g]) * ndir + d] = pid
+                else:
+                    if 2 * (nhash + 1) > hkeys.size:
+                        hkeys, hvals = _rehash(hkeys, hvals)
+                    i = _slot(hkeys, key)
+                    hkeys[i] = key
+                    hvals[i] = pid
+                    nhash += 1
             pcount[pid] += 1
             apid[s * ndir + d] = pid
     ostart = np.zeros(pcount.size, np.int64)
@@ -236,6 +252,8 @@ def train_kernel(tok, owner, row, col, gh, gw, th, tw, num_codes, num_merges, mi
         if pid >= 0:
             occ[oend[pid]] = j // ndir
             oend[pid] += 1
+    ninit = npairs  # ids below this have sorted occurrence lists
+    base_pid = np.empty(0, np.int64)
 
     # -- heap of (count, key, id), best first; only pairs that can still be chosen
     hcap = max(npairs, 1024)
@@ -251,7 +269,8 @@ def train_kernel(tok, owner, row, col, gh, gw, th, tw, num_codes, num_merges, mi
     out_b = np.zeros(num_merges, np.int64)
     out_d = np.zeros(num_merges, np.int64)
     out_c = np.zeros(num_merges, np.int64)
-    cbuf = np.empty(4096, np.int64)  # pairs created by one merge, as id * N + anchor
+    cpid = np.empty(4096, np.int64)  # pairs created by one merge: id and first anchor
+    canc = np.empty(4096, np.int64)
     m = 0
     while m < num_merges:
         # lazy max: a top whose count fell since it was pushed goes back with its true count
@@ -278,8 +297,14 @@ def train_kernel(tok, owner, row, col, gh, gw, th, tw, num_codes, num_merges, mi
         else:
             th[t], tw[t] = th[a] + th[b], tw[a]
         hb, wb = th[b], tw[b]
+        if a == b and pid >= ninit:
+            # chains a a a: the greedy rule needs raster order. A new pair's list is in creation order, which
+            # is already raster order (its first anchors are p, or the left/upper neighbour of p on p's own
+            # row/column, and p rises); sorting (cheap on sorted input) keeps that from being load-bearing
+            occ[ostart[pid] : oend[pid]].sort()
 
         ncb = 0
+        np0 = npairs  # the pairs this merge creates get the ids np0, np0 + 1, ...
         for i in range(ostart[pid], oend[pid]):
             p = occ[i]
             if tok[p] != a:  # stale: p was merged since (or is the 2nd token of a taken a-a occurrence)
@@ -288,14 +313,14 @@ def train_kernel(tok, owner, row, col, gh, gw, th, tw, num_codes, num_merges, mi
             if tok[q] != b:
                 continue
             # room for the (at most 4) pairs the new token can make
-            if 2 * (npairs + 4) > hkeys.size:
+            if 2 * (nhash + 4) > hkeys.size:
                 hkeys, hvals = _rehash(hkeys, hvals)
             if npairs + 4 > pcount.size:
                 size = 2 * pcount.size
                 pcount, pkey = _grown(pcount, size, 0), _grown(pkey, size, 0)
                 ostart, oend = _grown(ostart, size, 0), _grown(oend, size, 0)
-            if ncb + 4 > cbuf.size:
-                cbuf = _grown(cbuf, 2 * cbuf.size, 0)
+            if ncb + 4 > cpid.size:
+                cpid, canc = _grown(cpid, 2 * cpid.size, 0), _grown(canc, 2 * canc.size, 0)
 
             # 1) every pair touching the tokens at p or q disappears (each counted once); the geometry
             #    says whether a pair is there, apid which one it is
@@ -359,10 +384,12 @@ def train_kernel(tok, owner, row, col, gh, gw, th, tw, num_codes, num_merges, mi
                     ostart[npairs] = 0
                     oend[npairs] = 0
                     npairs += 1
+                    nhash += 1
                 npid = hvals[j]
                 pcount[npid] += 1
                 apid[first * ndir + dd] = npid
-                cbuf[ncb] = npid * n + first
+                cpid[ncb] = npid
+                canc[ncb] = first
                 ncb += 1
 
         if pcount[pid] != 0:
@@ -370,28 +397,34 @@ def train_kernel(tok, owner, row, col, gh, gw, th, tw, num_codes, num_merges, mi
         out_a[m], out_b[m], out_d[m], out_c[m] = a, b, d, best
         m += 1
 
-        # 4) list the new pairs' occurrences (sorted anchors) and offer the frequent ones to the heap;
-        #    a new pair below min_frequency can never be chosen (its count only falls from here)
+        # 4) list the new pairs' occurrences (a counting sort by id, creation order within an id) and offer
+        #    the frequent ones to the heap; a new pair below min_frequency can never be chosen (its count
+        #    only falls from here), so it gets no list
         if ncb == 0:
             continue
-        created = np.sort(cbuf[:ncb])
-        if nocc + ncb > occ.size:
-            occ = _grown(occ, max(2 * occ.size, nocc + ncb), 0)
-        if hsize + ncb > hc.size:
-            size = max(2 * hc.size, hsize + ncb)
+        nnew = npairs - np0
+        seg = np.zeros(nnew, np.int64)
+        for x in range(ncb):
+            seg[cpid[x] - np0] += 1
+        total = 0
+        for x in range(nnew):
+            if pcount[np0 + x] >= min_frequency:
+                total += seg[x]
+        if nocc + total > occ.size:
+            occ = _grown(occ, max(2 * occ.size, nocc + total), 0)
+        if hsize + nnew > hc.size:
+            size = max(2 * hc.size, hsize + nnew)
             hc, hk, hp = _grown(hc, size, 0), _grown(hk, size, 0), _grown(hp, size, 0)
-        j = 0
-        while j < ncb:
-            cp = created[j] // n
-            k = j
-            while k < ncb and created[k] // n == cp:
-                k += 1
+        for x in range(nnew):
+            cp = np0 + x
             if pcount[cp] >= min_frequency:
                 ostart[cp] = nocc
-                for x in range(j, k):
-                    occ[nocc] = created[x] - cp * n
-                    nocc += 1
                 oend[cp] = nocc
+                nocc += seg[x]
                 hsize = _heap_push(hc, hk, hp, hsize, pcount[cp], pkey[cp], cp)
-            j = k
+        for x in range(ncb):
+            cp = cpid[x]
+            if pcount[cp] >= min_frequency:
+                occ[oend[cp]] = canc[x]
+                oend[cp] += 1
     return out_a, out_b, out_d, out_c, m

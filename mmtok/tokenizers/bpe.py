@@ -591,11 +591,11 @@ def train_bpe(
     tw = np.ones(vmax, np.int64)
     state = _Grids(grids, th, tw, vmax, two_d=mode == "2d")
     tokens_before = state.tok.size
-    kernel = None if backend == "python" else _fast_kernel(required=backend == "numba")
+    kernel, dense_max = (None, 0) if backend == "python" else _fast_kernel(required=backend == "numba")
     if kernel is not None:
         a, b, d, counts, m = kernel(
             state.tok, state.owner, state.row, state.col, state.gh, state.gw, th, tw,
-            c, int(num_merges), int(min_frequency), mode == "2d",
+            c, int(num_merges), int(min_frequency), mode == "2d", dense_max,
         )  # fmt: skip
         merges = [(x, y, DIRS[z]) for x, y, z in zip(a[:m].tolist(), b[:m].tolist(), d[:m].tolist())]
         merge_counts = counts[:m].tolist()
@@ -610,10 +610,10 @@ def train_bpe(
 
 
 def _fast_kernel(required: bool):
-    """The compiled trainer kernel of ``_bpe_fast.py``, or None (warning once) when numba does not import."""
+    """The compiled kernel of ``_bpe_fast.py`` and its dense-table limit; (None, 0) when numba does not import."""
     global _FAST_WARNED
     try:
-        from mmtok.tokenizers._bpe_fast import train_kernel
+        from mmtok.tokenizers._bpe_fast import DENSE_MAX, train_kernel
     except ImportError as e:
         if required:
             raise BPEError(
@@ -622,8 +622,8 @@ def _fast_kernel(required: bool):
         if not _FAST_WARNED:
             logger.warning("numba does not import (%s): BPE training falls back to the slower numpy trainer", e)
             _FAST_WARNED = True
-        return None
-    return train_kernel
+        return None, 0
+    return train_kernel, DENSE_MAX
 
 
 def _train_reference(
