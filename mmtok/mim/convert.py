@@ -178,6 +178,23 @@ def _hf_canonical(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _hf_decoder_shape(
+    state: dict[str, torch.Tensor], c: dict[str, Any], ratio: float, where: str, width: int, heads: int
+) -> tuple[int, int, int]:
+    """Width, heads and depth of a transformers (Video)MAE decoder (``width`` / ``heads``: the family's defaults).
+
+    mmtok's MAE has one ``mlp_ratio`` for encoder and decoder, so a decoder with another ratio is refused.
+    """
+    dw, dh = int(c.get("decoder_hidden_size", width)), int(c.get("decoder_num_attention_heads", heads))
+    d_ratio = int(c.get("decoder_intermediate_size", 4 * dw)) / dw
+    if abs(d_ratio - ratio) > 1e-9:
+        raise ConversionError(
+            f"{where}: decoder MLP ratio {d_ratio} differs from the encoder's {ratio}; mmtok's MAE uses one "
+            "mlp_ratio for both"
+        )
+    return dw, dh, _blocks(state, "decoder.decoder_layers.")
+
+
 def _hf_block(state: dict[str, torch.Tensor], src: str, dst: str, width: int) -> dict[str, torch.Tensor]:
     """One transformers ViT layer -> a timm ``Block`` (q, k, v stacked into ``qkv``)."""
     g = lambda name: state[f"{src}.{name}"]  # noqa: E731
@@ -273,14 +290,7 @@ def vitmae_to_mmtok(
         out.update(_hf_block(sd, f"vit.layers.{i}", f"encoder.blocks.{i}", width))
     has_decoder = "decoder.decoder_embed.weight" in sd
     if has_decoder:
-        dw, dh = int(c.get("decoder_hidden_size", 512)), int(c.get("decoder_num_attention_heads", 16))
-        d_ratio = int(c.get("decoder_intermediate_size", 4 * dw)) / dw
-        if abs(d_ratio - ratio) > 1e-9:
-            raise ConversionError(
-                f"{where}: decoder MLP ratio {d_ratio} differs from the encoder's {ratio}; mmtok's MAE uses one "
-                "mlp_ratio for both"
-            )
-        d_depth = _blocks(sd, "decoder.decoder_layers.")
+        dw, dh, d_depth = _hf_decoder_shape(sd, c, ratio, where, width=512, heads=16)
         config.update(
             decoder_dim=dw, decoder_depth=d_depth, decoder_heads=dh, norm_pix_loss=bool(c.get("norm_pix_loss", False))
         )
@@ -512,14 +522,7 @@ def videomae_to_mmtok(
         out.update(_videomae_block(sd, f"videomae.encoder.layer.{i}", f"encoder.blocks.{i}", width))
     has_decoder = "decoder.head.weight" in sd
     if has_decoder:
-        dw, dh = int(c.get("decoder_hidden_size", 384)), int(c.get("decoder_num_attention_heads", 6))
-        d_ratio = int(c.get("decoder_intermediate_size", 4 * dw)) / dw
-        if abs(d_ratio - ratio) > 1e-9:
-            raise ConversionError(
-                f"{where}: decoder MLP ratio {d_ratio} differs from the encoder's {ratio}; mmtok's MAE uses one "
-                "mlp_ratio for both"
-            )
-        d_depth = _blocks(sd, "decoder.decoder_layers.")
+        dw, dh, d_depth = _hf_decoder_shape(sd, c, ratio, where, width=384, heads=6)
         config.update(
             decoder_dim=dw,
             decoder_depth=d_depth,
