@@ -219,6 +219,8 @@ class ClipTask(Task):
                 vision_cfg=CLIPVisionCfg(**self.vision_cfg),
                 text_cfg=CLIPTextCfg(**self.text_cfg),
                 init_logit_scale=config.init_logit_scale,
+                # a [1]-shaped scale: DeepSpeed's ZeRO flattening cannot take 0-dim parameters
+                nonscalar_logit_scale=True,
                 output_dict=True,
             )
         self.model.output_dict = True
@@ -237,7 +239,12 @@ class ClipTask(Task):
         vision = dict(self.vision_cfg)
         if export:
             vision["patch_dropout"] = 0.0  # a tower that sees every patch (the MLLM needs all 256 tokens)
-        return {"embed_dim": self.config.embed_dim, "vision_cfg": vision, "text_cfg": dict(self.text_cfg)}
+        return {
+            "embed_dim": self.config.embed_dim,
+            "vision_cfg": vision,
+            "text_cfg": dict(self.text_cfg),
+            "nonscalar_logit_scale": True,
+        }
 
     # -- data ---------------------------------------------------------------------------------------------
     def sample_transform(self, split: str) -> ClipSampleTransform:
@@ -287,8 +294,8 @@ class ClipTask(Task):
     def encode(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unit-norm image and text embeddings ``[B, embed_dim]`` and the capped logit scale (a scalar)."""
         out = self.model(images, texts)
-        scale = out["logit_scale"].clamp(max=self.config.max_logit_scale)
-        return out["image_features"].float(), out["text_features"].float(), scale.float()
+        scale = out["logit_scale"].clamp(max=self.config.max_logit_scale).float().reshape(())  # [1] -> scalar
+        return out["image_features"].float(), out["text_features"].float(), scale
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if not isinstance(batch, dict) or "image" not in batch or "text" not in batch:
