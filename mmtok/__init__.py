@@ -17,18 +17,11 @@ The main classes live in their packages: ``from mmtok.mllm import MLLM``, ``from
 
 from __future__ import annotations
 
-from typing import Any
+from mmtok.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
 _API = ("load_tokenizer", "load_encoder", "load_mllm", "load_image")
 
 __all__ = ["__version__", *_API]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _API:
-        from mmtok import api
-
-        return getattr(api, name)
-    raise AttributeError(f"module 'mmtok' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, dict.fromkeys(_API, "mmtok.api"))

@@ -12,10 +12,8 @@ Public API (imported lazily, so ``import mmtok.data`` stays cheap)::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from mmtok.data.config import DataConfig
+from mmtok.lazy import lazy_exports
 
 _LAZY = {
     "write_shards": "mmtok.data.writer",
@@ -33,11 +31,4 @@ _LAZY = {
 }
 
 __all__ = ["DataConfig", *_LAZY]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mmtok.data' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -7,8 +7,7 @@ first use: ``from mmtok.mim import load_hf_vitmae``.
 
 from __future__ import annotations
 
-from typing import Any
-
+from mmtok.lazy import lazy_exports
 from mmtok.mim.mae import MAE, MAEConfig, MAEOutput
 from mmtok.mim.masking import MaskOutput
 from mmtok.mim.mtm import MTM, MTMConfig, MTMOutput
@@ -29,11 +28,4 @@ __all__ = [
     "cls_attention",
     *_CONVERT,
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _CONVERT:
-        from mmtok.mim import convert
-
-        return getattr(convert, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, dict.fromkeys(_CONVERT, "mmtok.mim.convert"))

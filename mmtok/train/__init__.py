@@ -11,8 +11,7 @@ Public API (imported lazily so ``import mmtok.train`` stays cheap)::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mmtok.lazy import lazy_exports
 
 _LAZY = {
     "train": "mmtok.train.engine",
@@ -27,11 +26,4 @@ _LAZY = {
 }
 
 __all__ = list(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mmtok.train' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
