@@ -147,3 +147,21 @@ def test_refine_decoded_bricks_and_errors():
     assert set(R.REFINERS) >= {"none", "bilinear", "guided"}
     with pytest.raises(ValueError, match="choose one of"):
         R.refine(np.zeros((4, 4)), image, "crf")
+
+
+def test_picks_referred_compares_the_covered_share_of_each_instance():
+    from mmtok.mllm.seg.metrics import picks_referred
+
+    inst = np.zeros((4, 6), np.int64)
+    inst[:, :2] = 1  # 8 px
+    inst[:2, 3:] = 2  # 6 px
+    pred = np.zeros((4, 6), bool)
+    pred[:2, :2] = True  # half of instance 1
+    pred[0, 3:] = True  # half of instance 2
+    assert picks_referred(pred, inst, 1) is False  # a tie is not a pick
+    pred[2, 0] = True  # now 5/8 of instance 1
+    assert picks_referred(pred, inst, 1) is True and picks_referred(pred, inst, 2) is False
+    assert picks_referred(pred, np.where(inst == 2, 0, inst), 1) is None  # one instance: nothing to choose
+    assert picks_referred(pred, inst, 3) is None  # the referred instance is not in the map
+    whole = np.ones((4, 6), bool)  # "every item" covers all alike: never a pick
+    assert picks_referred(whole, inst, 1) is False

@@ -5,8 +5,10 @@
         [--semantic] [--json seg.json] [--md seg.md] [--grid seg.png]
 
 For every (head, refinement, pruner, keep): gIoU (mean per-sample IoU; an empty ground truth with an empty
-prediction counts 1.0), cIoU (total intersection / total union), the parse-repair rate and mean descriptor tokens
-(text head), and the time to a mask (median and p90 of per-batch time / batch size). ``--semantic`` also asks the
+prediction counts 1.0), cIoU (total intersection / total union), the grounding rate where the shards carry an
+instance map (share of scenes with two or more items whose mask covers the referred item more than any other),
+the parse-repair rate and mean descriptor tokens (text head), and the time to a mask (median and p90 of per-batch
+time / batch size). ``--semantic`` also asks the
 text head for every item ("segment every item .") and scores the class masks against ``instances.png`` (mIoU).
 Writes a JSON file, a Markdown table and a PNG grid of the worst and best cases of the first configuration.
 """
@@ -47,6 +49,7 @@ def load_seg_set(pattern: str, limit: int = 0) -> list[dict[str, Any]]:
                 "expression": meta["expression"],
                 "instances": s["instances"].numpy() if "instances" in s else None,
                 "items": meta.get("items", []),
+                "target": meta.get("target"),  # index of the referred item in ``items`` (instance id target + 1)
             }
         )
         if limit and len(out) >= limit:
@@ -61,9 +64,10 @@ def evaluate_config(
     model, samples: list[dict[str, Any]], head: str, refine: str = "bilinear", pruner=None, batch_size: int = 16
 ) -> dict[str, Any]:
     """One row of the table: metrics of ``head`` with ``refine`` and ``pruner`` over ``samples``."""
-    from mmtok.mllm.seg.metrics import SegMeter, mask_iou
+    from mmtok.mllm.seg.metrics import SegMeter, mask_iou, picks_referred
 
     meter = SegMeter()
+    picks: list[bool] = []
     per_mask: list[float] = []
     tokens: list[int] = []
     ious: list[float] = []
@@ -78,6 +82,10 @@ def evaluate_config(
             meter.update(pred, s["mask"], repairs=rep)
             ious.append(mask_iou(pred, s["mask"]))
             preds.append(pred)
+            if s.get("instances") is not None and s.get("target") is not None:
+                pick = picks_referred(pred, s["instances"], int(s["target"]) + 1)
+                if pick is not None:
+                    picks.append(pick)
     summ = meter.summary()
     per_mask.sort()
     row = {
@@ -87,6 +95,8 @@ def evaluate_config(
         "keep": pruner.budget(model.num_image_tokens) if pruner is not None else model.num_image_tokens,
         "giou": summ["giou"],
         "ciou": summ["ciou"],
+        "grounding": float(np.mean(picks)) if picks else None,
+        "grounding_n": len(picks),
         "repair_rate": summ.get("repair_rate", 0.0),
         "tokens": float(np.mean(tokens)) if tokens else None,
         "ms_per_mask_median": statistics.median(per_mask) * 1e3,
@@ -155,13 +165,14 @@ def baselines(samples: list[dict[str, Any]], grid: int = 16) -> dict[str, float]
 
 
 def table_markdown(rows: list[dict[str, Any]]) -> str:
-    head = "| head | refine | pruner | keep | gIoU | cIoU | repairs | tokens | ms/mask (median / p90) |"
-    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    head = "| head | refine | pruner | keep | gIoU | cIoU | grounding | repairs | tokens | ms/mask (median / p90) |"
+    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         tok = f"{r['tokens']:.0f}" if r.get("tokens") else "–"
+        grd = f"{r['grounding']:.1%}" if r.get("grounding") is not None else "–"
         lines.append(
             f"| {r['head']} | {r['refine']} | {r['method']} | {r['keep']} | {r['giou']:.3f} | {r['ciou']:.3f} | "
-            f"{r['repair_rate']:.1%} | {tok} | {r['ms_per_mask_median']:.1f} / {r['ms_per_mask_p90']:.1f} |"
+            f"{grd} | {r['repair_rate']:.1%} | {tok} | {r['ms_per_mask_median']:.1f} / {r['ms_per_mask_p90']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -239,9 +250,10 @@ def main(argv: list[str]) -> int:
                 rows.append(res["row"])
                 first = first or res
                 r = res["row"]
+                grd = f" grounding={r['grounding']:.1%}" if r["grounding"] is not None else ""
                 print(
-                    f"{head:9s} {refine:8s} {name:13s} keep={r['keep']:4d} gIoU={r['giou']:.3f} cIoU={r['ciou']:.3f} "
-                    f"repairs={r['repair_rate']:.1%} {r['ms_per_mask_median']:.1f} ms/mask",
+                    f"{head:9s} {refine:8s} {name:13s} keep={r['keep']:4d} gIoU={r['giou']:.3f} cIoU={r['ciou']:.3f}"
+                    f"{grd} repairs={r['repair_rate']:.1%} {r['ms_per_mask_median']:.1f} ms/mask",
                     flush=True,
                 )
     out: dict[str, Any] = {"model": args.model, "data": args.data, "n": len(samples), "rows": rows}

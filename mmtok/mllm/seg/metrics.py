@@ -12,10 +12,12 @@ arXiv:2410.09855; their evaluation scripts, e.g. github.com/mc-lan/Text4Seg ``ev
   one sample. Background (id 0) is left out by default (``include_background=True`` adds it), since it
   dominates a scene of a few small items and would hide the classes that matter.
 
-What mmtok adds: the parse-repair rate of text-as-mask decoders (fraction of samples whose text needed at
-least one repair, and the mean number of repairs), and optional per-sample token counts and latencies so one
-meter carries everything ``mmtok eval seg`` reports. Pure numpy; no epsilon in the ratios (exact 0/0 rules
-instead), so hand-computed values compare exactly.
+What mmtok adds: a grounding rate for scenes with an instance map (:func:`picks_referred`: does the mask cover
+the referred instance more than any other? It tells a head that draws good masks of the wrong object, or of every
+object, from one that draws poor masks), the parse-repair rate of text-as-mask decoders (fraction of samples
+whose text needed at least one repair, and the mean number of repairs), and optional per-sample token counts and
+latencies so one meter carries everything ``mmtok eval seg`` reports. Pure numpy; no epsilon in the ratios
+(exact 0/0 rules instead), so hand-computed values compare exactly.
 """
 
 from __future__ import annotations
@@ -43,6 +45,25 @@ def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
     if union == 0:
         return 1.0
     return int(np.count_nonzero(p & g)) / union
+
+
+def picks_referred(pred: np.ndarray, instances: np.ndarray, target: int) -> bool | None:
+    """Does ``pred`` cover instance ``target`` (a larger share of its pixels) more than any other instance?
+
+    Args:
+        pred: ``[H, W]`` predicted mask (bool or label ids, > 0 = foreground).
+        instances: ``[H, W]`` int instance map, 0 = background, ``i`` = instance ``i``.
+        target: The referred instance id (>= 1).
+
+    Returns:
+        True / False, or None when the scene has fewer than two instances (nothing to choose between).
+    """
+    p = _binary(pred)
+    ids = [int(i) for i in np.unique(instances) if i > 0]
+    if target not in ids or len(ids) < 2:
+        return None
+    cover = {i: np.count_nonzero(p & (instances == i)) / np.count_nonzero(instances == i) for i in ids}
+    return bool(cover[target] > max(v for i, v in cover.items() if i != target))
 
 
 @dataclass
