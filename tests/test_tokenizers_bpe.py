@@ -123,6 +123,23 @@ def test_compiled_kernel_hash_path_for_large_codebooks_equals_reference(mode):
     assert counts[:m].tolist() == ref_stats.merge_counts and int((state.tok >= 0).sum()) == ref_stats.tokens_after
 
 
+def test_without_numba_auto_falls_back_to_the_reference_and_numba_backend_says_what_to_do(monkeypatch, caplog):
+    import sys
+
+    import mmtok.tokenizers.bpe as bpe_module
+
+    grids = smooth_grids(np.random.default_rng(4), 10, 6, 6, 5)
+    expected = train_bpe(grids, 15, num_codes=5).merges
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` now raises ImportError, as when not installed
+    monkeypatch.delitem(sys.modules, "mmtok.tokenizers._bpe_fast", raising=False)
+    monkeypatch.setattr(bpe_module, "_FAST_WARNED", False)
+    with caplog.at_level("WARNING", logger="mmtok.tokenizers.bpe"):
+        assert train_bpe(grids, 15, num_codes=5).merges == expected
+    assert "falls back to the slower numpy trainer" in caplog.text
+    with pytest.raises(BPEError, match="needs numba"):
+        train_bpe(grids, 15, num_codes=5, backend="numba")
+
+
 def test_unknown_backend_is_refused():
     with pytest.raises(BPEError, match="backend must be one of"):
         train_bpe(np.zeros((2, 3, 3), np.int64), 2, backend="rust")
