@@ -12,7 +12,7 @@ What mmtok does differently (see REFERENCES.md section 1.4):
 * Training is incremental: pair counts, an occurrence index (pair -> anchor cells) and a lazy
   max-heap. A merge only touches the occurrences of the chosen pair and their neighbours, never
   recounts the corpus. The input is never mutated. Two trainers learn exactly the same merges:
-  the compiled kernel in ``_bpe_fast.py`` (numba; applies occurrences one at a time, ~25 us per late
+  the compiled kernel in ``_bpe_fast.py`` (numba; applies occurrences one at a time, ~15 us per late
   merge) and the numpy reference here (each merge one vectorised batch, ~0.15 ms of fixed cost per
   merge), which the kernel is tested against and which runs when numba does not import.
 * ``encode`` replays the learned merges in learned order (exactly the segmentation training
