@@ -18,9 +18,9 @@ reference it is tested against, merge for merge):
 * Pair keys ``(a * V + b) * 2 + dir`` map to dense pair ids: pairs of base codes through a
   ``C x C x dirs`` table, pairs with a merged token through an open-addressing hash table, and
   ``apid[anchor * dirs + dir]`` holds the id of the pair that starts there, so a pair that disappears
-  is found without a lookup. Occurrence lists live in one pool array (a pair's list is written once, in the merge that creates
-  its newer token: every occurrence of a pair is born in that merge and only dies afterwards, so an
-  entry is either valid or stale forever and is checked when read).
+  is found without a lookup. Occurrence lists live in one pool array (a pair's list is written once,
+  in the merge that creates its newer token: every occurrence of a pair is born in that merge and only
+  dies afterwards, so an entry is either valid or stale forever and is checked when read).
 * Counts of a pair only fall after the merge that created it, so the heap holds (count, key, id)
   entries that may be stale-high; a stale top is re-pushed with its true count (lazy heap). Ties go to
   the smallest key, exactly as in the reference.
