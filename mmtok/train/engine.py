@@ -43,6 +43,7 @@ on or off does not change training, and nothing in a checkpoint is ever unpickle
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.metadata
 import json
 import logging
@@ -584,6 +585,10 @@ def train(
     finally:
         torch.use_deterministic_algorithms(prev_det)
         if owns_group and torch.distributed.is_initialized():
+            # Free the finished run first, while the interpreter and the process group are alive: a DeepSpeed engine
+            # sits in reference cycles with its hooks and collective work objects, and gloo work freed during
+            # interpreter shutdown aborts the process ("terminate called without an active exception").
+            gc.collect()
             torch.distributed.destroy_process_group()
 
 
