@@ -281,7 +281,7 @@ def main(argv: list[str]) -> int:
         print(f"mmtok eval clip: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     n = int(ret["n"])
-    print(f"retrieval among {n} scenes ({int(ret['distinct_captions'])} distinct contents)")
+    print(f"retrieval among {n} samples ({int(ret['distinct_captions'])} distinct scene contents)")
     print(f"{'':14s} {'R@1':>7s} {'R@5':>7s}")
     print(f"{'image->text':14s} {ret['i2t_r1']:7.3f} {ret['i2t_r5']:7.3f}")
     print(f"{'text->image':14s} {ret['t2i_r1']:7.3f} {ret['t2i_r5']:7.3f}")
