@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from launching import free_port
 
 from mmtok import registries
 
@@ -191,12 +191,6 @@ def test_mmtok_train_mtm_on_token_shards(tmp_path):
     assert (model.generate(2, steps=3) < 32).all()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.deepspeed
 def test_mmtok_train_mae_deepspeed_zero2(tmp_path):
@@ -208,7 +202,7 @@ def test_mmtok_train_mae_deepspeed_zero2(tmp_path):
         "--num_gpus",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "--module",
         "mmtok.train",
         "--config",

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launching import free_port
 from tiny_models import tiny_seg_heads, tiny_seg_mllm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,12 +68,6 @@ def test_train_seg_recipe_one_process_and_segment_with_the_export(scenes, tmp_pa
         assert model.segment(images, ["the bag", "the red sneaker"], head=head).masks.shape == (2, 32, 32)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.deepspeed
 @pytest.mark.parametrize("stage", [0, 2, 3])  # 0 = DDP
@@ -85,7 +79,7 @@ def test_seg_task_on_two_processes(scenes, tmp_path, stage):
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "mmtok.train",
         "--config",

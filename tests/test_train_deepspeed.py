@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import free_port
 from safetensors.torch import load_file
 
 from mmtok.train import checkpoint as ckpt
@@ -38,12 +38,6 @@ def fmnist_shards(tmp_path_factory):
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONHASHSEED="0", PYTHONPATH=str(REPO))
@@ -51,7 +45,7 @@ def _env() -> dict[str, str]:
 
 
 def _cmd(launcher: str, stage: int, shards: Path, out: Path) -> list[str]:
-    port = str(_free_port())
+    port = str(free_port())
     if launcher == "deepspeed":
         head = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, "--module", "mmtok.train"]
     else:

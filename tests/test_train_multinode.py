@@ -16,13 +16,13 @@ from __future__ import annotations
 import collections
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+from launching import free_port
 
 from mmtok.train import checkpoint as ckpt
 from mmtok.train.launch import (
@@ -161,12 +161,6 @@ def fmnist_shards(tmp_path_factory):
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE"))}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -215,7 +209,7 @@ def _run_nodes(cmds: list[list[str]]) -> None:
 
 def _two_nodes(args: list[str]) -> None:
     """Node 0 and node 1 as two torchruns meeting at 127.0.0.1 (static rendezvous, gloo)."""
-    port = _free_port()
+    port = free_port()
     rdzv = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_endpoint", f"127.0.0.1:{port}"]
     _run_nodes([[str(BIN / "torchrun"), *rdzv, "--node_rank", str(r), "-m", "mmtok.train", *args] for r in (0, 1)])
 
@@ -307,13 +301,13 @@ def test_slurm_script_runs_two_nodes(fmnist_shards, tmp_path):
     env.update(
         PATH=f"{bin_dir}:/usr/bin:/bin",
         PYTHON=sys.executable,
-        SLURM_JOB_ID=str(_free_port()),  # the port is derived from the job id
+        SLURM_JOB_ID=str(free_port()),  # the port is derived from the job id
         SLURM_NNODES="2",
         SLURM_JOB_NODELIST="localhost,127.0.0.1",
         SLURM_SUBMIT_DIR=str(REPO),
         NPROC_PER_NODE="1",
     )
-    env["MASTER_PORT"] = str(_free_port())
+    env["MASTER_PORT"] = str(free_port())
     args = _train_args(fmnist_shards, out, steps=3, workers=0)
     res = subprocess.run(
         ["bash", str(REPO / "tools" / "slurm.sh"), args[1], *args[2:]],
@@ -340,7 +334,7 @@ def test_deepspeed_hostfile_two_nodes_without_ssh(fmnist_shards, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
     out = tmp_path / "ds_hostfile"
-    port = str(_free_port())
+    port = str(free_port())
     args = [
         *_train_args(fmnist_shards, out, steps=3, workers=0),
         f"deepspeed.config={REPO}/configs/ds/zero2.json",

@@ -23,7 +23,6 @@ import collections
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import free_port
 from safetensors.torch import load_file
 
 from mmtok.train import checkpoint as ckpt
@@ -71,12 +71,6 @@ def fmnist_shards(tmp_path_factory):
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD_SIZE", "LOCAL_"))}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -115,7 +109,7 @@ def _launch(world: int, entry: list[str], args: list[str]) -> str:
     if world == 1:
         cmd = [sys.executable, *entry, *args]
     else:
-        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(world), "--master_port", str(_free_port()), *entry]
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(world), "--master_port", str(free_port()), *entry]
         cmd += args
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=REPO, timeout=400)
     log = res.stdout + res.stderr
