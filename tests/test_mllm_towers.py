@@ -188,3 +188,12 @@ def test_llava_default_strategy_matches_transformers_on_siglip_and_clip(caplog):
         # SigLIP loses a real patch under "default": said once; CLIP drops its [CLS], nothing to say
         assert ("top-left one is lost" in caplog.text) == (prefix == 0)
         assert num_feature_tokens(tower, "patch") == 25 and num_feature_tokens(tower, "cls_patch") == 25 + prefix
+
+
+def test_open_clip_tower_keeps_every_patch_when_trained_even_from_a_patch_dropout_config():
+    from mmtok import registries
+
+    vision = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16, "patch_dropout": 0.5}
+    tower = registries.get("vision tower").create("open_clip", vision_cfg=vision, embed_dim=16).train()
+    states = tower.hidden_states(torch.rand(2, 3, 32, 32))
+    assert states[-1].shape == (2, 1 + 16, 32)  # [CLS] + 4 x 4 patches: FLIP's dropout is off in the MLLM

@@ -499,7 +499,9 @@ class OpenClipTower(VisionTower):
                 config.mean, config.std = [float(v) for v in pre["mean"]], [float(v) for v in pre["std"]]
             config.checkpoint = str(_folder_weights(folder, ("open_clip_model.safetensors", "model.safetensors")))
         if config.vision_cfg:
-            visual = _build_vision_tower(config.embed_dim, CLIPVisionCfg(**config.vision_cfg))
+            # patch dropout (FLIP) is a pretraining device: the MLLM needs every patch, also while it trains the tower
+            cfg = CLIPVisionCfg(**{**config.vision_cfg, "patch_dropout": 0.0})
+            visual = _build_vision_tower(config.embed_dim, cfg)
         else:
             visual = open_clip.create_model(config.model_name, pretrained=None).visual
         if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
