@@ -16,8 +16,7 @@ What mmtok adds around open_clip (the model classes ``open_clip.CLIP`` / ``CLIPV
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mmtok.lazy import lazy_exports
 
 _LAZY = {
     "caption": "mmtok.clip.captions",
@@ -28,11 +27,4 @@ _LAZY = {
 }
 
 __all__ = list(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mmtok.clip' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
