@@ -20,6 +20,7 @@ _LAZY = {
     "encode_image": "mmtok.data.writer",
     "brace_pattern": "mmtok.data.writer",
     "ShardDataset": "mmtok.data.reader",
+    "open_shard": "mmtok.data.reader",
     "expand_pattern": "mmtok.data.reader",
     "read_index": "mmtok.data.reader",
     "DataError": "mmtok.data.decode",
@@ -27,6 +28,7 @@ _LAZY = {
     "decode_sample": "mmtok.data.decode",
     "build_loader": "mmtok.data.loader",
     "ShardLoader": "mmtok.data.loader",
+    "delivered_state": "mmtok.data.loader",
     "default_collate": "mmtok.data.loader",
 }
 

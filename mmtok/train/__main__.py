@@ -8,6 +8,10 @@ to this command (which accepts and ignores ``--local_rank``; ranks come from the
         deepspeed.config=configs/ds/zero2.json
     torchrun --nproc_per_node 2 -m mmtok.train --config configs/toy/fmnist_classifier.yaml
 
+Several nodes: ``tools/launch.sh`` (``NNODES``/``NODE_RANK``/``MASTER_ADDR`` for torchrun, ``HOSTFILE`` for the
+DeepSpeed launcher) and, under SLURM, ``sbatch tools/slurm.sh CONFIG ...`` (one ``python -m mmtok.train.launch
+slurm`` per node, which composes that node's torchrun command); see the README's "Scaling out".
+
 The command lives here, in the engine package, and ``mmtok.cli.train`` re-exports it: the engine never
 imports the command-line package. A config that cannot run (a bad value, a missing file, a device this
 machine lacks, an output path that is a file) ends with one line on stderr and exit status 2, before
