@@ -11,3 +11,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def short_run_args(scenes: object, out: object, steps: int, batch_size: int) -> list[str]:
+    """Overrides of a few-step, single-process CPU run on a small shard folder (``train-*`` / ``val-*``): no
+    resampling, no evaluation or checkpoints mid-run, no schedule tricks, output in ``out``."""
+    return [
+        f"data.train={scenes}/train-*.tar",
+        f"data.val={scenes}/val-*.tar",
+        f"data.batch_size={batch_size}",
+        "data.num_workers=0",
+        "data.shuffle_buffer=8",
+        "data.resampled=false",
+        "data.epoch_length=0",
+        f"train.steps={steps}",
+        "train.eval_every=0",
+        "train.eval_batches=1",
+        "train.ckpt_every=0",
+        "train.max_seconds=0",
+        "train.schedule_by_time=false",
+        "train.progress=false",
+        "train.device=cpu",
+        "optim.warmup_steps=0",
+        f"output_dir={out}",
+    ]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from launching import free_port
+from launching import free_port, short_run_args
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -196,24 +196,7 @@ def test_sample_transform_flips_image_and_caption_together(scenes):
 
 # -- training, export, tower, eval ------------------------------------------------------------------------------
 def _overrides(scenes: Path, out: Path, steps: int = 3) -> list[str]:
-    return [
-        f"data.train={scenes}/train-*.tar",
-        f"data.val={scenes}/val-*.tar",
-        "data.batch_size=8",
-        "data.num_workers=0",
-        "data.shuffle_buffer=8",
-        "data.resampled=false",
-        "data.epoch_length=0",
-        f"train.steps={steps}",
-        "train.eval_every=0",
-        "train.eval_batches=1",
-        "train.ckpt_every=0",
-        "train.max_seconds=0",
-        "train.schedule_by_time=false",
-        "train.progress=false",
-        "train.device=cpu",
-        "optim.warmup_steps=0",
-        f"output_dir={out}",
+    return short_run_args(scenes, out, steps, batch_size=8) + [
         "task.embed_dim=16",
         "task.vision=" + json.dumps(TINY_VISION).replace(" ", ""),
         "task.text=" + json.dumps(TINY_TEXT).replace(" ", ""),

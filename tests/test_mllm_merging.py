@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from mmtok import registries
 from mmtok.mllm import decoder as dec
+from mmtok.mllm.modeling import MLLMConfig
 from mmtok.mllm.pruning import MergeResult, PruneContext, merge_slots
 from mmtok.mllm.pruning import merge as mg
 
@@ -187,18 +188,7 @@ def test_reference_mode_multi_step_equals_loop_rederivation(name):
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    llm = {
-        "model_type": "llama",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 128,
-        "pad_token_id": 0,
-        "eos_token_id": 2,
-        "max_position_embeddings": 512,
-    }
+    llm = {**MLLMConfig().llm, "pad_token_id": 0, "eos_token_id": 2}  # the default tiny Llama (2 x 64)
     return registries.get("mllm").create("llava", llm=llm, image_token_id=IMG).eval()
 
 

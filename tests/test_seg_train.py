@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import free_port
+from launching import free_port, short_run_args
 from tiny_models import tiny_seg_heads, tiny_seg_mllm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,24 +30,7 @@ def scenes(tmp_path_factory):
 def _overrides(scenes: Path, out: Path, steps: int = 3) -> list[str]:
     model = json.dumps(tiny_seg_mllm()).replace(" ", "")
     heads = json.dumps(tiny_seg_heads()).replace(" ", "")
-    return [
-        f"data.train={scenes}/train-*.tar",
-        f"data.val={scenes}/val-*.tar",
-        "data.batch_size=6",
-        "data.num_workers=0",
-        "data.shuffle_buffer=8",
-        "data.resampled=false",
-        "data.epoch_length=0",
-        f"train.steps={steps}",
-        "train.eval_every=0",
-        "train.eval_batches=1",
-        "train.ckpt_every=0",
-        "train.max_seconds=0",
-        "train.schedule_by_time=false",
-        "train.progress=false",
-        "train.device=cpu",
-        "optim.warmup_steps=0",
-        f"output_dir={out}",
+    return short_run_args(scenes, out, steps, batch_size=6) + [
         f"task.model_overrides={model}",
         f"task.heads={heads}",
     ]
