@@ -45,3 +45,16 @@ def fmnist_dir():
     if not os.path.isdir(FMNIST_DIR):
         pytest.fail(f"{FMNIST_DIR} is missing: run `make setup` (installs the Debian package dataset-fashion-mnist)")
     return FMNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def fmnist_shards(tmp_path_factory):
+    """Fashion-MNIST shards of the first 480 images per split, 120 per shard (4 training shards: whole shards for
+    2 processes x 2 workers). Shared by the engine tests, which only read it (their runs write elsewhere)."""
+    from mmtok.data.sources.fashion_mnist import FashionMNISTShardsConfig, build_fashion_mnist
+
+    if not os.path.isdir(FMNIST_DIR):
+        pytest.fail(f"{FMNIST_DIR} is missing: run `make setup` (installs the Debian package dataset-fashion-mnist)")
+    out = tmp_path_factory.mktemp("fmnist_480")
+    build_fashion_mnist(FashionMNISTShardsConfig(out=str(out), limit=480, maxcount=120))
+    return out

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -35,3 +39,12 @@ def short_run_args(scenes: object, out: object, steps: int, batch_size: int) -> 
         "optim.warmup_steps=0",
         f"output_dir={out}",
     ]
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a launched training: this one without any launcher's rank variables (a test may itself
+    run under torchrun or SLURM), one thread per process, DeepSpeed on the CPU, the repository importable."""
+    drop = ("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return env

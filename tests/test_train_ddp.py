@@ -23,15 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "configs" / "toy" / "fmnist_classifier.yaml"
 
 
-@pytest.fixture(scope="module")
-def fmnist_shards(tmp_path_factory):
-    from mmtok.data.sources.fashion_mnist import FashionMNISTShardsConfig, build_fashion_mnist
-
-    out = tmp_path_factory.mktemp("fmnist_ddp")
-    build_fashion_mnist(FashionMNISTShardsConfig(out=str(out), limit=480, maxcount=120))
-    return out
-
-
 def _run(shards: Path, out: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

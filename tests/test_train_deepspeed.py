@@ -29,15 +29,6 @@ BIN = Path(sys.executable).parent
 STEPS = 80
 
 
-@pytest.fixture(scope="module")
-def fmnist_shards(tmp_path_factory):
-    from mmtok.data.sources.fashion_mnist import FashionMNISTShardsConfig, build_fashion_mnist
-
-    out = tmp_path_factory.mktemp("fmnist_ds")
-    build_fashion_mnist(FashionMNISTShardsConfig(out=str(out), limit=480, maxcount=120))  # 4 shards: 2 per rank
-    return out
-
-
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONHASHSEED="0", PYTHONPATH=str(REPO))

@@ -22,7 +22,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from launching import free_port
+from launching import child_env, free_port
 
 from mmtok.train import checkpoint as ckpt
 from mmtok.train.launch import (
@@ -152,21 +152,6 @@ def test_hostfile_and_cli_dry_run():
 
 
 # -- two nodes on this machine ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def fmnist_shards(tmp_path_factory):
-    from mmtok.data.sources.fashion_mnist import FashionMNISTShardsConfig, build_fashion_mnist
-
-    out = tmp_path_factory.mktemp("fmnist_nodes")
-    build_fashion_mnist(FashionMNISTShardsConfig(out=str(out), limit=480, maxcount=120))  # 4 train shards
-    return out
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE"))}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return env
-
-
 def _train_args(shards: Path, out: Path, steps: int, workers: int) -> list[str]:
     return [
         "--config",
@@ -191,7 +176,7 @@ def _train_args(shards: Path, out: Path, steps: int, workers: int) -> list[str]:
 def _run_nodes(cmds: list[list[str]]) -> None:
     """Start one command per node at once and wait for all; every node must succeed."""
     procs = [
-        subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(cmd, env=child_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for cmd in cmds
     ]
     logs = []
@@ -297,7 +282,7 @@ def test_slurm_script_runs_two_nodes(fmnist_shards, tmp_path):
     )
     srun.chmod(0o755)
     out = tmp_path / "slurm"
-    env = _env()
+    env = child_env()
     env.update(
         PATH=f"{bin_dir}:/usr/bin:/bin",
         PYTHON=sys.executable,

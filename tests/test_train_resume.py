@@ -26,17 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "configs" / "toy" / "fmnist_classifier.yaml"
 
 
-@pytest.fixture(scope="module")
-def fmnist_shards(tmp_path_factory):
-    from mmtok.data.sources.fashion_mnist import FashionMNISTShardsConfig, build_fashion_mnist
-
-    if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
-        pytest.fail("Fashion-MNIST is missing: run `make setup` (Debian package dataset-fashion-mnist)")
-    out = tmp_path_factory.mktemp("fmnist")
-    build_fashion_mnist(FashionMNISTShardsConfig(out=str(out), limit=480, maxcount=120))
-    return out
-
-
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")

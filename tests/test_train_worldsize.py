@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import free_port
+from launching import child_env, free_port
 from safetensors.torch import load_file
 
 from mmtok.train import checkpoint as ckpt
@@ -60,21 +59,6 @@ rank = os.environ.get("RANK", "0")
 batches = [task.collate([samples[k] for k in keys]) for keys in plan[rank]]
 train(cfg, resume="auto", train_data=batches)
 """
-
-
-@pytest.fixture(scope="module")
-def fmnist_shards(tmp_path_factory):
-    from mmtok.data.sources.fashion_mnist import FashionMNISTShardsConfig, build_fashion_mnist
-
-    out = tmp_path_factory.mktemp("fmnist_ws")
-    build_fashion_mnist(FashionMNISTShardsConfig(out=str(out), limit=480, maxcount=120))
-    return out
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD_SIZE", "LOCAL_"))}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return env
 
 
 def _overrides(shards: Path, out: Path, backend: str, world: int) -> list[str]:
@@ -111,7 +95,7 @@ def _launch(world: int, entry: list[str], args: list[str]) -> str:
     else:
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(world), "--master_port", str(free_port()), *entry]
         cmd += args
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=REPO, timeout=400)
+    res = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, cwd=REPO, timeout=400)
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-4000:]
     return log
