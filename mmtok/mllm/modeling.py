@@ -603,9 +603,15 @@ class MLLM(nn.Module, hub.HubMixin):
                 if bias is not None:  # generated tokens are single tokens: bias 0
                     bias = torch.cat([bias, bias.new_zeros(b, seq_embeds.shape[1] - bias.shape[1])], dim=1)
                 step_prep = PreparedInputs(
-                    seq_embeds, seq_valid, seq_pos, prep.image_mask, prep.image_positions, None, prep.input_ids
+                    seq_embeds,
+                    seq_valid,
+                    seq_pos,
+                    prep.image_mask,
+                    prep.image_positions,
+                    None,
+                    prep.input_ids,
+                    key_bias=bias,
                 )
-                step_prep.key_bias = bias
                 step_out, _ = self._run(step_prep, pruner, use_cache=False, fixed_keep=fixed)
                 logits = self.lm_logits(step_out.hidden[:, -1]).float()
         seqs = torch.stack(new_tokens, dim=1) if new_tokens else torch.zeros(b, 0, dtype=torch.long)
