@@ -56,6 +56,7 @@ _PROVIDERS: dict[str, tuple[str, ...]] = {
         "mmtok.tokenizers.tasks",
         "mmtok.mllm.tasks",
         "mmtok.mllm.seg.tasks",
+        "mmtok.mllm.seg.tower",
         "mmtok.clip.tasks",
     ),
     "shard builder": ("mmtok.data.sources", "mmtok.tokenizers.shards", "mmtok.mllm.data"),

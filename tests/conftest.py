@@ -58,3 +58,13 @@ def fmnist_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("fmnist_480")
     build_fashion_mnist(FashionMNISTShardsConfig(out=str(out), limit=480, maxcount=120))
     return out
+
+
+@pytest.fixture(scope="session")
+def seg_scenes(tmp_path_factory):
+    """fashion-scenes shards, 32 px canvases (32 train / 8 val / 8 test, 8 per shard), read-only for the tests."""
+    from mmtok.data.sources.scenes import FashionScenesConfig, build_fashion_scenes
+
+    out = tmp_path_factory.mktemp("scenes32")
+    build_fashion_scenes(FashionScenesConfig(out=str(out), train=32, val=8, test=8, canvas=32, maxcount=8))
+    return out

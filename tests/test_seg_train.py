@@ -18,13 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory):
-    from mmtok.data.sources.scenes import FashionScenesConfig, build_fashion_scenes
-
-    out = tmp_path_factory.mktemp("scenes")
-    build_fashion_scenes(FashionScenesConfig(out=str(out), train=32, val=8, test=8, canvas=32, maxcount=8))
-    return out
+@pytest.fixture
+def scenes(seg_scenes):
+    return seg_scenes
 
 
 def _overrides(scenes: Path, out: Path, steps: int = 3) -> list[str]:
