@@ -226,6 +226,55 @@ def test_eval_mllm_cli(model_dir, tmp_path, capsys):
     assert rc == 2 and len(err.splitlines()) == 1 and "must hold a JSON object" in err
 
 
+def test_eval_mllm_blind_baseline(model_dir, tmp_path, capsys):
+    """--blind: the unpruned model shown black canvases; per question type, and ``above_blind`` on every row.
+    With no --methods only the unpruned row (and blind) is evaluated."""
+    from mmtok.cli.main import main
+    from mmtok.mllm.evaluate import answer_accuracy, blind_samples, load_eval_set
+
+    registries.get("shard builder").get("fashion-vqa").target(
+        registries.get("shard builder").build_config("fashion-vqa", out=str(tmp_path / "d"), train=0, val=0, test=6)
+    )
+    data = str(tmp_path / "d" / "test-000000.tar")
+    rc = main(
+        [
+            "eval",
+            "mllm",
+            "--model",
+            str(model_dir),
+            "--data",
+            data,
+            "--methods",
+            "--blind",
+            "--json",
+            f"{tmp_path}/b.json",
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    table = json.loads((tmp_path / "b.json").read_text())
+    assert [r["method"] for r in table["rows"]] == ["none"]
+    blind = table["blind"]
+    assert set(blind["by_type"]) == set(table["question_types"]) and len(blind["answers"]) == table["n"] == 12
+    assert any(ln.startswith("blind ") for ln in out.splitlines()) and "unpruned vs blind per question type" in out
+    # the blind input really is the question alone: the same question gets the same answer whatever the scene
+    model = MLLM.from_pretrained(model_dir).eval()
+    samples = load_eval_set(data)
+    bl = blind_samples(samples)
+    assert all(float(s["image"].abs().max()) == 0.0 for s in bl) and float(samples[0]["image"].max()) > 0
+    by_question: dict[str, set[str]] = {}
+    for s, a in zip(samples, blind["answers"]):
+        by_question.setdefault(s["question"], set()).add(a)
+    assert all(len(v) == 1 for v in by_question.values())
+    assert answer_accuracy(model, bl, batch_size=4)["answers"] == blind["answers"]
+    un, bacc = table["rows"][0]["acc"], blind["acc"]
+    assert (
+        table["rows"][0]["above_blind"] == pytest.approx(1.0)
+        if un > bacc
+        else np.isnan(table["rows"][0]["above_blind"])
+    )
+
+
 def test_eval_runs_each_method_and_different_keep_sets_can_change_answers(tmp_path):
     """Each row runs its own pruner: keep sets differ between methods and, on a model whose answers depend on the
     kept tokens, so do the answers (cls_attention vs vtc_cls, fastv vs dart).

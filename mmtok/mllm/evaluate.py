@@ -16,6 +16,11 @@ to the two layers that saw every token); identical keep sets mean the methods ag
 Merging methods (``tome``, ``pitome``: kind ``merge``) are rows like the others; their "keep set" is the slots of
 their merged tokens. ``--tower-r R`` adds rows ``tower_tome_rR`` / ``tower_pitome_rR``: every image token reaches the
 LLM, but the vision tower merges ``R`` tokens in each block (:mod:`mmtok.mllm.pruning.tower_merge`).
+
+``--blind`` adds the blind baseline: the same model, unpruned, shown an all-black canvas instead of each scene (the
+question alone). It is what a model answers from the question's prior (e.g. "yes" to every "is there" question), per
+question type; each row then also gets ``above_blind`` = (acc - blind) / (unpruned - blind), the share of what the
+image adds that survives pruning. ``--methods`` with no name evaluates the unpruned model (and blind) only.
 """
 
 from __future__ import annotations
@@ -101,6 +106,11 @@ def answer_accuracy(
     }
 
 
+def blind_samples(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same samples with every image replaced by an all-black one (same shape): the blind baseline's input."""
+    return [{**s, "image": torch.zeros_like(s["image"])} for s in samples]
+
+
 def keep_overlap(a: list[list[int]] | None, b: list[list[int]] | None) -> float:
     """Mean Jaccard overlap of two methods' per-sample keep sets (1.0 = identical; None = all kept)."""
     if a is None or b is None:
@@ -110,13 +120,21 @@ def keep_overlap(a: list[list[int]] | None, b: list[list[int]] | None) -> float:
 
 
 def retention_table(
-    model, samples, methods: list[str], keeps: list[int], batch_size: int = 16, tower_rs: tuple[int, ...] = ()
+    model,
+    samples,
+    methods: list[str],
+    keeps: list[int],
+    batch_size: int = 16,
+    tower_rs: tuple[int, ...] = (),
+    blind: bool = False,
 ) -> dict[str, Any]:
     """Accuracy for every (method, keep) plus the unpruned reference, and retention = acc / unpruned acc.
 
     Each row also has ``changed`` (share of answers that differ from the unpruned answers); ``pairs`` compares the
     methods of each budget two by two (keep-set overlap, identical answers). ``tower_rs``: also one row per in-tower
     merging method (ToMe, PiToMe) and tokens merged per tower block ``r``, with no pruning before the LLM.
+    ``blind``: also the blind baseline (see :func:`blind_samples`), as ``table["blind"]`` (``acc``, ``by_type``,
+    ``answers``; printed as a row with keep 0 that is not in ``rows``), and ``above_blind`` in every row.
     """
     from mmtok import registries
 
@@ -125,6 +143,12 @@ def retention_table(
     print_header(types)
     rows = [{"method": "none", "keep": model.num_image_tokens, **base, "retention": 1.0, "changed": 0.0}]
     print_row(rows[0], types)
+    blind_res = None
+    if blind:
+        blind_res = answer_accuracy(model, blind_samples(samples), None, batch_size)
+        changed = sum(a != b for a, b in zip(blind_res["answers"], base["answers"])) / len(base["answers"])
+        blind_res = {**blind_res, "retention": blind_res["acc"] / max(base["acc"], 1e-9), "changed": changed}
+        print_row({"method": "blind", "keep": 0, **blind_res}, types)
     pairs = []
     for keep in keeps:
         at_budget = []
@@ -174,7 +198,17 @@ def retention_table(
             }
             rows.append(row)
             print_row(row, types)
-    return {"unpruned_acc": base["acc"], "n": base["n"], "question_types": types, "rows": rows, "pairs": pairs}
+    table = {"unpruned_acc": base["acc"], "n": base["n"], "question_types": types, "rows": rows, "pairs": pairs}
+    if blind_res is not None:
+        table["blind"] = {k: blind_res[k] for k in ("acc", "by_type", "answers", "seconds", "changed")}
+        for r in rows:
+            r["above_blind"] = above_blind(r["acc"], base["acc"], blind_res["acc"])
+    return table
+
+
+def above_blind(acc: float, unpruned: float, blind: float) -> float:
+    """(acc - blind) / (unpruned - blind): the share of the image's contribution a pruned row keeps (nan if none)."""
+    return (acc - blind) / (unpruned - blind) if unpruned > blind else float("nan")
 
 
 def print_header(types: list[str]) -> None:
@@ -224,7 +258,7 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--model", required=True, help="mmtok MLLM folder or HF llava folder")
     p.add_argument("--data", required=True, help="shard pattern of the held-out split (json: question, answer)")
-    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    p.add_argument("--methods", nargs="*", default=DEFAULT_METHODS, help="pruners (none given: unpruned only)")
     p.add_argument("--keeps", type=int, nargs="+", default=[192, 128, 64])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N samples only")
@@ -234,6 +268,9 @@ def main(argv: list[str]) -> int:
         nargs="*",
         default=[],
         help="also evaluate in-tower ToMe/PiToMe merging with these tokens merged per tower block",
+    )
+    p.add_argument(
+        "--blind", action="store_true", help="also the blind baseline: the unpruned model shown a black canvas"
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default="", help="write the table here")
@@ -269,7 +306,15 @@ def main(argv: list[str]) -> int:
         if k > n:
             print(f"note: --keeps {k} is more than the {n} image tokens: evaluated as {n}")
     print(f"{len(samples)} samples, {n} image tokens per image; 'changed' = share of answers unlike the unpruned ones")
-    table = retention_table(model, samples, args.methods, keeps, args.batch_size, tuple(args.tower_r))
+    if not args.methods:
+        keeps = []
+    table = retention_table(model, samples, args.methods, keeps, args.batch_size, tuple(args.tower_r), args.blind)
+    if "blind" in table:
+        types = table["question_types"]
+        gap = ", ".join(
+            f"{t} {table['rows'][0]['by_type'][t]:.3f} vs {table['blind']['by_type'][t]:.3f}" for t in types
+        )
+        print(f"unpruned vs blind per question type: {gap}")
     for line in explain_ties(model, table):
         print(f"note: {line}")
     if args.json:

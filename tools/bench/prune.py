@@ -314,7 +314,11 @@ def tower_merge(args) -> dict:
 
 
 def accuracy(args) -> dict:
-    """Held-out answer accuracy of a trained MLLM for every method at 192/128/64 kept, as a fraction of unpruned."""
+    """Held-out answer accuracy of a trained MLLM for every method at 192/128/64 kept, as a fraction of unpruned.
+
+    Also the blind baseline (the unpruned model shown black canvases): ``table["blind"]``, and per row
+    ``above_blind`` = (acc - blind) / (unpruned - blind), the share of what the image adds that a method keeps.
+    """
     from mmtok.mllm.evaluate import DEFAULT_METHODS, load_eval_set, retention_table
     from mmtok.mllm.modeling import MLLM
 
@@ -323,7 +327,7 @@ def accuracy(args) -> dict:
     samples = load_eval_set(args.accuracy_data, args.accuracy_limit)
     keeps = [k for k in args.keeps if k < model.num_image_tokens] or [64]
     print(f"\naccuracy retention: {len(samples)} held-out samples, {model.num_image_tokens} image tokens")
-    table = retention_table(model, samples, DEFAULT_METHODS, keeps, tower_rs=tuple(args.accuracy_tower_r))
+    table = retention_table(model, samples, DEFAULT_METHODS, keeps, tower_rs=tuple(args.accuracy_tower_r), blind=True)
     table["model"] = args.accuracy_model
     return table
 
