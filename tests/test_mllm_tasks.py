@@ -119,6 +119,31 @@ def test_configs_validate(cfg):
     assert run.task["name"].startswith("mllm_stage")
 
 
+def test_vqa_recipe_stage_one_export_is_what_stage_two_loads(tmp_path):
+    """configs/mllm/vqa_tower_cpu.yaml (seg_tower) exports the tower that fashion_vqa_cpu.yaml loads: same geometry
+    (96 px, patch 4 -> 576 tokens), conv stem, and the MLLM's tower holds exactly the exported weights."""
+    from safetensors.torch import load_file
+
+    stage1 = load_run_config(["configs/mllm/vqa_tower_cpu.yaml"])
+    stage2 = load_run_config(["configs/mllm/fashion_vqa_cpu.yaml"])
+    assert stage1.task["name"] == "seg_tower" and stage2.task["name"] == "mllm_stage2"
+    tower1 = dict(stage1.task["tower"])
+    tower2 = dict(stage2.task["model_overrides"]["tower"])
+    assert tower2["checkpoint"] == f"{stage1.output_dir}/export"
+    assert tower1["kwargs"] == tower2["kwargs"] and tower1["stem"] == tower2["stem"] == "conv"
+    torch.manual_seed(0)
+    task = registries.get("task").create("seg_tower", **{k: v for k, v in stage1.task.items() if k != "name"})
+    task.export(tmp_path / "export")
+    overrides = {**stage2.task["model_overrides"], "tower": {**tower2, "checkpoint": str(tmp_path / "export")}}
+    model = registries.get("mllm").create(stage2.task["model"], **overrides)
+    assert model.num_image_tokens == 576 and model.tower.config.stem == "conv"
+    exported = load_file(str(tmp_path / "export" / "model.safetensors"))
+    mine = model.tower.model.state_dict()
+    assert exported.keys() == mine.keys()
+    for k, v in exported.items():
+        torch.testing.assert_close(mine[k], v, rtol=0, atol=0)
+
+
 def test_mmtok_train_runs_the_scratch_config(shards, tmp_path):
     from mmtok.train.engine import train
 
