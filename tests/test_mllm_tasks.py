@@ -62,6 +62,39 @@ def test_fashion_vqa_answers_follow_metadata(shards):
     assert len(seen) >= 3
 
 
+def test_fashion_vqa_small_items_variant():
+    """scene_canvas=48 on a 96 px canvas: items of 14-24 px inside one 48 px window placed on the canvas, bboxes in
+    canvas pixels (answers still follow them), nothing item-bright outside the window; scene_canvas=0 keeps the
+    default scenes exactly (same random stream)."""
+    import numpy as np
+
+    from mmtok.data.sources.scenes import make_scene, split_source
+    from mmtok.mllm.data import FashionVQAConfig, vqa_samples
+
+    small = list(vqa_samples(FashionVQAConfig(scene_canvas=48, questions_per_scene=4), "test", 12))
+    assert {s["json"]["qtype"] for s in small} >= {"count", "colour", "exists"}
+    for smp in small:
+        rgb, meta = smp["png"], smp["json"]
+        assert rgb.shape == (96, 96, 3) and meta["scene_canvas"] == 48
+        boxes = np.array([it["bbox"] for it in meta["items"]])
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 96).all()
+        assert ((boxes[:, 2:] - boxes[:, :2]) <= 24).all()  # items <= 50% of the 48 px scene
+        x0, y0 = boxes[:, :2].min(0)
+        x1, y1 = boxes[:, 2:].max(0)
+        assert x1 - x0 <= 48 and y1 - y0 <= 48
+        bright = rgb.max(-1) > 90  # tinted item pixels; the background stays darker
+        outside = bright.copy()
+        outside[max(0, y1 - 48) : y0 + 48, max(0, x1 - 48) : x0 + 48] = False
+        assert bright.any() and not outside.any()
+        if meta["qtype"] == "left":
+            assert meta["answer"] == min(meta["items"], key=lambda it: it["bbox"][0] + it["bbox"][2])["class_name"]
+    # the default (scene_canvas=0) is unchanged: scene s of a split is make_scene on its own generator
+    images, labels, fidx = split_source("test")
+    first = next(vqa_samples(FashionVQAConfig(), "test", 1))
+    rgb, _, _ = make_scene(np.random.default_rng([0, 7, 2, 0]), images, labels, 96, 1, 4, indices=fidx)
+    np.testing.assert_array_equal(first["png"], rgb)
+
+
 def _task(name: str, **kw):
     return registries.get("task").create(name, model="llava_fashion_small", model_overrides=TINY, **kw)
 
