@@ -149,3 +149,22 @@ def test_photo_recipe_warns_about_64_px_crops(caplog, tmp_path):
     with caplog.at_level(logging.WARNING, logger="mmtok.tokenizers.tasks"):
         task.sample_transform("train")({"image": torch.rand(3, default_size, default_size)})
     assert any("upsampled" in r.getMessage() for r in caplog.records)
+
+
+def test_photo_recipe_dead_code_settings_fit_its_batch():
+    """The f8 recipe's restart settings are in hits per code and step: they only mean something next to
+    its batch (tokens per step / codebook size), so a batch change that breaks them fails here."""
+    from omegaconf import OmegaConf
+
+    recipe = OmegaConf.to_container(OmegaConf.load(REPO / "configs/tokenizer/vq_photos_f8.yaml"))
+    task = registries.get("task").create("tokenizer", **{k: v for k, v in recipe["task"].items() if k != "name"})
+    cfg = task.tokenizer.config
+    tokens_per_step = recipe["data"]["batch_size"] * (cfg.image_size // cfg.downsample) ** 2
+    uniform = tokens_per_step / cfg.codebook_size
+    assert cfg.codebook_size == 1024 and uniform == 4.0
+    assert 0 < cfg.threshold_ema_dead_code < uniform <= cfg.reset_cluster_size
+    # an unused code is found within ~10 steps (ln(uniform / threshold) / -ln(decay)), not ~70 as at 0.99
+    assert np.log(uniform / cfg.threshold_ema_dead_code) / -np.log(cfg.decay) < 10
+    book = task.tokenizer.quantizer.vq._codebook  # what the library layer really runs with
+    assert book.decay == cfg.decay and book.reset_cluster_size == cfg.reset_cluster_size
+    assert book.threshold_ema_dead_code == cfg.threshold_ema_dead_code

@@ -176,3 +176,74 @@ def test_usage_window_slides():
     q = QUANTIZERS.create("fsq", dim=4, levels=[5, 3], usage_window=10)
     q._record(torch.arange(15))
     assert sorted(q._recent[:, 0].tolist()) == list(range(5, 15))
+
+
+def _dead_code_setup(reset: float):
+    """A 4-code VQ (2-dim, Euclidean, no k-means) whose code 3 is dead: EMA sizes [10, 10, 10, 0.5]."""
+    torch.manual_seed(0)
+    q = QUANTIZERS.create(
+        "vq",
+        dim=2,
+        codebook_size=4,
+        kmeans_init=False,
+        use_cosine_sim=False,
+        decay=0.9,
+        threshold_ema_dead_code=2.0,
+        reset_cluster_size=reset,
+        rotation_trick=False,
+        usage_window=100,
+    )
+    cb = q.vq._codebook
+    embed = torch.tensor([[[4.0, 0.0], [-4.0, 0.0], [0.0, 4.0], [0.0, -4.0]]])  # [1, K, d]
+    cb.embed.copy_(embed)
+    cb.cluster_size.copy_(torch.tensor([[10.0, 10.0, 10.0, 0.5]]))
+    cb.embed_avg.copy_(embed * cb.cluster_size[..., None])
+    return q, cb
+
+
+@pytest.mark.parametrize("reset", [0.0, 6.0])
+def test_restarted_code_starts_at_reset_cluster_size(reset):
+    q, cb = _dead_code_setup(reset)
+    near_0 = torch.tensor([4.0, 0.1]).expand(1, 8, 2)  # every vector goes to code 0
+    q(near_0)
+    # code 3: 0.9 * 0.5 + 0.1 * 0 = 0.45 < 2 -> moved onto a batch vector, EMA size = reset (0: the threshold)
+    start = reset or 2.0
+    assert cb.cluster_size[0, 3] == pytest.approx(start)
+    assert torch.allclose(cb.embed[0, 3], torch.tensor([4.0, 0.1]))
+    near_1 = torch.tensor([-4.0, 0.1]).expand(1, 8, 2)  # a step in which the restarted code gets no hit
+    q(near_1)
+    if reset:  # 0.9 * 6 = 5.4 >= 2: it keeps its place and gets time to win a region
+        assert cb.cluster_size[0, 3] == pytest.approx(0.9 * reset)
+        assert torch.allclose(cb.embed[0, 3], torch.tensor([4.0, 0.1]))
+    else:  # library default: 0.9 * 2 = 1.8 < 2, restarted again at once (now onto a vector near code 1)
+        assert cb.cluster_size[0, 3] == pytest.approx(2.0)
+        assert torch.allclose(cb.embed[0, 3], torch.tensor([-4.0, 0.1]))
+
+
+def test_reset_cluster_size_below_threshold_is_refused_and_reaches_every_residual_level():
+    with pytest.raises(ValueError, match="below threshold_ema_dead_code"):
+        QUANTIZERS.create("vq", dim=8, codebook_size=16, threshold_ema_dead_code=2.0, reset_cluster_size=1.0)
+    with pytest.raises(ValueError, match="reset_cluster_size must be >= 0"):
+        QUANTIZERS.create("vq", dim=8, codebook_size=16, reset_cluster_size=-1.0)
+    q = QUANTIZERS.create("rvq", dim=8, codebook_size=16, num_quantizers=3, reset_cluster_size=5.0)
+    assert [layer._codebook.reset_cluster_size for layer in q.rvq.layers] == [5.0] * 3
+    # the tokenizer config carries it to its quantizer
+    m = TOKENIZERS.create("vq_tiny_f4", **tiny("vq_tiny_f4"), reset_cluster_size=3.0)
+    assert m.quantizer.vq._codebook.reset_cluster_size == 3.0
+
+
+def test_dead_code_threshold_is_compared_with_the_uniform_rate(caplog):
+    import logging
+
+    q = QUANTIZERS.create("vq", dim=8, codebook_size=32, threshold_ema_dead_code=2.0)
+    with caplog.at_level(logging.INFO, logger="mmtok.tokenizers.quantizers"):
+        q(torch.randn(1, 48, 8))  # 48 vectors into 32 codes: 1.5 hits per code and step < threshold 2
+        q(torch.randn(1, 48, 8))  # said once, not every step
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "uniform use" in r.getMessage()]
+    assert len(warnings) == 1 and "1.50" in warnings[0].getMessage()
+    caplog.clear()
+    q = QUANTIZERS.create("vq", dim=8, codebook_size=32, threshold_ema_dead_code=2.0)
+    with caplog.at_level(logging.INFO, logger="mmtok.tokenizers.quantizers"):
+        q(torch.randn(4, 64, 8))  # 8 hits per code and step: fine, only the info line
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("8.00 hits per code" in r.getMessage() for r in caplog.records)

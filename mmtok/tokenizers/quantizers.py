@@ -24,6 +24,21 @@ What mmtok adds on top of the library:
   read it with care.
   Counting every assignment instead (as a plain bincount over an evaluation set does) makes usage grow
   with the number of evaluated images, so evaluation uses the same window.
+* Dead-code restart in the library's own units, spelled out. ``threshold_ema_dead_code`` is compared
+  with a code's EMA cluster size, the exponential average (weight ``1 - decay``) of its hits *per
+  training step*; a code below it is moved onto a random vector of the current batch and its cluster
+  size set to ``reset_cluster_size``. Three consequences the library leaves implicit:
+  (1) the threshold means something only next to the uniform rate ``tokens per step / codebook_size``
+  (batch 16 of 16x16 grids into 1,024 codes: 4 hits per code and step; threshold 2 = half of uniform),
+  so it must move with the batch; (2) a code that stops being hit is found only after
+  ``ln(size / threshold) / -ln(decay)`` steps: about 70 steps from the uniform 4 down to 2 at decay
+  0.99, so in a 170-step CPU budget dead codes sit undetected for most of the run (k-means init counts
+  the first batch's cluster sizes, all about 4); (3) the library restarts a code *at* the threshold
+  (``reset_cluster_size`` defaults to it), so a restarted code that gets fewer hits than the threshold in
+  its first step drops below it and is replaced again at once: it never gets time to win a region.
+  ``reset_cluster_size`` (ours, 0 = the library's choice) gives a restarted code a start above the
+  threshold; it must not be below it. The first training forward logs the uniform rate next to the
+  threshold and warns when the threshold is at or above it (every code would be restarted).
 * Outside training the nearest-code search is ours and chunked (:func:`nearest_code`): it never
   materialises more than ``search_chunk_bytes`` of distances (the library builds the full N x K matrix,
   ~1 GB for 16k codes and a batch of 16k vectors). Training keeps the library's path, which needs the
@@ -72,7 +87,8 @@ class QuantizerConfig:
     decay: float = 0.99  # EMA decay of the codebook
     kmeans_init: bool = True  # init codes by k-means on the first batch
     kmeans_iters: int = 10
-    threshold_ema_dead_code: float = 2.0  # replace codes whose EMA cluster size drops below (0 = off)
+    threshold_ema_dead_code: float = 2.0  # replace codes whose EMA hits per step drop below (0 = off)
+    reset_cluster_size: float = 0.0  # EMA hits per step a restarted code starts from (0 = the threshold)
     commitment_weight: float = 0.25
     rotation_trick: bool = True  # gradient estimator through the quantizer (False = straight-through)
     num_quantizers: int = 4  # residual VQ depth
@@ -242,6 +258,50 @@ def _vq_kwargs(c: QuantizerConfig) -> dict:
     )
 
 
+def _configure_restart(layer: VectorQuantize, c: QuantizerConfig) -> None:
+    """Set the restart size of one library VQ layer (its constructor does not take it)."""
+    if c.reset_cluster_size < 0:
+        raise ValueError(f"reset_cluster_size must be >= 0 (0 = the threshold), got {c.reset_cluster_size}")
+    if c.threshold_ema_dead_code > 0 and 0 < c.reset_cluster_size < c.threshold_ema_dead_code:
+        raise ValueError(
+            f"reset_cluster_size {c.reset_cluster_size} is below threshold_ema_dead_code "
+            f"{c.threshold_ema_dead_code}: every restarted code would be replaced again the next step; "
+            "use a value >= the threshold (or 0 for the threshold itself)"
+        )
+    if c.reset_cluster_size > 0:
+        layer._codebook.reset_cluster_size = float(c.reset_cluster_size)
+
+
+def _check_restart_rate(c: QuantizerConfig, tokens: int, layer: VectorQuantize) -> None:
+    """Log the uniform hits per code and step next to the dead-code threshold (once per quantizer).
+
+    ``tokens`` are this process's vectors per step; a codebook synced across ranks sums the counts of
+    every rank (the library all-reduces them), so the rate is then per step of the whole job.
+    """
+    if c.threshold_ema_dead_code <= 0:
+        return
+    if layer._codebook.use_ddp and torch.distributed.is_initialized():
+        tokens *= torch.distributed.get_world_size()
+    uniform = tokens / c.codebook_size
+    logger.info(
+        "dead-code restart: %d vectors per step into %d codes = %.2f hits per code at uniform use; threshold %.2f, "
+        "restart size %.2f, decay %.3f",
+        tokens,
+        c.codebook_size,
+        uniform,
+        c.threshold_ema_dead_code,
+        c.reset_cluster_size or c.threshold_ema_dead_code,
+        c.decay,
+    )
+    if c.threshold_ema_dead_code >= uniform:
+        logger.warning(
+            "threshold_ema_dead_code %.2f >= %.2f hits per code and step at uniform use (batch x tokens / codebook "
+            "size): most codes will be restarted every step; lower the threshold or raise the batch",
+            c.threshold_ema_dead_code,
+            uniform,
+        )
+
+
 def _search(vq: VectorQuantize, x: Tensor, chunk_bytes: int) -> tuple[Tensor, Tensor]:
     """Inference path of one library VQ layer: (indices [B, N], quantized [B, N, D]) without N x K matrices."""
     z = vq.project_in(x)
@@ -261,9 +321,14 @@ class VQ(Quantizer):
         super().__init__(config)
         self.codebook_size = config.codebook_size
         self.vq = VectorQuantize(dim=config.dim, codebook_size=config.codebook_size, **_vq_kwargs(config))
+        _configure_restart(self.vq, config)
+        self._rate_logged = False
 
     def _quantize(self, x: Tensor) -> QuantizerOutput:
         if self.training:
+            if not self._rate_logged:
+                _check_restart_rate(self.config, x.shape[0] * x.shape[1], self.vq)
+                self._rate_logged = True
             q, ids, loss = self.vq(x)
             return QuantizerOutput(q, ids, loss.reshape(()))
         ids, q = _search(self.vq, x, self.config.search_chunk_bytes)
@@ -288,9 +353,15 @@ class RVQ(Quantizer):
             quantize_dropout=False,
             **_vq_kwargs(config),
         )
+        for layer in self.rvq.layers:
+            _configure_restart(layer, config)
+        self._rate_logged = False
 
     def _quantize(self, x: Tensor) -> QuantizerOutput:
         if self.training:
+            if not self._rate_logged:
+                _check_restart_rate(self.config, x.shape[0] * x.shape[1], self.rvq.layers[0])
+                self._rate_logged = True
             q, ids, losses = self.rvq(x)
             return QuantizerOutput(q, ids, losses.sum())
         z = self.rvq.project_in(x)

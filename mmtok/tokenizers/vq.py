@@ -43,7 +43,8 @@ class VQConfig:
     use_cosine_sim: bool = True  # l2-normalised codes (LlamaGen)
     decay: float = 0.99
     kmeans_init: bool = True
-    threshold_ema_dead_code: float = 2.0
+    threshold_ema_dead_code: float = 2.0  # EMA hits per code and step below which a code is restarted
+    reset_cluster_size: float = 0.0  # EMA hits per step a restarted code starts from (0 = the threshold)
     commitment_weight: float = 0.25
     rotation_trick: bool = True
     num_quantizers: int = 4
@@ -137,7 +138,9 @@ class VQTokenizer(BaseTokenizer):
         n_down = int(math.log2(f))
         self.encoder = ConvEncoder(config, n_down)
         self.decoder = ConvDecoder(config, n_down)
-        self.quantizer = QUANTIZERS.create(config.quantizer, **vars(quantizer_config(config, config.latent_dim)))
+        qcfg = quantizer_config(config, config.latent_dim)
+        qcfg.reset_cluster_size = config.reset_cluster_size  # not among the fields every tokenizer shares
+        self.quantizer = QUANTIZERS.create(config.quantizer, **vars(qcfg))
 
     @property
     def tokens_shape(self) -> tuple[int, int]:

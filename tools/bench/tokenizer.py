@@ -6,13 +6,17 @@
 3. Quality after a fixed wall-clock CPU budget (``--budget-s`` per model): VQ f4 on Fashion-MNIST
    (28 px, 512 codes; evaluated on 1,000 test images) and VQ f8 on 128x128 photo crops (1024 codes;
    trained on crops of the non-held-out photos, evaluated on crops of the held-out astronaut and
-   chelsea). Reports PSNR, SSIM, codebook health and the steps the budget allowed. Codebook health has
+   chelsea). Each model takes its overrides (codebook size, EMA decay, dead-code threshold, ...) from its
+   recipe's ``task.model`` (``configs/tokenizer/vq_fmnist.yaml``, ``vq_photos_f8.yaml``), so the bench
+   measures the recipe; ``--f8-over '{"decay": 0.99}'`` changes fields on top of it (an earlier recipe).
+   Reports PSNR, SSIM, codebook health and the steps the budget allowed. Codebook health has
    one definition (``mmtok.tokenizers.quantizers.codebook_stats``): over the last 65,536 assignments,
    usage = distinct codes / codebook size, usage >= 4 = share of codes hit at least 4 times, and
    perplexity; the evaluation figures count the evaluation's assignments (how many is printed), the
    ``train_window_*`` ones the last training assignments.
 
     python tools/bench/tokenizer.py [--quick] [--json out.json] [--budget-s 300] [--threads 1]
+        [--skip-speed] [--models f4,f8] [--f4-over JSON] [--f8-over JSON]
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +41,18 @@ SPEED_MODELS = [
     ("titok_tiny_k32", {}),
     ("pca1d_tiny_k16", {}),
 ]
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = {"f4": REPO / "configs/tokenizer/vq_fmnist.yaml", "f8": REPO / "configs/tokenizer/vq_photos_f8.yaml"}
+
+
+def recipe_model(which: str, extra: dict | None = None) -> dict:
+    """``task.model`` overrides of a quality model's recipe YAML, with ``extra`` on top."""
+    from omegaconf import OmegaConf
+
+    over = OmegaConf.to_container(OmegaConf.load(RECIPES[which]).task.model)
+    return {**over, **(extra or {})}
+
 
 _MEM_SNIPPET = """
 import sys, torch
@@ -138,53 +155,57 @@ def photo_train_crops(n: int, size: int = 128, held_out=("astronaut", "chelsea")
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float().div(255)
 
 
-def quality(budget_s: float, n_eval: int) -> list[dict]:
-    from mmtok.data.sources.fashion_mnist import load_fashion_mnist
+def _row(model: str, data: str, steps: int, sec: float, batch: int, over: dict, res: dict, st: dict) -> dict:
+    return {
+        "model": model,
+        "data": data,
+        "steps": steps,
+        "train_s": sec,
+        "s_per_step": sec / max(steps, 1),
+        "batch": batch,
+        "model_overrides": over,
+        "psnr": res["psnr"],
+        "ssim": res["ssim"],
+        "usage": res["usage"],
+        "usage_ge4": res["usage_ge4"],
+        "perplexity": res["perplexity"],
+        "usage_assignments": res["usage_assignments"],
+        "train_window_usage": st["usage"],
+        "train_window_usage_ge4": st["usage_ge4"],
+        "train_window_perplexity": st["perplexity"],
+    }
 
+
+def quality(budget_s: float, n_eval: int, models=("f4", "f8"), f4_over=None, f8_over=None) -> list[dict]:
     rows = []
-    tr, _ = load_fashion_mnist("train")
-    fm = torch.from_numpy(tr[:20000].copy()).float().div(255)[:, None]
-    model, steps, sec, st = train_for("vq_small_f4", {"image_size": 28, "codebook_size": 512}, fm, budget_s, 64, 2e-3)
-    res = evaluate_tokenizer(model, load_eval_images("fmnist", n_eval), fid=False)
-    rows.append(
-        {
-            "model": "vq_small_f4 (512 codes)",
-            "data": "Fashion-MNIST test",
-            "steps": steps,
-            "train_s": sec,
-            "batch": 64,
-            "psnr": res["psnr"],
-            "ssim": res["ssim"],
-            "usage": res["usage"],
-            "usage_ge4": res["usage_ge4"],
-            "perplexity": res["perplexity"],
-            "usage_assignments": res["usage_assignments"],
-            "train_window_usage": st["usage"],
-            "train_window_usage_ge4": st["usage_ge4"],
-            "train_window_perplexity": st["perplexity"],
-        }
-    )
-    photos = photo_train_crops(2000)
-    model, steps, sec, st = train_for("vq_small_f8", {"codebook_size": 1024}, photos, budget_s, 16, 1e-3)
-    res = evaluate_tokenizer(model, load_eval_images("photos", max(64, n_eval // 4)), fid=False)
-    rows.append(
-        {
-            "model": "vq_small_f8 (1024 codes)",
-            "data": "held-out photo crops 128px",
-            "steps": steps,
-            "train_s": sec,
-            "batch": 16,
-            "psnr": res["psnr"],
-            "ssim": res["ssim"],
-            "usage": res["usage"],
-            "usage_ge4": res["usage_ge4"],
-            "perplexity": res["perplexity"],
-            "usage_assignments": res["usage_assignments"],
-            "train_window_usage": st["usage"],
-            "train_window_usage_ge4": st["usage_ge4"],
-            "train_window_perplexity": st["perplexity"],
-        }
-    )
+    if "f4" in models:
+        from mmtok.data.sources.fashion_mnist import load_fashion_mnist
+
+        tr, _ = load_fashion_mnist("train")
+        fm = torch.from_numpy(tr[:20000].copy()).float().div(255)[:, None]
+        over = recipe_model("f4", f4_over)
+        model, steps, sec, st = train_for("vq_small_f4", over, fm, budget_s, 64, 2e-3)
+        res = evaluate_tokenizer(model, load_eval_images("fmnist", n_eval), fid=False)
+        rows.append(
+            _row(f"vq_small_f4 ({model.codebook_size} codes)", "Fashion-MNIST test", steps, sec, 64, over, res, st)
+        )
+    if "f8" in models:
+        photos = photo_train_crops(2000)
+        over = recipe_model("f8", f8_over)
+        model, steps, sec, st = train_for("vq_small_f8", over, photos, budget_s, 16, 1e-3)
+        res = evaluate_tokenizer(model, load_eval_images("photos", max(64, n_eval // 4)), fid=False)
+        rows.append(
+            _row(
+                f"vq_small_f8 ({model.codebook_size} codes)",
+                "held-out photo crops 128px",
+                steps,
+                sec,
+                16,
+                over,
+                res,
+                st,
+            )
+        )
     return rows
 
 
@@ -195,38 +216,50 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=300.0, help="training wall-clock per quality model")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true", help="skip the speed and search-memory sections")
+    ap.add_argument("--models", default="f4,f8", help="quality models to train: f4, f8 or both")
+    ap.add_argument("--f4-over", default="{}", help="JSON tokenizer-config fields on top of the f4 recipe's task.model")
+    ap.add_argument("--f8-over", default="{}", help="JSON tokenizer-config fields on top of the f8 recipe's task.model")
     args = ap.parse_args()
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if set(models) - set(RECIPES):
+        ap.error(f"--models takes f4 and/or f8, not {args.models!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = 3 if args.quick else 10
     budget = 30.0 if args.quick else args.budget_s
     results: dict = {"threads": torch.get_num_threads(), "budget_s": budget}
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    results["speed"] = [r for d in devices for r in speed(d, reps)]
-    print(f"{'model':18s} {'dev':5s} {'batch':>5s} {'image':>10s} {'enc img/s':>10s} {'dec img/s':>10s}")
+    results["speed"] = [] if args.skip_speed else [r for d in devices for r in speed(d, reps)]
+    if results["speed"]:
+        print(f"{'model':18s} {'dev':5s} {'batch':>5s} {'image':>10s} {'enc img/s':>10s} {'dec img/s':>10s}")
     for r in results["speed"]:
         print(
             f"{r['model']:18s} {r['device']:5s} {r['batch']:5d} {r['image']:>10s} "
             f"{r['encode_img_s']:10.1f} {r['decode_img_s']:10.1f}"
         )
-    results["search_memory"] = search_memory()
-    m = results["search_memory"]
-    print(
-        f"\nnearest-code search, 16384 vectors x 16384 codes (dim 8): chunked peak {m['chunked_peak_mb']:.0f} MB "
-        f"(chunk bound 64 MB) vs library full matrix {m['library_full_peak_mb']:.0f} MB "
-        f"(one N x K fp32 matrix = {m['full_matrix_mb']:.0f} MB)"
-    )
+    if not args.skip_speed:
+        results["search_memory"] = search_memory()
+        m = results["search_memory"]
+        print(
+            f"\nnearest-code search, 16384 vectors x 16384 codes (dim 8): chunked peak {m['chunked_peak_mb']:.0f} MB "
+            f"(chunk bound 64 MB) vs library full matrix {m['library_full_peak_mb']:.0f} MB "
+            f"(one N x K fp32 matrix = {m['full_matrix_mb']:.0f} MB)"
+        )
     if not args.skip_quality:
-        results["quality"] = quality(budget, 256 if args.quick else 1000)
+        results["quality"] = quality(
+            budget, 256 if args.quick else 1000, models, json.loads(args.f4_over), json.loads(args.f8_over)
+        )
         print(f"\nquality after a {budget:.0f} s CPU training budget ({results['threads']} threads):")
         print(
-            f"{'model':26s} {'data':28s} {'steps':>6s} {'PSNR':>6s} {'SSIM':>6s} {'usage':>6s} {'>=4':>6s} "
-            f"{'ppl':>7s} {'assign':>7s}"
+            f"{'model':26s} {'data':28s} {'steps':>6s} {'s/step':>6s} {'PSNR':>6s} {'SSIM':>6s} {'usage':>6s} "
+            f"{'>=4':>6s} {'ppl':>7s} {'assign':>7s}"
         )
         for r in results["quality"]:
             print(
-                f"{r['model']:26s} {r['data']:28s} {r['steps']:6d} {r['psnr']:6.2f} {r['ssim']:6.3f} "
-                f"{r['usage']:6.1%} {r['usage_ge4']:6.1%} {r['perplexity']:7.1f} {r['usage_assignments']:7d}"
+                f"{r['model']:26s} {r['data']:28s} {r['steps']:6d} {r['s_per_step']:6.2f} {r['psnr']:6.2f} "
+                f"{r['ssim']:6.3f} {r['usage']:6.1%} {r['usage_ge4']:6.1%} {r['perplexity']:7.1f} "
+                f"{r['usage_assignments']:7d}"
             )
     if args.json:
         with open(args.json, "w") as f:
