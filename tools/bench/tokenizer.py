@@ -16,7 +16,7 @@
    ``train_window_*`` ones the last training assignments.
 
     python tools/bench/tokenizer.py [--quick] [--json out.json] [--budget-s 300] [--threads 1]
-        [--skip-speed] [--models f4,f8] [--f4-over JSON] [--f8-over JSON]
+        [--skip-speed] [--models f4,f8] [--f4-over JSON] [--f8-over JSON] [--seed 0]
 """
 
 from __future__ import annotations
@@ -123,8 +123,10 @@ def search_memory() -> dict:
     return out
 
 
-def train_for(name: str, over: dict, images: torch.Tensor, budget_s: float, batch: int, lr: float) -> tuple:
-    torch.manual_seed(0)
+def train_for(
+    name: str, over: dict, images: torch.Tensor, budget_s: float, batch: int, lr: float, seed: int = 0
+) -> tuple:
+    torch.manual_seed(seed)  # init, k-means init, batch draws and restarts
     task = registries.get("task").create("tokenizer", tokenizer=name, model=over)
     opt = torch.optim.AdamW(task.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     c, s = task.tokenizer.config.in_channels, task.tokenizer.config.image_size
@@ -176,7 +178,7 @@ def _row(model: str, data: str, steps: int, sec: float, batch: int, over: dict, 
     }
 
 
-def quality(budget_s: float, n_eval: int, models=("f4", "f8"), f4_over=None, f8_over=None) -> list[dict]:
+def quality(budget_s: float, n_eval: int, models=("f4", "f8"), f4_over=None, f8_over=None, seed: int = 0) -> list[dict]:
     rows = []
     if "f4" in models:
         from mmtok.data.sources.fashion_mnist import load_fashion_mnist
@@ -184,7 +186,7 @@ def quality(budget_s: float, n_eval: int, models=("f4", "f8"), f4_over=None, f8_
         tr, _ = load_fashion_mnist("train")
         fm = torch.from_numpy(tr[:20000].copy()).float().div(255)[:, None]
         over = recipe_model("f4", f4_over)
-        model, steps, sec, st = train_for("vq_small_f4", over, fm, budget_s, 64, 2e-3)
+        model, steps, sec, st = train_for("vq_small_f4", over, fm, budget_s, 64, 2e-3, seed)
         res = evaluate_tokenizer(model, load_eval_images("fmnist", n_eval), fid=False)
         rows.append(
             _row(f"vq_small_f4 ({model.codebook_size} codes)", "Fashion-MNIST test", steps, sec, 64, over, res, st)
@@ -192,7 +194,7 @@ def quality(budget_s: float, n_eval: int, models=("f4", "f8"), f4_over=None, f8_
     if "f8" in models:
         photos = photo_train_crops(2000)
         over = recipe_model("f8", f8_over)
-        model, steps, sec, st = train_for("vq_small_f8", over, photos, budget_s, 16, 1e-3)
+        model, steps, sec, st = train_for("vq_small_f8", over, photos, budget_s, 16, 1e-3, seed)
         res = evaluate_tokenizer(model, load_eval_images("photos", max(64, n_eval // 4)), fid=False)
         rows.append(
             _row(
@@ -220,6 +222,7 @@ def main() -> None:
     ap.add_argument("--models", default="f4,f8", help="quality models to train: f4, f8 or both")
     ap.add_argument("--f4-over", default="{}", help="JSON tokenizer-config fields on top of the f4 recipe's task.model")
     ap.add_argument("--f8-over", default="{}", help="JSON tokenizer-config fields on top of the f8 recipe's task.model")
+    ap.add_argument("--seed", type=int, default=0, help="torch seed of the quality trainings")
     args = ap.parse_args()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if set(models) - set(RECIPES):
@@ -228,7 +231,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     reps = 3 if args.quick else 10
     budget = 30.0 if args.quick else args.budget_s
-    results: dict = {"threads": torch.get_num_threads(), "budget_s": budget}
+    results: dict = {"threads": torch.get_num_threads(), "budget_s": budget, "seed": args.seed}
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     results["speed"] = [] if args.skip_speed else [r for d in devices for r in speed(d, reps)]
     if results["speed"]:
@@ -248,7 +251,7 @@ def main() -> None:
         )
     if not args.skip_quality:
         results["quality"] = quality(
-            budget, 256 if args.quick else 1000, models, json.loads(args.f4_over), json.loads(args.f8_over)
+            budget, 256 if args.quick else 1000, models, json.loads(args.f4_over), json.loads(args.f8_over), args.seed
         )
         print(f"\nquality after a {budget:.0f} s CPU training budget ({results['threads']} threads):")
         print(
