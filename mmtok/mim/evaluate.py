@@ -1,8 +1,9 @@
 """``mmtok eval mim``: evaluate a masked-modeling model.
 
 - Image encoders (a saved ``vit``/MAE folder or a run's ``export/``): linear probe on Fashion-MNIST
-  (frozen mean-pooled final-norm features, standardised, logistic regression with C tuned on a
-  held-out part of train), optional short fine-tune, and for MAEs a reconstruction figure
+  (frozen mean-pooled final-norm features, standardised, a converged logistic regression with C tuned on
+  a held-out part of train from a grid that brackets the optimum: :func:`mmtok.mim.probe.linear_probe`),
+  optional short fine-tune, and for MAEs a reconstruction figure
   (rows: original / masked / reconstructed) as PNG.
 - Video encoders: the same probe on moving-fashion clip labels from shards (``--video-train`` /
   ``--video-test``).
@@ -28,6 +29,7 @@ from mmtok import hub, registries
 from mmtok.mim.mae import MAE
 from mmtok.mim.masking import MaskContext
 from mmtok.mim.mtm import MTM
+from mmtok.mim.probe import DEFAULT_CS
 from mmtok.mim.vit import ViTEncoder
 
 logger = logging.getLogger(__name__)
@@ -109,6 +111,8 @@ def fmnist_probe(encoder: ViTEncoder, args: argparse.Namespace) -> dict[str, Any
         "probe_accuracy": r.accuracy,
         "probe_C": r.C,
         "probe_val_accuracy": r.val_accuracy,
+        "probe_converged": r.all_converged,
+        "probe_C_at_edge": r.C_at_edge,
         "features": ftr.shape[1],
     }
 
@@ -152,7 +156,14 @@ def video_probe(encoder: ViTEncoder, train: str, test: str, limit: int = 0, pool
     ftr, ytr = feats(train)
     fte, yte = feats(test)
     r = linear_probe(ftr, ytr, fte, yte)
-    return {"video_probe_accuracy": r.accuracy, "video_probe_C": r.C, "train_clips": len(ytr), "test_clips": len(yte)}
+    return {
+        "video_probe_accuracy": r.accuracy,
+        "video_probe_C": r.C,
+        "video_probe_converged": r.all_converged,
+        "video_probe_C_at_edge": r.C_at_edge,
+        "train_clips": len(ytr),
+        "test_clips": len(yte),
+    }
 
 
 @torch.no_grad()
@@ -198,7 +209,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-probe", action="store_true", help="skip the Fashion-MNIST linear probe")
     p.add_argument("--pool", default="mean", choices=["mean", "cls", "mean+cls"])
     p.add_argument("--probe-layers", type=int, default=1, help="concatenate pooled features of the last L blocks")
-    p.add_argument("--probe-c", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0])
+    p.add_argument(
+        "--probe-c",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_CS),
+        help="starting C grid of the probe, extended while the best C sits at an edge; one value = no tuning",
+    )
     p.add_argument("--limit-train", type=int, default=0)
     p.add_argument("--limit-test", type=int, default=0)
     p.add_argument("--finetune", action="store_true", help="also fine-tune on Fashion-MNIST")

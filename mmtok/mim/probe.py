@@ -1,10 +1,21 @@
 """Evaluating a masked-modeling encoder: frozen-feature linear probe and a short fine-tune.
 
-The linear probe follows MAE's protocol in spirit (arXiv:2111.06377, sec. 4: features of the frozen
-encoder, a linear classifier) but uses scikit-learn's multinomial logistic regression on standardised
-features, with the inverse regularisation ``C`` chosen on a held-out part of the training set and the
-classifier refit on the whole training set. The fine-tune trains the whole encoder plus a linear head
-on mean-pooled final-norm features with AdamW, warm-up and cosine decay, under a wall-clock budget.
+The linear probe follows MAE's protocol in spirit (arXiv:2111.06377, sec. 4 and appendix A.2: features of
+the frozen encoder, a linear classifier on them); MAE trains its probe with LARS and a BatchNorm without
+affine parameters in front of the classifier, which is the same thing as standardising the features. Here
+the classifier is an L2-regularised multinomial logistic regression solved to convergence on the full batch
+with L-BFGS in float64 (torch), with the same objective as scikit-learn's ``LogisticRegression(C=...)``:
+``C * sum_i CE_i + ||W||^2 / 2`` (the bias is not penalised). We minimise it divided by ``C * N`` (mean
+cross-entropy plus ``||W||^2 / (2 C N)``), so the gradient tolerance does not depend on ``N`` or ``C``.
+
+``C`` is chosen on a held-out part of the training set from a log-spaced grid that is extended, a bounded
+number of times, while the best value sits at one of its edges (so the grid brackets the optimum), then
+refined once between the best value and its neighbours; the classifier is refit on the whole training set
+with the chosen ``C``. Every fit reports whether it reached the gradient tolerance: a probe that did not
+converge is a lower bound, and :class:`ProbeResult` says so.
+
+The fine-tune trains the whole encoder plus a linear head on mean-pooled final-norm features with AdamW,
+warm-up and cosine decay, under a wall-clock budget.
 """
 
 from __future__ import annotations
@@ -12,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,7 +34,19 @@ from mmtok.mim.vit import ViTEncoder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ProbeResult", "extract_features", "finetune", "linear_probe", "to_input"]
+__all__ = [
+    "LogisticFit",
+    "ProbeResult",
+    "extract_features",
+    "finetune",
+    "fit_logistic",
+    "linear_probe",
+    "second_moments",
+    "standardize",
+    "to_input",
+]
+
+DEFAULT_CS = (1e-3, 1e-2, 0.1, 1.0, 10.0)
 
 
 def to_input(images: np.ndarray | torch.Tensor, in_chans: int = 1) -> torch.Tensor:
@@ -59,12 +82,154 @@ def extract_features(
     return torch.cat(out).numpy()
 
 
+# -- the linear probe ------------------------------------------------------------------------------
+@dataclass
+class LogisticFit:
+    """A multinomial logistic regression ``logits = x @ weight + bias``.
+
+    Attributes:
+        weight: ``[F, K]`` float64. bias: ``[K]`` float64 (not penalised).
+        C: Inverse regularisation strength (scikit-learn's ``C``).
+        iterations: L-BFGS iterations taken (over every restart).
+        grad_max: Max absolute gradient of the objective divided by ``C * N`` at the solution.
+        converged: ``grad_max <= tol``.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    C: float
+    iterations: int
+    grad_max: float
+    converged: bool
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [N, F]`` (standardised like the training features) -> ``[N, K]``."""
+        return x.to(self.weight) @ self.weight + self.bias
+
+
+def standardize(
+    train: np.ndarray | torch.Tensor, *others: np.ndarray | torch.Tensor, device: str | torch.device = "cpu"
+) -> list[torch.Tensor]:
+    """Float64 tensors ``(x - mean) / std`` with the train set's mean and (population) std; constant
+    features keep std 1, as scikit-learn's ``StandardScaler`` does."""
+    tr = torch.as_tensor(np.asarray(train), dtype=torch.float64, device=device)
+    mean, std = tr.mean(0), tr.std(0, unbiased=False)
+    std = torch.where(std > 1e-12 * mean.abs().clamp_min(1.0), std, torch.ones_like(std))
+    out = [(tr - mean) / std]
+    out += [(torch.as_tensor(np.asarray(o), dtype=torch.float64, device=device) - mean) / std for o in others]
+    return out
+
+
+def second_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition ``(eigenvalues [F], eigenvectors [F, F])`` of ``x^T x / N`` (the preconditioner's
+    input; compute it once per design matrix and pass it to every :func:`fit_logistic` on that matrix)."""
+    evals, evecs = torch.linalg.eigh(x.T @ x / len(x))
+    return evals.clamp_min(0.0), evecs
+
+
+def fit_logistic(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    C: float,
+    num_classes: int,
+    *,
+    init: LogisticFit | None = None,
+    max_iter: int = 1000,
+    tol: float = 1e-5,
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> LogisticFit:
+    """Minimise ``mean_i CE(x_i @ W + b, y_i) + ||W||^2 / (2 C N)`` with full-batch L-BFGS (strong Wolfe).
+
+    The minimiser is scikit-learn's ``LogisticRegression(C=C)`` (multinomial, L2, unpenalised intercept).
+    Correlated features make this problem badly conditioned (raw pixels took ~1,000 plain L-BFGS iterations
+    per ``C``), so L-BFGS runs on ``V`` with ``W = P V``, ``P = (x^T x / N + lam I)^(-1/2)``: a change of
+    variables, so the minimiser is unchanged, while the curvature seen by L-BFGS is close to isotropic.
+    Convergence is judged on the gradient with respect to ``W`` itself.
+
+    Args:
+        x: ``[N, F]`` features (float64: the tolerance is meant for it). y: ``[N]`` int labels in
+            ``[0, num_classes)``.
+        init: A previous solution (e.g. at a neighbouring ``C``) to start from; zeros otherwise.
+        max_iter: Iteration cap.
+        tol: Converged when the max absolute gradient (over ``W`` and ``b``) is at most this.
+        moments: :func:`second_moments` of ``x``, if already computed.
+    """
+    if C <= 0:
+        raise ValueError(f"C must be > 0, got {C}")
+    n, f = x.shape
+    y = y.to(device=x.device, dtype=torch.long)
+    evals, evecs = second_moments(x) if moments is None else moments
+    reg = 1.0 / (2.0 * C * n)
+    # the penalty's curvature (2 reg) over a typical softmax curvature (~0.1) keeps P bounded when x^T x is singular
+    lam = 20.0 * reg + 1e-10
+    scale = (evals + lam).rsqrt()
+    p = (evecs * scale) @ evecs.T  # [F, F] = (S + lam I)^(-1/2)
+    p_inv = (evecs / scale) @ evecs.T  # its inverse, to map gradients back: dL/dW = P^-1 dL/dV
+    w0 = init.weight.to(x) if init is not None else x.new_zeros(f, num_classes)
+    v = (p_inv @ w0).requires_grad_(True)  # [F, K]
+    b = (init.bias.to(x).clone() if init is not None else x.new_zeros(num_classes)).requires_grad_(True)
+    chunk = 20  # iterations between our own convergence checks
+    opt = torch.optim.LBFGS(
+        [v, b],
+        lr=1.0,
+        max_iter=chunk,
+        history_size=20,
+        tolerance_grad=tol * 1e-3,  # our check on dL/dW decides; this only guards against a zero gradient
+        tolerance_change=1e-15,
+        line_search_fn="strong_wolfe",
+    )
+
+    def objective() -> torch.Tensor:
+        opt.zero_grad(set_to_none=False)
+        w = p @ v
+        loss = F.cross_entropy(x @ w + b, y) + reg * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    def grad_max() -> float:
+        objective()
+        return float(max((p_inv @ v.grad).abs().max(), b.grad.abs().max()))
+
+    iterations, g = 0, grad_max()
+    while g > tol and iterations < max_iter:
+        before = iterations
+        opt.step(objective)
+        iterations = int(opt.state[v]["n_iter"])
+        g = grad_max()
+        if iterations == before:  # the line search made no progress: as close as float64 gets
+            break
+    with torch.no_grad():
+        w = p @ v
+    return LogisticFit(w.detach(), b.detach(), float(C), iterations, g, g <= tol)
+
+
 @dataclass
 class ProbeResult:
-    accuracy: float  # on the test set
-    C: float  # chosen inverse regularisation
-    val_accuracy: float  # of the chosen C on the held-out part of train
+    """What :func:`linear_probe` found.
+
+    Attributes:
+        accuracy: Test accuracy of the classifier refit on all of train with the chosen ``C``, in [0, 1].
+        C: The chosen inverse regularisation.
+        val_accuracy: Held-out accuracy of the chosen ``C`` (NaN when a single ``C`` was given: no tuning).
+        fit_seconds: Wall time of the whole probe (standardising, tuning, refit, test).
+        converged: The final fit reached the gradient tolerance (else ``accuracy`` is a lower bound).
+        iterations: L-BFGS iterations of the final fit.
+        grad_max: Max absolute gradient of the final fit (scaled objective, see :func:`fit_logistic`).
+        all_converged: Every fit (tuning ones too) reached the tolerance.
+        C_at_edge: The best ``C`` was still at an edge of the grid after the allowed extensions.
+        grid: ``(C, held-out accuracy, held-out mean log-loss, converged)`` of every ``C`` tried, ascending.
+    """
+
+    accuracy: float
+    C: float
+    val_accuracy: float
     fit_seconds: float
+    converged: bool = True
+    iterations: int = 0
+    grad_max: float = 0.0
+    all_converged: bool = True
+    C_at_edge: bool = False
+    grid: list[tuple[float, float, float, bool]] = field(default_factory=list)
 
 
 def linear_probe(
@@ -72,60 +237,139 @@ def linear_probe(
     train_y: np.ndarray,
     test_x: np.ndarray,
     test_y: np.ndarray,
-    Cs: tuple[float, ...] = (0.01, 0.1, 1.0),
+    Cs: tuple[float, ...] = DEFAULT_CS,
     val_fraction: float = 0.1,
-    tune_subset: int = 20000,
-    max_iter: int = 300,
+    tune_subset: int = 0,
+    max_iter: int = 1000,
+    tol: float = 1e-5,
+    max_extend: int = 3,
+    refine: bool = True,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> ProbeResult:
-    """Standardise, tune C on a held-out split of train (on at most ``tune_subset`` samples), refit, test.
+    """Standardise, choose C on a held-out part of train, refit on all of train, test.
+
+    ``C`` is chosen by held-out accuracy (ties: lower held-out log-loss). While the best ``C`` is the smallest
+    or largest tried, the grid is extended on that side by its own edge ratio, at most ``max_extend`` times
+    per side; then, if ``refine``, the geometric midpoints between the best ``C`` and its neighbours are tried.
+    A single ``C`` is used as given (no tuning).
 
     Args:
-        train_x / test_x: ``[N, F]`` features. train_y / test_y: ``[N]`` int labels.
+        train_x / test_x: ``[N, F]`` features. train_y / test_y: ``[N]`` int labels (any integers).
+        Cs: Starting grid of inverse regularisation strengths (> 0).
+        val_fraction: Share of train held out to choose ``C``.
+        tune_subset: Fit the tuning models on at most this many samples (0 = all the rest of train).
+        max_iter / tol: Per fit, see :func:`fit_logistic`.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
     t0 = time.perf_counter()
     if len(train_x) != len(train_y) or len(test_x) != len(test_y):
-        raise ValueError("features and labels differ in length")
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(train_x))
-    n_val = max(1, int(len(perm) * val_fraction))
-    val_idx, fit_idx = perm[:n_val], perm[n_val:][:tune_subset]
-    scaler = StandardScaler().fit(train_x)
-    tx, vx = scaler.transform(train_x), scaler.transform(test_x)
-    best = (-1.0, Cs[0])
-    for c in Cs:
-        clf = _fit_quietly(LogisticRegression(C=c, max_iter=max_iter), tx[fit_idx], train_y[fit_idx])
-        acc = float(clf.score(tx[val_idx], train_y[val_idx]))
-        logger.info("probe C=%g: held-out accuracy %.4f", c, acc)
-        if acc > best[0]:
-            best = (acc, c)
-    if len(Cs) > 1 and best[1] in (min(Cs), max(Cs)):
-        logger.warning(
-            "probe: the best C=%g is at the edge of the grid %s; the optimum may lie outside it", best[1], Cs
+        raise ValueError(
+            f"features and labels differ in length (train {len(train_x)} vs {len(train_y)}, "
+            f"test {len(test_x)} vs {len(test_y)})"
         )
-    clf = _fit_quietly(LogisticRegression(C=best[1], max_iter=max_iter), tx, train_y)
-    return ProbeResult(float(clf.score(vx, test_y)), best[1], best[0], time.perf_counter() - t0)
+    cs = sorted({float(c) for c in Cs})
+    if not cs or cs[0] <= 0:
+        raise ValueError(f"Cs must be positive values, got {Cs}")
+    classes, ytr = np.unique(np.asarray(train_y), return_inverse=True)
+    k = len(classes)
+    if k < 2:
+        raise ValueError(f"the probe needs at least 2 classes in train_y, got {classes.tolist()}")
+    # float64 throughout: in float32 a strongly regularised fit stalls above the tolerance, because the objective
+    # changes it still needs (~1e-11) are below float32's resolution of a loss near 0.7
+    tx, vx = standardize(train_x, test_x, device=device)
+    ytr_t = torch.as_tensor(ytr, device=device)
+    # test labels unseen in train can never be predicted: map them to -1 so they count as errors
+    lookup = {c: i for i, c in enumerate(classes.tolist())}
+    yte_t = torch.as_tensor([lookup.get(c, -1) for c in np.asarray(test_y).tolist()], device=device)
 
+    fits: dict[float, tuple[LogisticFit, float, float]] = {}
+    grid_info: list[tuple[float, float, float, bool]] = []
+    best_c, best_acc = cs[0], math.nan
+    if len(cs) > 1:
+        rng = np.random.default_rng(seed)
+        perm = rng.permutation(len(tx))
+        n_val = max(1, int(len(perm) * val_fraction))
+        val_idx, fit_idx = perm[:n_val], perm[n_val:]
+        if tune_subset:
+            fit_idx = fit_idx[:tune_subset]
+        fx, fy = tx[fit_idx], ytr_t[fit_idx]
+        hx, hy = tx[val_idx], ytr_t[val_idx]
+        moments = second_moments(fx)  # shared by every C: only the preconditioner's shift depends on C
 
-def _fit_quietly(clf, x: np.ndarray, y: np.ndarray):
-    """Fit without scikit-learn's per-call ConvergenceWarning (it prints absolute paths); say it once, in a log line."""
-    import warnings
+        def evaluate(c: float) -> None:
+            # warm start from the fitted C nearest in log scale: neighbouring solutions are close
+            near = min(fits, key=lambda d: abs(math.log(d / c)), default=None)
+            init = fits[near][0] if near else None
+            fit = fit_logistic(fx, fy, c, k, init=init, max_iter=max_iter, tol=tol, moments=moments)
+            logits = fit.logits(hx)
+            acc = float((logits.argmax(-1) == hy).double().mean())
+            loss = float(F.cross_entropy(logits, hy))
+            fits[c] = (fit, acc, loss)
+            logger.info("probe C=%.4g: held-out accuracy %.4f, log-loss %.4f (%d it)", c, acc, loss, fit.iterations)
 
-    from sklearn.exceptions import ConvergenceWarning
+        def best() -> float:
+            return max(fits, key=lambda c: (fits[c][1], -fits[c][2]))
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(x, y)
-    if int(np.max(clf.n_iter_)) >= clf.max_iter:
+        for c in cs:
+            evaluate(c)
+        low_ratio, high_ratio = cs[1] / cs[0], cs[-1] / cs[-2]
+        extended = {"low": 0, "high": 0}
+        while True:
+            tried, b = sorted(fits), best()
+            if b == tried[0] and extended["low"] < max_extend:
+                extended["low"] += 1
+                evaluate(tried[0] / low_ratio)
+            elif b == tried[-1] and extended["high"] < max_extend:
+                extended["high"] += 1
+                evaluate(tried[-1] * high_ratio)
+            else:
+                break
+        tried, best_c = sorted(fits), best()
+        at_edge = best_c in (tried[0], tried[-1])
+        if refine and not at_edge:
+            i = tried.index(best_c)
+            for nb in (tried[i - 1], tried[i + 1]):
+                evaluate(math.sqrt(best_c * nb))
+            best_c = best()
+        best_acc = fits[best_c][1]
+        grid_info = [(c, fits[c][1], fits[c][2], fits[c][0].converged) for c in sorted(fits)]
+        if at_edge:
+            logger.warning(
+                "probe: the best C=%g is still at the edge of the grid %s after %d extensions; the optimum may "
+                "lie outside it",
+                best_c,
+                [f"{c:.3g}" for c in sorted(fits)],
+                max_extend,
+            )
+    else:
+        at_edge = False
+    init = fits[best_c][0] if best_c in fits else None
+    final = fit_logistic(tx, ytr_t, best_c, k, init=init, max_iter=max_iter, tol=tol)
+    accuracy = float((final.logits(vx).argmax(-1) == yte_t).double().mean())
+    all_converged = final.converged and all(f[0].converged for f in fits.values())
+    if not final.converged:
         logger.warning(
-            "probe (C=%g) stopped at max_iter=%d before converging: its accuracy is a lower bound", clf.C, clf.max_iter
+            "probe (C=%g) stopped after %d iterations with gradient %.2g > tol %.2g: its accuracy is a lower bound",
+            best_c,
+            final.iterations,
+            final.grad_max,
+            tol,
         )
-    return clf
+    return ProbeResult(
+        accuracy,
+        best_c,
+        best_acc,
+        time.perf_counter() - t0,
+        converged=final.converged,
+        iterations=final.iterations,
+        grad_max=final.grad_max,
+        all_converged=all_converged,
+        C_at_edge=at_edge,
+        grid=grid_info,
+    )
 
 
+# -- fine-tuning -----------------------------------------------------------------------------------
 class _Classifier(nn.Module):
     def __init__(self, encoder: ViTEncoder, num_classes: int):
         super().__init__()
