@@ -11,10 +11,12 @@ Sections (all on by default; ``--only`` picks some):
               regression, C tuned on 10% of train held out) and a fine-tune under its own budget; baselines:
               raw pixels and a random-init encoder with the same probe.
   video       random vs tube vs adaptive masking on moving-fashion clips at the same budget, probed on
-              clip labels.
+              clip labels, each masker over ``--seeds`` (mean, std, min, max); baselines: time-averaged
+              pooled pixels and the random-init encoder with the same probe.
 
   python tools/bench/mim.py --quick --json runs/bench/mim_quick.json
   python tools/bench/mim.py --only quality --budget 1800 --finetune-budget 600 --json runs/bench/mim_quality.json
+  python tools/bench/mim.py --only video --video-budget 120 --seeds 0 1 2 --json runs/bench/mim_video.json
 """
 
 from __future__ import annotations
@@ -142,19 +144,27 @@ def bench_maskers(quick: bool, device: torch.device) -> list[dict]:
     return rows
 
 
-def _probe(features_fn, xtr, ytr, xte, yte) -> dict:
-    from mmtok.mim.probe import linear_probe
-
-    t0 = time.perf_counter()
-    ftr, fte = features_fn(xtr), features_fn(xte)
-    r = linear_probe(ftr, ytr, fte, yte, Cs=(0.01, 0.1, 1.0, 10.0))
+def _probe_row(r) -> dict:
+    """The JSON row of a :class:`ProbeResult` (every C tried, with its held-out accuracy and convergence)."""
     return {
         "accuracy": r.accuracy,
         "C": r.C,
         "val_accuracy": r.val_accuracy,
-        "dim": int(ftr.shape[1]),
-        "seconds": time.perf_counter() - t0,
+        "converged": r.converged,
+        "all_converged": r.all_converged,
+        "C_at_edge": r.C_at_edge,
+        "iterations": r.iterations,
+        "grid": [{"C": c, "val_accuracy": a, "val_logloss": loss, "converged": ok} for c, a, loss, ok in r.grid],
     }
+
+
+def _probe(features_fn, xtr, ytr, xte, yte, tune_subset: int = 0) -> dict:
+    from mmtok.mim.probe import linear_probe
+
+    t0 = time.perf_counter()
+    ftr, fte = features_fn(xtr), features_fn(xte)
+    r = linear_probe(ftr, ytr, fte, yte, tune_subset=tune_subset)
+    return {**_probe_row(r), "dim": int(ftr.shape[1]), "seconds": time.perf_counter() - t0}
 
 
 def bench_quality(args, device: torch.device) -> dict:
@@ -169,28 +179,55 @@ def bench_quality(args, device: torch.device) -> dict:
     spec = json.loads(args.recipe)
     cfg = FastPretrainConfig(task=spec["task"], time_budget_s=args.budget, **spec.get("train", {}))
     out: dict = {"recipe": spec, "budget_s": args.budget, "train_images": len(xtr), "test_images": len(xte)}
+    out["probe_tune_subset"] = args.probe_tune
+
+    def probe(key: str, label: str, features_fn) -> None:
+        out[key] = _probe(features_fn, xtr, ytr, xte, yte, tune_subset=args.probe_tune)
+        r = out[key]
+        print(
+            f"  {label}: {r['accuracy']:.4f} (C={r['C']:.3g}, converged {r['all_converged']}, "
+            f"C at grid edge {r['C_at_edge']}, {r['seconds']:.0f} s)",
+            flush=True,
+        )
+        if args.json:  # a long section keeps what it has measured if it is stopped
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).with_suffix(".partial.json").write_text(json.dumps(out, indent=2, default=float))
+
+    if args.load:
+        from mmtok import hub
+
+        mae = hub.from_pretrained(Path(args.load) / "mae", kind="mim model").eval()
+        out["loaded"] = args.load
+        print(f"  loaded {args.load} (no pretraining)", flush=True)
+    else:
+        task, log = pretrain_in_memory(xtr, cfg)
+        mae = task.model
+        out["pretrain"] = log
+        print(
+            f"  pretrained {log['steps']} steps, {log['epochs']:.2f} epochs in {log['seconds']:.0f} s "
+            f"({log['images_per_s']:.0f} img/s), loss {log['loss_first']:.3f} -> {log['loss_last']:.3f}",
+            flush=True,
+        )
+    enc = mae.encoder
+    # the figures that matter first (a busy machine may stop the run), baselines after them
+    probe("probe", "MAE probe (mean-pooled final-norm)", lambda x: extract_features(enc, x))
     if not args.no_baselines:
-        out["raw_pixels"] = _probe(lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0, xtr, ytr, xte, yte)
-        print(f"  raw pixels probe: {out['raw_pixels']['accuracy']:.4f}", flush=True)
+        torch.manual_seed(0)
         init = registries.get("task").create("mae", **spec["task"]).model.encoder
-        out["random_init"] = _probe(lambda x: extract_features(init, x), xtr, ytr, xte, yte)
-        print(f"  random-init probe: {out['random_init']['accuracy']:.4f}", flush=True)
-    task, log = pretrain_in_memory(xtr, cfg)
-    out["pretrain"] = log
-    print(
-        f"  pretrained {log['steps']} steps, {log['epochs']:.2f} epochs in {log['seconds']:.0f} s "
-        f"({log['images_per_s']:.0f} img/s), loss {log['loss_first']:.3f} -> {log['loss_last']:.3f}",
-        flush=True,
-    )
-    enc = task.model.encoder
-    out["probe"] = _probe(lambda x: extract_features(enc, x), xtr, ytr, xte, yte)
-    print(f"  MAE probe (mean-pooled final-norm): {out['probe']['accuracy']:.4f} (C={out['probe']['C']})", flush=True)
+        probe("random_init", "random-init encoder probe (mean-pooled)", lambda x: extract_features(init, x))
+    if enc.cls_token is not None:
+        probe("probe_cls", "MAE probe ([CLS])", lambda x: extract_features(enc, x, pool="cls"))
     layers = min(4, len(enc.blocks))
-    out["probe_concat_last4"] = _probe(lambda x: extract_features(enc, x, layers=layers), xtr, ytr, xte, yte)
-    print(f"  MAE probe (concat of last {layers} blocks): {out['probe_concat_last4']['accuracy']:.4f}", flush=True)
-    if args.save:
-        task.model.save_pretrained(Path(args.save) / "mae")
-        task.model.export_encoder(Path(args.save) / "encoder")
+    probe(
+        "probe_concat_last4",
+        f"MAE probe (last {layers} blocks, mean-pooled, concatenated)",
+        lambda x: extract_features(enc, x, layers=layers),
+    )
+    if not args.no_baselines:
+        probe("raw_pixels", "raw pixels probe", lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0)
+    if args.save and not args.load:
+        mae.save_pretrained(Path(args.save) / "mae")
+        mae.export_encoder(Path(args.save) / "encoder")
     if args.finetune_budget > 0:
         ft = finetune(
             copy.deepcopy(enc),
@@ -226,33 +263,76 @@ def make_clips(n: int, split: str, frames: int, seed: int) -> tuple[np.ndarray, 
     return np.stack(xs), np.asarray(ys)
 
 
-def bench_video(args, device: torch.device) -> list[dict]:
+def _spread(values: list[float]) -> dict:
+    v = np.asarray(values, dtype=float)
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+        "min": float(v.min()),
+        "max": float(v.max()),
+        "n": len(v),
+    }
+
+
+def bench_video(args, device: torch.device) -> dict:
+    """Maskers x seeds on in-memory moving-fashion clips; every run probed with the same probe; baselines."""
     from mmtok.mim.pretrain_fast import FastPretrainConfig, pretrain_in_memory
     from mmtok.mim.probe import extract_features, linear_probe
 
     n_train, n_test = (256, 128) if args.quick else (args.video_clips, args.video_clips // 4)
-    frames = VIDEO_MODEL["model_args"]["num_frames"]
+    spec = json.loads(args.video_recipe)
+    task_spec = {**VIDEO_MODEL, **spec.get("task", {})}
+    task_spec["model_args"] = {**VIDEO_MODEL["model_args"], **spec.get("task", {}).get("model_args", {})}
+    frames = task_spec["model_args"]["num_frames"]
     xtr, ytr = make_clips(n_train, "train", frames, 0)
     xte, yte = make_clips(n_test, "test", frames, 0)
-    rows = []
-    for masker, ratio in (("random", 0.875), ("tube", 0.875), ("adaptive", 0.95)):
-        cfg = FastPretrainConfig(
-            task={**VIDEO_MODEL, "masker": masker, "mask_ratio": ratio},
-            batch_size=16,
-            lr=1e-3,
-            time_budget_s=args.video_budget,
-            log_every=0,
-        )
-        task, log = pretrain_in_memory(xtr, cfg)
-        enc = task.model.encoder
-        r = linear_probe(extract_features(enc, xtr, 32), ytr, extract_features(enc, xte, 32), yte, Cs=(0.01, 0.1, 1.0))
-        rows.append({"masker": masker, "mask_ratio": ratio, **log, "probe_accuracy": r.accuracy, "probe_C": r.C})
+    out: dict = {"recipe": task_spec, "train": spec.get("train", {}), "clips": [n_train, n_test], "runs": []}
+    if not args.no_baselines:
+        # chance-level references with the same probe: pixels (time-averaged, 8x8 average-pooled) and the
+        # recipe's encoder with random weights
+        def pooled(x: np.ndarray) -> np.ndarray:
+            return torch.nn.functional.avg_pool2d(torch.from_numpy(x).float().mean(2), 8).flatten(1).numpy()
+
+        r = linear_probe(pooled(xtr), ytr, pooled(xte), yte)
+        out["raw_pixels"] = _probe_row(r)
+        torch.manual_seed(0)
+        enc = registries.get("task").create("mae", **task_spec).model.encoder
+        r = linear_probe(extract_features(enc, xtr, 32), ytr, extract_features(enc, xte, 32), yte)
+        out["random_init"] = _probe_row(r)
         print(
-            f"  {masker:9s} r={ratio:<6} {log['steps']:5d} steps {log['images_per_s']:6.1f} clips/s "
-            f"loss {log['loss_last']:.3f} probe {r.accuracy:.4f}",
+            f"  baselines: pixels {out['raw_pixels']['accuracy']:.4f}, random-init encoder "
+            f"{out['random_init']['accuracy']:.4f} (chance 0.10)",
             flush=True,
         )
-    return rows
+    ratios = {"random": 0.875, "tube": 0.875, "adaptive": 0.95}
+    for masker in args.maskers:
+        accs = []
+        for seed in args.seeds:
+            cfg = FastPretrainConfig(
+                task={**task_spec, "masker": masker, "mask_ratio": ratios[masker]},
+                **{"batch_size": 16, "lr": 1e-3, "log_every": 0, **spec.get("train", {})},
+                time_budget_s=args.video_budget,
+                seed=seed,
+            )
+            task, log = pretrain_in_memory(xtr, cfg)
+            enc = task.model.encoder
+            r = linear_probe(extract_features(enc, xtr, 32), ytr, extract_features(enc, xte, 32), yte)
+            accs.append(r.accuracy)
+            out["runs"].append(
+                {"masker": masker, "mask_ratio": ratios[masker], "seed": seed, **log, "probe": _probe_row(r)}
+            )
+            print(
+                f"  {masker:9s} seed {seed} {log['steps']:5d} steps {log['images_per_s']:6.1f} clips/s "
+                f"loss {log['loss_last']:.3f} probe {r.accuracy:.4f}",
+                flush=True,
+            )
+        s = out.setdefault("summary", {})[masker] = _spread(accs)
+        print(
+            f"  {masker:9s} probe {s['mean']:.4f} +- {s['std']:.4f} (min {s['min']:.4f}, max {s['max']:.4f}, "
+            f"{s['n']} seeds)",
+            flush=True,
+        )
+    return out
 
 
 def main() -> int:
@@ -266,7 +346,15 @@ def main() -> int:
     p.add_argument("--finetune-epochs", type=float, default=6.0)
     p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument("--no-baselines", action="store_true", help="quality: skip raw-pixel and random-init probes")
+    p.add_argument(
+        "--probe-tune",
+        type=int,
+        default=10000,
+        help="quality: fit the probe's C-tuning models on this many training images (0 = the 54k not held out); "
+        "the chosen C is refit on all 60k",
+    )
     p.add_argument("--save", help="quality: save the pretrained MAE and encoder here")
+    p.add_argument("--load", help="quality: probe (and fine-tune) the MAE saved with --save in this folder instead")
     p.add_argument(
         "--recipe",
         default=json.dumps(
@@ -283,6 +371,15 @@ def main() -> int:
     )
     p.add_argument("--video-budget", type=float, default=300.0, help="video: seconds per masker")
     p.add_argument("--video-clips", type=int, default=2000)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="video: training seeds per masker")
+    p.add_argument(
+        "--maskers", nargs="+", default=["random", "tube", "adaptive"], choices=["random", "tube", "adaptive"]
+    )
+    p.add_argument(
+        "--video-recipe",
+        default="{}",
+        help='video: JSON {"task": MAETaskConfig fields over the default model, "train": FastPretrainConfig fields}',
+    )
     args = p.parse_args()
     import logging
 
