@@ -3,6 +3,7 @@
     mmtok convert mae --input mae_pretrain_vit_base.pth --out checkpoints/mae_vit_base
     mmtok convert vitmae --input checkpoints/vit-mae-base --out checkpoints/mae_vit_base_hf
     mmtok convert videomae --input checkpoints/videomae-base --out checkpoints/videomae_base_hf
+    mmtok convert clip-hf --src runs/fashion_clip/export --out checkpoints/fashion_clip_hf
 
 ``mae`` reads an official MAE file (facebookresearch/mae) with ``torch.load(weights_only=True)``: tensors and plain
 containers only, never pickled code. ``vitmae`` reads a transformers ``ViTMAEForPreTraining`` folder (safetensors),
@@ -18,13 +19,18 @@ import sys
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["clip-hf"]:  # an open_clip CLIP folder -> a transformers CLIPModel folder (its own options)
+        from mmtok.clip.hf_export import main as clip_hf
+
+        return clip_hf(argv[1:])
     p = argparse.ArgumentParser(
         prog="mmtok convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
         "source",
-        choices=["mae", "vitmae", "videomae"],
-        help="mae: official MAE .pth; vitmae / videomae: transformers ViTMAE / VideoMAE folder",
+        choices=["mae", "vitmae", "videomae", "clip-hf"],
+        help="mae: official MAE .pth; vitmae / videomae: transformers ViTMAE / VideoMAE folder; clip-hf: the clip "
+        "task's open_clip export to a transformers CLIPModel (`mmtok convert clip-hf --help`)",
     )
     p.add_argument("--input", required=True, help="checkpoint file (mae) or folder (vitmae, videomae)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
