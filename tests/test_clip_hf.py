@@ -206,3 +206,20 @@ def test_convert_cli(open_clip_folder, tmp_path, capsys):
     # mistakes: one line on stderr, exit status 2
     assert main(["convert", "clip-hf", "--src", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "not an open_clip CLIP folder" in capsys.readouterr().err
+
+
+def test_hf_clip_tower_loads_the_whole_clip_folder_with_its_normalisation(open_clip_folder, tmp_path):
+    """The ``--out`` folder itself (a CLIPModel) works as the tower: its vision half, and the mean/std of its
+    preprocessor_config.json without passing them."""
+    from mmtok.clip.hf_export import export_clip_hf
+    from mmtok.registries import VISION_TOWERS
+
+    res = export_clip_hf(open_clip_folder, tmp_path / "hf")
+    whole = VISION_TOWERS.create("hf_clip", path=str(res.out)).eval()
+    half = VISION_TOWERS.create("hf_clip", path=str(res.out / "vision_model"), mean=res.mean, std=res.std).eval()
+    assert whole.pixel_mean.flatten().tolist() == pytest.approx(list(res.mean))
+    images = torch.rand(2, 3, 40, 40)
+    with torch.no_grad():
+        a = whole.hidden_states(whole.preprocess(images))
+        b = half.hidden_states(half.preprocess(images))
+    assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))

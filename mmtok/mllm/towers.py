@@ -214,8 +214,16 @@ class HFVisionTowerConfig:
     std: list[float] = field(default_factory=lambda: list(CLIP_STD))
 
 
+_HF_VISION_CLASSES = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
+
+
 class HFVisionTower(VisionTower):
-    """``CLIPVisionModel`` / ``SiglipVisionModel`` from transformers (SDPA attention)."""
+    """``CLIPVisionModel`` / ``SiglipVisionModel`` from transformers (SDPA attention).
+
+    ``path`` may hold the vision model alone or a whole ``CLIPModel`` / ``SiglipModel`` (its vision half is loaded);
+    a ``preprocessor_config.json`` beside the weights gives ``image_mean`` / ``image_std`` (``mean``/``std`` of the
+    config apply to folders without one).
+    """
 
     def __init__(self, config: HFVisionTowerConfig, model: nn.Module | None = None):
         super().__init__()
@@ -232,7 +240,22 @@ class HFVisionTower(VisionTower):
                         "unpickles weights. Convert the folder once, where you trust it: load it with transformers "
                         "and call save_pretrained(new_folder) (transformers writes safetensors)"
                     )
-                model = AutoModel.from_pretrained(config.path, local_files_only=True, use_safetensors=True)
+                meta = _json_object(folder / "config.json") if (folder / "config.json").is_file() else {}
+                # a whole CLIPModel / SiglipModel folder (e.g. `mmtok convert clip-hf`): load its vision half
+                cls = _HF_VISION_CLASSES.get(str(meta.get("model_type", "")))
+                if cls is not None:
+                    import transformers
+
+                    loader = getattr(transformers, cls)
+                else:
+                    loader = AutoModel
+                model = loader.from_pretrained(config.path, local_files_only=True, use_safetensors=True)
+                pre = folder / "preprocessor_config.json"
+                if pre.is_file():  # the normalisation the weights were trained with, as a timm folder's pretrained_cfg
+                    proc = _json_object(pre)
+                    if "image_mean" in proc and "image_std" in proc:
+                        config.mean = [float(v) for v in proc["image_mean"]]
+                        config.std = [float(v) for v in proc["image_std"]]
             else:
                 hf_cfg = AutoConfig.for_model(config.model_type, **config.config)
                 model = AutoModel.from_config(hf_cfg)
