@@ -34,7 +34,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "convert": (
         "mmtok.cli.convert",
-        "convert an official MAE .pth or a transformers ViTMAE / VideoMAE folder into an mmtok folder (safetensors)",
+        "convert an official MAE .pth or a transformers ViTMAE / VideoMAE folder into an mmtok folder (safetensors), "
+        "or the clip task's open_clip export into a transformers CLIPModel folder",
         "checkpoint conversion",
     ),
     "bench": ("mmtok.cli.bench", "run a benchmark script from tools/bench", "benchmarks"),
