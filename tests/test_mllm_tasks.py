@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,17 +153,22 @@ def test_configs_validate(cfg):
     assert run.task["name"].startswith("mllm_stage")
 
 
-def test_vqa_recipe_stage_one_export_is_what_stage_two_loads(tmp_path):
-    """configs/mllm/vqa_tower_cpu.yaml (seg_tower) exports the tower that fashion_vqa_cpu.yaml loads: same geometry
-    (96 px, patch 4 -> 576 tokens), conv stem, and the MLLM's tower holds exactly the exported weights."""
+def test_vqa_tower_export_loads_into_the_fashion_vqa_model(tmp_path):
+    """configs/mllm/vqa_tower_cpu.yaml (seg_tower) exports a tower that fashion_vqa_cpu.yaml's model loads with the
+    overrides its header gives (stem=conv, checkpoint=<export>): same geometry (96 px, patch 4 -> 576 tokens), and
+    the MLLM's tower holds exactly the exported weights."""
     from safetensors.torch import load_file
 
     stage1 = load_run_config(["configs/mllm/vqa_tower_cpu.yaml"])
-    stage2 = load_run_config(["configs/mllm/fashion_vqa_cpu.yaml"])
+    export = f"{stage1.output_dir}/export"
+    stage2 = load_run_config(
+        ["configs/mllm/fashion_vqa_cpu.yaml"],
+        ["task.model_overrides.tower.stem=conv", f"task.model_overrides.tower.checkpoint={export}"],
+    )
     assert stage1.task["name"] == "seg_tower" and stage2.task["name"] == "mllm_stage2"
+    assert export in Path("configs/mllm/fashion_vqa_cpu.yaml").read_text()  # the header names this export
     tower1 = dict(stage1.task["tower"])
     tower2 = dict(stage2.task["model_overrides"]["tower"])
-    assert tower2["checkpoint"] == f"{stage1.output_dir}/export"
     assert tower1["kwargs"] == tower2["kwargs"] and tower1["stem"] == tower2["stem"] == "conv"
     torch.manual_seed(0)
     task = registries.get("task").create("seg_tower", **{k: v for k, v in stage1.task.items() if k != "name"})
