@@ -29,6 +29,16 @@ def test_patch_targets_are_the_class_shares_of_each_patch():
     np.testing.assert_allclose(t, want)
 
 
+def test_colour_targets_use_the_palette_order():
+    inst = np.zeros((2, 2), np.uint8)
+    inst[0] = 1
+    inst[1, 1] = 2
+    t = patch_class_targets(inst, [{"colour": "blue"}, {"colour": "red"}], 2, 3, "colour", ["red", "green", "blue"])
+    np.testing.assert_allclose(t, [[0.25, 0.25, 0.0, 0.5]])
+    with pytest.raises(ValueError, match="colour_weight=0"):
+        patch_class_targets(inst, [{"colour": "teal"}, {"colour": "red"}], 2, 3, "colour", ["red", "green", "blue"])
+
+
 def test_patch_targets_refuse_bad_class_ids_and_grids():
     inst = np.ones((4, 4), np.uint8)
     with pytest.raises(ValueError, match="num_classes"):
@@ -68,9 +78,10 @@ def test_dense_pretraining_learns_and_its_export_loads_as_the_mllm_tower(seg_sce
     over += [f"task.tower={tower}", "task.name=seg_tower", "optim.lr=3e-3"]
     cfg = load_run_config(["configs/mllm/seg_tower_cpu.yaml"], over)
     summary = train(cfg)
-    assert {"loss", "patch_accuracy", "fg_accuracy"} <= set(summary["eval"])
+    assert {"loss", "patch_accuracy", "fg_accuracy", "colour_fg_accuracy"} <= set(summary["eval"])
     # learned something from the pixels: better than the best constant guess (the class prior of the val patches)
     task = DenseTowerTask(DenseTowerConfig(tower={"name": "timm_vit", "kwargs": TINY, "stem": "conv"}))
+    assert DenseTowerTask(DenseTowerConfig(tower=task.config.tower, colour_weight=0)).colour_head is None
     from mmtok.data import ShardDataset
 
     tf = task.sample_transform("val")
