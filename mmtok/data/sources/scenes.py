@@ -163,7 +163,12 @@ def make_scene(
     inst = np.zeros((canvas, canvas), np.uint8)
     boxes: list[tuple[int, int, int, int]] = []
     items: list[dict] = []
-    for _ in range(n_items):
+    # An item is skipped when no spot overlaps little enough or its source is (almost) empty at this size; it is
+    # then drawn again, a bounded number of times, so a scene never ends with fewer items than it drew (small
+    # canvases skip often: at 32 px a one-item scene could otherwise end empty).
+    attempts = 0
+    while len(items) < n_items and attempts < 20 * n_items:
+        attempts += 1
         idx = int(rng.integers(len(images)))
         side = int(rng.integers(lo, hi + 1))
         for _try in range(50):  # rejection sampling of a spot that overlaps earlier boxes only a little
@@ -209,6 +214,8 @@ def make_scene(
         lut[keep] = np.arange(1, len(keep) + 1)
         inst = lut[inst]
         items = [it for it in items if not it.get("_hidden")]
+    if not items:
+        raise ValueError(f"no item could be placed on a {canvas} px canvas after {attempts} draws; use a larger canvas")
     # Colours: each item takes the first colour of its own permutation that keeps (class, colour,
     # position) distinct from earlier items, so a unique expression always exists (8 colours > 4 items).
     names = list(PALETTE)
