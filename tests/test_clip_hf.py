@@ -205,7 +205,7 @@ def test_convert_cli(open_clip_folder, tmp_path, capsys):
     assert json.loads((out / "vision_model" / "config.json").read_text())["model_type"] == "clip_vision_model"
     # mistakes: one line on stderr, exit status 2
     assert main(["convert", "clip-hf", "--src", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
-    assert "not an open_clip CLIP folder" in capsys.readouterr().err
+    assert "not an exported CLIP folder" in capsys.readouterr().err
 
 
 def test_hf_clip_tower_loads_the_whole_clip_folder_with_its_normalisation(open_clip_folder, tmp_path):

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import fashion_vqa_test_shard
 
 from mmtok import registries
 from mmtok.mllm import decoder as dec
@@ -496,10 +497,7 @@ def test_eval_cli_has_merging_rows(model_dir, tmp_path, capsys):
 
     from mmtok.cli.main import main
 
-    builder = registries.get("shard builder")
-    builder.get("fashion-vqa").target(
-        builder.build_config("fashion-vqa", out=str(tmp_path / "d"), train=0, val=0, test=6)
-    )
+    fashion_vqa_test_shard(tmp_path / "d", 6)
     rc = main(
         [
             "eval",

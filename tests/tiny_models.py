@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+
+def fashion_vqa_test_shard(out: Path, n: int) -> Path:
+    """Write ``n`` fashion-vqa test questions into ``out`` (one shard); returns the folder."""
+    from mmtok import registries
+
+    builders = registries.get("shard builder")
+    builders.get("fashion-vqa").target(builders.build_config("fashion-vqa", out=str(out), train=0, val=0, test=n))
+    return Path(out)
 
 
 def tiny_fashion_mllm(model_type: str = "qwen2", tie_word_embeddings: bool = False) -> dict[str, Any]:

@@ -414,19 +414,14 @@ def export_clip_hf(src: str | Path, out: str | Path, check_atol: float = 1e-4) -
     """
     import open_clip
 
+    from mmtok.clip.tasks import read_clip_config
     from mmtok.hub import atomic_write_dir
 
     src = Path(src)
-    cfg_path, weights = src / "open_clip_config.json", src / "open_clip_model.safetensors"
-    if not cfg_path.is_file() or not weights.is_file():
-        raise FileNotFoundError(
-            f"{src} is not an open_clip CLIP folder (needs open_clip_config.json and open_clip_model.safetensors; "
-            "`mmtok train --config configs/clip/fashion_clip.yaml` writes one to runs/.../export)"
-        )
-    meta = json.loads(cfg_path.read_text())
+    meta = read_clip_config(src)
     model_cfg, pre = dict(meta.get("model_cfg") or {}), dict(meta.get("preprocess_cfg") or {})
     if not model_cfg:
-        raise ClipHFExportError(f"{cfg_path} has no model_cfg; it is not an open_clip hub config")
+        raise ClipHFExportError(f"{src / 'open_clip_config.json'} has no model_cfg; it is not an open_clip hub config")
     eos_id, bos_id = _tokenizer_ids(src)
     config = hf_clip_config(model_cfg, eos_id=eos_id, bos_id=bos_id)  # refuses before any weight is read
     # open_clip's own factory reads its folder (patch dropout off: the exported model sees every patch)

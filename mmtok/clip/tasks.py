@@ -363,6 +363,23 @@ class ClipTask(Task):
         logger.info("exported the CLIP model to %s (open_clip hub layout)", out_dir)
 
 
+def read_clip_config(folder: str | Path) -> dict[str, Any]:
+    """``open_clip_config.json`` of an exported CLIP folder, after checking the folder holds safetensors weights.
+
+    Raises:
+        FileNotFoundError: no ``open_clip_config.json`` or no ``open_clip_model.safetensors`` in ``folder`` (pickled
+            weights are refused: convert them to safetensors first).
+    """
+    folder = Path(folder)
+    cfg_path, weights = folder / "open_clip_config.json", folder / "open_clip_model.safetensors"
+    if not cfg_path.is_file() or not weights.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not an exported CLIP folder (needs open_clip_config.json and open_clip_model.safetensors; "
+            "`mmtok train --config configs/clip/fashion_clip.yaml` writes one to runs/.../export)"
+        )
+    return json.loads(cfg_path.read_text())
+
+
 def load_clip_folder(folder: str | Path, device: str | torch.device = "cpu", patch_dropout: float = 0.0):
     """An exported CLIP folder -> ``(open_clip.CLIP, CaptionTokenizer, open_clip_config dict)``.
 
@@ -376,13 +393,7 @@ def load_clip_folder(folder: str | Path, device: str | torch.device = "cpu", pat
     import open_clip
 
     folder = Path(folder)
-    cfg_path, weights = folder / "open_clip_config.json", folder / "open_clip_model.safetensors"
-    if not cfg_path.is_file() or not weights.is_file():
-        raise FileNotFoundError(
-            f"{folder} is not an exported CLIP folder (needs open_clip_config.json and open_clip_model.safetensors; "
-            "`mmtok train --config configs/clip/fashion_clip.yaml` writes one to runs/.../export)"
-        )
-    meta = json.loads(cfg_path.read_text())
+    meta = read_clip_config(folder)
     model = open_clip.create_model(
         f"local-dir:{folder}", device=device, force_patch_dropout=patch_dropout, output_dict=True
     )
