@@ -86,6 +86,14 @@ def test_seg_configs_validate(name):
     assert run.task["name"] == "mllm_seg" and set(run.task["heads"]) == {"allmask", "text", "segtoken"}
 
 
+def test_seg_scenes32_recipe_matches_its_shards():
+    from mmtok.train.config import load_run_config
+
+    run = load_run_config(["configs/mllm/seg_scenes32_cpu.yaml"])
+    assert run.task["name"] == "mllm_seg" and set(run.task["heads"]) == {"allmask", "segtoken"}
+    assert run.task["model_overrides"]["tower"]["kwargs"]["img_size"] == 32 and "scenes32" in run.data.train
+
+
 def _tiny_llava_folder(path: Path) -> Path:
     """A random transformers LLaVA folder (CLIP 32 px / patch 8 + Llama) with the built-in word tokenizer."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
