@@ -34,7 +34,7 @@ FULL_BUDGET: dict[str, tuple[float, str]] = {
     "vq_usage": (1.0, "vq_small_f4, 600 s on 1 CPU thread (README, Tokenizers)"),
     "mae_probe": (
         0.844,
-        "mae_fmnist + p7 recipe, 20 min on 1 CPU thread, converged probe (README, Masked image modeling)",
+        "MAE patch 7 (tools/bench/mim.py), 20 min on 1 CPU thread, converged probe (README, Masked image modeling)",
     ),
     "mllm_acc": (0.486, "fashion_vqa_cpu, 30 min on 1 CPU thread (README, pruning accuracy)"),
     "mllm_dart64": (0.474, "fashion_vqa_cpu, DART at 64 of 576 (README, pruning accuracy)"),
