@@ -20,9 +20,7 @@ import sys
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["clip-hf"]:  # an open_clip CLIP folder -> a transformers CLIPModel folder (its own options)
-        from mmtok.clip.hf_export import main as clip_hf
-
-        return clip_hf(argv[1:])
+        return _clip_hf(argv[1:])
     p = argparse.ArgumentParser(
         prog="mmtok convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -72,4 +70,39 @@ def main(argv: list[str]) -> int:
         f"wrote {out}: {kind}, width {c.embed_dim}, depth {c.depth}, heads {c.num_heads}, "
         f"{c.img_size} px, patch {c.patch_size}{clips}"
     )
+    return 0
+
+
+def _clip_hf(argv: list[str]) -> int:
+    """``mmtok convert clip-hf --src OPEN_CLIP_FOLDER --out FOLDER``; mistakes get one line and exit status 2."""
+    import json
+
+    from mmtok.clip.hf_export import export_clip_hf
+    from mmtok.clip.tasks import ClipConfigError
+
+    p = argparse.ArgumentParser(
+        prog="mmtok convert clip-hf",
+        description="Write an exported open_clip CLIP folder (the clip task's export/) as a transformers CLIPModel "
+        "folder (config.json + model.safetensors, vision_model/ for the MLLM's hf_clip tower, tokenizer, "
+        "preprocessor_config.json).",
+    )
+    p.add_argument(
+        "--src", required=True, help="open_clip folder (open_clip_config.json + open_clip_model.safetensors)"
+    )
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    args = p.parse_args(argv)
+    try:
+        res = export_clip_hf(args.src, args.out)
+    except (ClipConfigError, OSError, KeyError) as e:
+        print(f"mmtok convert clip-hf: {e}", file=sys.stderr)
+        return 2
+    v, t = res.config.vision_config, res.config.text_config
+    print(
+        f"wrote {res.out}: CLIPModel, vision {v.num_hidden_layers}x{v.hidden_size} ({v.image_size} px, patch "
+        f"{v.patch_size}), text {t.num_hidden_layers}x{t.hidden_size} (context {t.max_position_embeddings}), "
+        f"embed {res.config.projection_dim}; max abs diff to open_clip: image {res.image_max_abs:.2e}, text "
+        f"{res.text_max_abs:.2e}; tokenizer {'written' if res.tokenizer else 'not written'}"
+    )
+    # the tower reads the whole folder (its vision half) and the mean/std of its preprocessor_config.json
+    print("MLLM tower: " + json.dumps({"name": "hf_clip", "path": str(res.out)}))
     return 0

@@ -39,11 +39,9 @@ embeddings on random inputs (to ``check_atol``), otherwise nothing is written.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -468,38 +466,3 @@ def export_clip_hf(src: str | Path, out: str | Path, check_atol: float = 1e-4) -
         "wrote %s: transformers CLIPModel (max abs diff to open_clip: image %.2e, text %.2e)", out, image_err, text_err
     )
     return ClipHFExport(Path(out), image_err, text_err, wrote_tok.get("ok", False), config, mean, std)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# command line (`mmtok convert clip-hf`)
-# ----------------------------------------------------------------------------------------------------------------
-def main(argv: list[str]) -> int:
-    """``mmtok convert clip-hf --src OPEN_CLIP_FOLDER --out FOLDER``; mistakes get one line and exit status 2."""
-    p = argparse.ArgumentParser(
-        prog="mmtok convert clip-hf",
-        description="Write an exported open_clip CLIP folder (the clip task's export/) as a transformers CLIPModel "
-        "folder (config.json + model.safetensors, vision_model/ for the MLLM's hf_clip tower, tokenizer, "
-        "preprocessor_config.json).",
-    )
-    p.add_argument(
-        "--src", required=True, help="open_clip folder (open_clip_config.json + open_clip_model.safetensors)"
-    )
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
-    args = p.parse_args(argv)
-    try:
-        res = export_clip_hf(args.src, args.out)
-    except (ClipConfigError, OSError, KeyError) as e:
-        print(f"mmtok convert clip-hf: {e}", file=sys.stderr)
-        return 2
-    v, t = res.config.vision_config, res.config.text_config
-    print(
-        f"wrote {res.out}: CLIPModel, vision {v.num_hidden_layers}x{v.hidden_size} ({v.image_size} px, patch "
-        f"{v.patch_size}), text {t.num_hidden_layers}x{t.hidden_size} (context {t.max_position_embeddings}), "
-        f"embed {res.config.projection_dim}; max abs diff to open_clip: image {res.image_max_abs:.2e}, text "
-        f"{res.text_max_abs:.2e}; tokenizer {'written' if res.tokenizer else 'not written'}"
-    )
-    print(
-        "MLLM tower: "
-        + json.dumps({"name": "hf_clip", "path": str(res.out / "vision_model"), "mean": res.mean, "std": res.std})
-    )
-    return 0
