@@ -401,3 +401,56 @@ def test_grid_targets_area_share_and_stamp_reference_rule():
         registries.get("task").create(
             "mllm_seg", model="llava_fashion_seg", model_overrides=tiny_seg_mllm(), heads={"allmask": {"target": "x"}}
         )
+
+
+def test_cells_to_grid_is_a_pixel_shuffle_of_each_patch():
+    # 2 x 2 patches, 2 x 2 cells each: value 10 * patch + cell lands at row 2 * patch_row + cell_row, ...
+    logits = torch.tensor([[[10 * p + c for c in range(4)] for p in range(4)]], dtype=torch.float)
+    grid = H.cells_to_grid(logits, 2).view(4, 4)
+    assert grid.tolist() == [[0, 1, 10, 11], [2, 3, 12, 13], [20, 21, 30, 31], [22, 23, 32, 33]]
+    assert torch.equal(H.cells_to_grid(logits[..., :1], 1), logits[..., 0])
+
+
+def _offset_squares(task, n: int):
+    """Red squares of half the canvas placed on the 8 x 8 lattice (half a patch off the 4 x 4 patch grid)."""
+    side = int(task.model.tower.image_size)
+    gen = torch.Generator().manual_seed(0)
+    transform = task.sample_transform("train")
+    samples = []
+    for i in range(n):
+        mask = torch.zeros(side, side, dtype=torch.long)
+        y, x = (side // 8) * (1 + 2 * (i % 3)), (side // 8) * (1 + 2 * ((i // 3) % 3))
+        mask[y : y + side // 2, x : x + side // 2] = 1
+        image = torch.rand(3, side, side, generator=gen) * 0.15
+        image[0] = torch.where(mask.bool(), 0.9, image[0])
+        meta = {"expression": "the red bag", "class_name": "bag"}
+        samples.append(transform({"__key__": f"offset_{i}", "image": image, "mask": mask, "json": meta}))
+    return task.collate(samples)
+
+
+@pytest.mark.parametrize("head", ["allmask", "segtoken"])
+def test_cells_give_a_finer_grid_and_fit_sub_patch_edges(head):
+    torch.manual_seed(0)
+    task = registries.get("task").create(
+        "mllm_seg",
+        model="llava_fashion_seg",
+        model_overrides=tiny_seg_mllm(),
+        heads={head: {"cells": 2, **({"dim": 16} if head == "segtoken" else {})}},
+    )
+    batch = _offset_squares(task, 4)
+    opt = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(60):
+        out = task(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    task.eval()
+    g = batch["groups"][head]
+    res = task.model.segment(batch["images"][g["index"]], g["phrases"], head=head, questions=g["questions"])
+    assert res.scores.shape[1:] == (8, 8)  # 4 x 4 patches x 2 x 2 cells
+    gt = g["masks"].bool()
+    iou = float((res.masks & gt).sum() / (res.masks | gt).sum())
+    # the squares' edges fall in the middle of patches: only the cells can place them
+    assert iou > 0.85, f"{head}: IoU {iou:.2f} on the batch it was fitted to"
+    with pytest.raises(ValueError, match="cells must be >= 1"):
+        H.AllMaskHead(H.AllMaskHeadConfig(cells=0))

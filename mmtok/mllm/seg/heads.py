@@ -34,6 +34,10 @@ What mmtok does differently, on purpose:
   which we do not have); a mask is ``score > 0.5``. ``target="reference"`` uses STAMP's rule instead: the mask
   resized bilinearly to the grid (``align_corners=False``), truncated to an integer, so a cell is foreground only
   where the interpolated value reaches 1.
+* ``cells`` (default 1, the published heads): a per-patch head may predict a ``cells x cells`` sub-grid per patch
+  (the all-mask head's linear layer gives ``cells**2`` logits per mask token; the ``[SEG]`` head projects
+  ``cells**2`` keys per patch), so a tower with coarse patches (cheap: fewer tokens in the LLM) still gives a fine
+  mask grid: 8 x 8 patches with ``cells: 2`` score a 16 x 16 grid, Text4Seg's. An extension of ours.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import einops
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -87,6 +92,7 @@ class AllMaskHeadConfig:
     bce_weight: float = 0.3
     dice_weight: float = 0.7
     target: str = "area"  # patch targets: "area" (covered share, soft) | "reference" (STAMP's hard rule)
+    cells: int = 1  # mask cells per patch side (1 = STAMP: one logit per patch; 2 = a 2 x 2 sub-grid per token)
     width: int = 0  # LLM hidden size (0 = filled in from the model)
 
 
@@ -99,6 +105,7 @@ class SegTokenHeadConfig:
     bce_weight: float = 2.0
     dice_weight: float = 0.5
     target: str = "area"  # patch targets: "area" (covered share, soft) | "reference" (hard, as STAMP's)
+    cells: int = 1  # mask cells per patch side (1 = one score per patch, as LISA's / READ's similarity map)
     width: int = 0  # LLM hidden size (0 = filled in from the model)
 
 
@@ -118,6 +125,10 @@ class SegHead(nn.Module):
     def tail_length(self, n_image: int) -> int:
         """Tokens appended after the answer (the all-mask head's mask tokens)."""
         return 0
+
+    def mask_grid(self, g: int) -> int:
+        """Side of the head's score grid for a ``g x g`` patch grid (``g * cells`` for the per-patch heads)."""
+        return g * getattr(self.config, "cells", 1)
 
 
 class TextHead(SegHead):
@@ -152,14 +163,17 @@ class AllMaskHead(SegHead):
 
     def __init__(self, config: AllMaskHeadConfig):
         super().__init__(config)
-        self.proj = nn.Linear(config.width or 64, 1)
+        if config.cells < 1:
+            raise ValueError(f"allmask cells must be >= 1 (mask cells per patch side), got {config.cells}")
+        self.proj = nn.Linear(config.width or 64, config.cells**2)
 
     def tail_length(self, n_image: int) -> int:
         return n_image
 
     def forward(self, hidden_tail: torch.Tensor) -> torch.Tensor:
-        """``hidden_tail [B, N, D]`` (final-norm states of the mask tokens) -> ``[B, N]`` logits."""
-        return self.proj(hidden_tail.to(self.proj.weight.dtype))[..., 0]
+        """``hidden_tail [B, N, D]`` (final-norm states of the mask tokens, ``N = g * g``) -> logits
+        ``[B, N * cells**2]`` in raster order of the ``(g * cells)``-side grid."""
+        return cells_to_grid(self.proj(hidden_tail.to(self.proj.weight.dtype)), self.config.cells)
 
     logits = nn.Module.__call__  # through __call__, so ZeRO-3 gathers the parameters
 
@@ -171,9 +185,12 @@ class SegTokenHead(SegHead):
     def __init__(self, config: SegTokenHeadConfig):
         super().__init__(config)
         d, width = config.dim, config.width or 64
+        if config.cells < 1:
+            raise ValueError(f"segtoken cells must be >= 1 (mask cells per patch side), got {config.cells}")
         # LISA's text_hidden_fcs: Linear -> ReLU -> Linear on the [SEG] state
         self.text_proj = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, d))
-        self.patch_proj = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, d))
+        # one key per mask cell: cells**2 keys per patch (one, as in LISA / READ, by default)
+        self.patch_proj = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, d * config.cells**2))
         self.bias = nn.Parameter(torch.zeros(1))  # 1-D: DeepSpeed broadcasts parameters as bytes
 
     def answer_text(self, phrase: str, target: np.ndarray | None = None, names: list[str] | None = None) -> str:
@@ -182,11 +199,13 @@ class SegTokenHead(SegHead):
     logits = nn.Module.__call__  # through __call__, so ZeRO-3 gathers the parameters (bias included)
 
     def forward(self, seg_hidden: torch.Tensor, patch_feats: torch.Tensor) -> torch.Tensor:
-        """``seg_hidden [B, D]``, ``patch_feats [B, N, D]`` -> ``[B, N]`` scaled dot products."""
+        """``seg_hidden [B, D]``, ``patch_feats [B, N, D]`` -> ``[B, N * cells**2]`` scaled dot products (raster
+        order of the ``(g * cells)``-side grid)."""
         dt = self.bias.dtype
         q = self.text_proj(seg_hidden.to(dt))  # [B, d]
-        k = self.patch_proj(patch_feats.to(dt))  # [B, N, d]
-        return torch.einsum("bd,bnd->bn", q, k) / math.sqrt(q.shape[-1]) + self.bias
+        k = self.patch_proj(patch_feats.to(dt)).unflatten(-1, (-1, q.shape[-1]))  # [B, N, cells**2, d]
+        logits = torch.einsum("bd,bncd->bnc", q, k) / math.sqrt(q.shape[-1]) + self.bias
+        return cells_to_grid(logits, self.config.cells)
 
 
 SEG_HEADS.add("text", TextHead, config=TextHeadConfig, help="Text4Seg: the LLM writes the mask as text (R-RLE)")
@@ -250,6 +269,18 @@ def patch_grid(model: Any) -> int:
     return g
 
 
+def cells_to_grid(logits: torch.Tensor, cells: int) -> torch.Tensor:
+    """Per-patch cell logits ``[B, g*g, cells**2]`` (cells in raster order inside each patch) -> ``[B, (g*cells)**2]``
+    in raster order of the whole ``(g * cells)``-side grid (a pixel shuffle)."""
+    b, n, _ = logits.shape
+    if cells == 1:
+        return logits[..., 0]
+    g = int(round(math.sqrt(n)))
+    if g * g != n:  # only the zero-size call of `touch` (one patch) and square grids reach here
+        raise ValueError(f"per-patch cells need a square grid of patches, got {n}")
+    return einops.rearrange(logits, "b (gh gw) (ch cw) -> b (gh ch gw cw)", gh=g, ch=cells)
+
+
 def touch(head: SegHead, like: torch.Tensor) -> torch.Tensor:
     """A cheap scalar that runs ``head`` once on zeros (keeps its parameters in the graph on every rank)."""
     if head.kind == "text":  # no parameters
@@ -309,8 +340,7 @@ def seg_forward(model: Any, head_name: str, batch: dict[str, Any]) -> dict[str, 
         out, _ = model._run(prep, None, use_cache=False)
         res = model.lm_outputs(prep, out)
         return {"loss": res.loss, "lm_loss": res.loss.detach()}
-    g = patch_grid(model)
-    target = grid_targets(batch["masks"].to(model.device), g, head.config.target)
+    target = grid_targets(batch["masks"].to(model.device), head.mask_grid(patch_grid(model)), head.config.target)
     feats = prep.ctx.image_features  # [B, N, D] projected patch features
     if head.kind == "allmask":
         n = feats.shape[1]
@@ -432,7 +462,7 @@ def _patch_scores(model: Any, head: Any, texts: list[str], images: torch.Tensor,
     from mmtok.mllm import decoder as dec
     from mmtok.mllm.text import encode_prompts
 
-    g = patch_grid(model)
+    g = head.mask_grid(patch_grid(model))
     ids, att = encode_prompts(model.tokenizer, texts, model.device)
     prep = model.prepare(ids, att, images)
     feats = prep.ctx.image_features  # [B, N, D] (all patches, also under pruning)
