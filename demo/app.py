@@ -365,7 +365,7 @@ class DemoApp:
         r = core.run_segment(model, img, expression, head, pruner, int(keep or 1), refine)
         where = "" if pruner == "none" else f" by {pruner}"
         if r.text is None:
-            text = f"(the {r.head} head writes no descriptors: its mask comes from one score per image patch)"
+            text = f"(the {r.head} head writes no descriptors: its mask comes from scores on the image patches' grid)"
         else:
             text = r.text
         summary = (

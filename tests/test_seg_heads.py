@@ -376,11 +376,13 @@ def test_cli_segment_refuses_a_folder_that_is_not_a_model(tmp_path, capsys):
     assert "cannot load model" in capsys.readouterr().err
 
 
-def test_seg_config_validates():
+def test_seg_recipe_masks_come_on_text4segs_grid():
     from mmtok.config import load_run_config
 
     run = load_run_config(["configs/mllm/seg_scenes_cpu.yaml"])
-    assert run.task["name"] == "mllm_seg" and set(run.task["heads"]) == {"allmask", "text", "segtoken"}
+    kw = run.task["model_overrides"]["tower"]["kwargs"]
+    for name in ("allmask", "segtoken"):  # 8 x 8 patches x 2 x 2 cells = 16 x 16
+        assert kw["img_size"] // kw["patch_size"] * run.task["heads"][name]["cells"] == 16
 
 
 def test_grid_targets_area_share_and_stamp_reference_rule():

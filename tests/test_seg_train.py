@@ -29,6 +29,7 @@ def _overrides(scenes: Path, out: Path, steps: int = 3) -> list[str]:
     return short_run_args(scenes, out, steps, batch_size=6) + [
         f"task.model_overrides={model}",
         f"task.heads={heads}",
+        'task.head_mix={"allmask":0.4,"segtoken":0.3,"text":0.3}',
     ]
 
 
@@ -78,12 +79,20 @@ def test_seg_task_on_two_processes(scenes, tmp_path, stage):
     assert model.segment(torch.rand(1, 3, 32, 32), ["the bag"], head="allmask").masks.shape == (1, 32, 32)
 
 
-@pytest.mark.parametrize("name", ["seg_scenes_cpu", "seg_smollm2_lora", "seg_llava_lora"])
-def test_seg_configs_validate(name):
+@pytest.mark.parametrize(
+    ("name", "heads"),
+    [
+        ("seg_scenes_cpu", {"allmask", "segtoken"}),
+        ("seg_smollm2_lora", {"allmask", "text", "segtoken"}),
+        ("seg_llava_lora", {"allmask", "text", "segtoken"}),
+    ],
+)
+def test_seg_configs_validate(name, heads):
     from mmtok.train.config import load_run_config
 
     run = load_run_config([f"configs/mllm/{name}.yaml"])
-    assert run.task["name"] == "mllm_seg" and set(run.task["heads"]) == {"allmask", "text", "segtoken"}
+    assert run.task["name"] == "mllm_seg" and set(run.task["heads"]) == heads
+    assert set(run.task["head_mix"]) <= heads
 
 
 def test_seg_scenes32_recipe_matches_its_shards():
