@@ -12,7 +12,7 @@ Memory: bytes autograd saves in a training forward (activation memory) with and 
 KV-cache bytes of the mask chunk at inference.
 
     python tools/bench/seg.py --json runs/bench/seg.json
-    python tools/bench/seg.py --model runs/seg_scenes_cpu/export --json runs/bench/seg_trained.json
+    python tools/bench/seg.py --model MODEL --json runs/bench/seg_trained.json   # a model with all three heads
 """
 
 from __future__ import annotations
@@ -205,7 +205,11 @@ def main() -> int:
         model = MLLM.from_pretrained(args.model).eval()
         missing = [h for h in HEADS if h not in model.seg_heads]
         if missing:
-            print(f"{args.model} lacks the heads {missing}", file=sys.stderr)
+            print(
+                f"{args.model} lacks the heads {missing}: the bench times all three; train a model with "
+                "task.heads naming allmask, segtoken and text (seg_scenes_cpu.yaml trains the first two)",
+                file=sys.stderr,
+            )
             return 2
     else:
         model = build()
