@@ -198,3 +198,15 @@ def test_seg_baselines_match_a_hand_count(tmp_path):
     assert res["whole_image"] == pytest.approx(fg / total)
     assert 0.0 < res["oracle_16"] <= 1.0
     assert report.seg_baselines(str(out / "test-*.tar"), limit=5, grid=64)["oracle_64"] == 1.0
+
+
+def test_force_sets_a_training_folder_aside_so_the_rerun_starts_fresh(tmp_path, capsys):
+    out = tmp_path / "runs" / "quickstart" / "seg"
+    (out / "checkpoints" / "step-00000280").mkdir(parents=True)
+    quickstart._set_aside(out, "[12/14] seg")
+    assert not out.exists() and (tmp_path / "runs/quickstart/seg.previous/checkpoints/step-00000280").is_dir()
+    assert "previous run moved" in capsys.readouterr().out
+    (out / "export").mkdir(parents=True)  # a second --force keeps one generation: the newest old run
+    quickstart._set_aside(out, "[12/14] seg")
+    assert sorted(p.name for p in (tmp_path / "runs/quickstart/seg.previous").iterdir()) == ["export"]
+    quickstart._set_aside(out, "[12/14] seg")  # nothing there: nothing to do

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -97,6 +98,18 @@ def _train(key: str, title: str, config: list[str], out: str, overrides: list[st
         budget=key,
         tiny=["train.log_every=1", "data.batch_size=4", "data.num_workers=0"],
     )
+
+
+def _set_aside(out: Path, head: str) -> None:
+    """``--force`` on a training step: a fresh run, not a resume of the checkpoints already in ``out`` (which may
+    come from another version of the recipe). The old folder is kept as ``<out>.previous`` (one generation)."""
+    if not out.exists():
+        return
+    old = out.with_name(out.name + ".previous")
+    if old.exists():
+        shutil.rmtree(old)
+    out.rename(old)
+    print(f"{head}: --force: the previous run moved to {old} (a fresh run, not a resume)", flush=True)
 
 
 def _write_scene(path: Path, canvas: int) -> str:
@@ -380,6 +393,8 @@ def run_steps(args: argparse.Namespace, cwd: Path, env: dict, deadline: float) -
         argv += train_overrides(step, args.scale, args.tiny, seconds)
         if args.tiny:
             argv += step.tiny
+        if step.budget and args.force:
+            _set_aside(cwd / step.done.rsplit("/export", 1)[0], head)
         step_env, threads = _threads_env(env)
         print(f"\n{head}\n$ mmtok {shlex.join(argv)}", flush=True)
         t = time.time()
