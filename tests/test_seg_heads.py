@@ -413,23 +413,6 @@ def test_cells_to_grid_is_a_pixel_shuffle_of_each_patch():
     assert torch.equal(H.cells_to_grid(logits[..., :1], 1), logits[..., 0])
 
 
-def _offset_squares(task, n: int):
-    """Red squares of half the canvas placed on the 8 x 8 lattice (half a patch off the 4 x 4 patch grid)."""
-    side = int(task.model.tower.image_size)
-    gen = torch.Generator().manual_seed(0)
-    transform = task.sample_transform("train")
-    samples = []
-    for i in range(n):
-        mask = torch.zeros(side, side, dtype=torch.long)
-        y, x = (side // 8) * (1 + 2 * (i % 3)), (side // 8) * (1 + 2 * ((i // 3) % 3))
-        mask[y : y + side // 2, x : x + side // 2] = 1
-        image = torch.rand(3, side, side, generator=gen) * 0.15
-        image[0] = torch.where(mask.bool(), 0.9, image[0])
-        meta = {"expression": "the red bag", "class_name": "bag"}
-        samples.append(transform({"__key__": f"offset_{i}", "image": image, "mask": mask, "json": meta}))
-    return task.collate(samples)
-
-
 @pytest.mark.parametrize("head", ["allmask", "segtoken"])
 def test_cells_give_a_finer_grid_and_fit_sub_patch_edges(head):
     torch.manual_seed(0)
@@ -439,7 +422,8 @@ def test_cells_give_a_finer_grid_and_fit_sub_patch_edges(head):
         model_overrides=tiny_seg_mllm(),
         heads={head: {"cells": 2, **({"dim": 16} if head == "segtoken" else {})}},
     )
-    batch = _offset_squares(task, 4)
+    # red squares half a patch off the 4 x 4 patch grid
+    batch = task.synthetic_batch(4, shift=int(task.model.tower.image_size) // 8)
     opt = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=3e-3)
     for _ in range(60):
         out = task(batch)

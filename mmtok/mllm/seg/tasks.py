@@ -224,10 +224,12 @@ class SegTask(MLLMTask):
                 out[f"{h}/giou"], out[f"{h}/ciou"] = s["giou"], s["ciou"]
         return out
 
-    def synthetic_batch(self, batch_size: int) -> dict[str, Any]:
+    def synthetic_batch(self, batch_size: int, shift: int = 0) -> dict[str, Any]:
         """Scenes of one red square on a dark noisy canvas, the square as the mask (benchmarks, smoke tests).
 
         The square moves with the sample index, so a head must read the image (not a fixed prior) to fit it.
+        ``shift`` pixels move every square down and right off the 4 x 4 cell lattice (``side // 8`` puts its edges
+        in the middle of the cells; the canvas edge may then cut a square).
         """
         side = int(self.model.tower.image_size)
         gen = torch.Generator().manual_seed(0)
@@ -235,7 +237,7 @@ class SegTask(MLLMTask):
         transform = self.sample_transform("train")
         for i in range(batch_size):
             mask = torch.zeros(side, side, dtype=torch.long)
-            y, x = (side // 4) * (i % 3), (side // 4) * ((i // 3) % 3)  # on the 4 x 4 cell lattice
+            y, x = (side // 4) * (i % 3) + shift, (side // 4) * ((i // 3) % 3) + shift  # on the 4 x 4 cell lattice
             mask[y : y + side // 2, x : x + side // 2] = 1
             image = torch.rand(3, side, side, generator=gen) * 0.15
             image[0] = torch.where(mask.bool(), 0.9, image[0])
