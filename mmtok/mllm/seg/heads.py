@@ -276,7 +276,7 @@ def cells_to_grid(logits: torch.Tensor, cells: int) -> torch.Tensor:
     if cells == 1:
         return logits[..., 0]
     g = int(round(math.sqrt(n)))
-    if g * g != n:  # only the zero-size call of `touch` (one patch) and square grids reach here
+    if g * g != n:  # patch grids are square (`patch_grid` checks); `touch` runs a single patch, a 1 x 1 grid
         raise ValueError(f"per-patch cells need a square grid of patches, got {n}")
     return einops.rearrange(logits, "b (gh gw) (ch cw) -> b (gh ch gw cw)", gh=g, ch=cells)
 

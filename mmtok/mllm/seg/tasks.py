@@ -237,7 +237,7 @@ class SegTask(MLLMTask):
         transform = self.sample_transform("train")
         for i in range(batch_size):
             mask = torch.zeros(side, side, dtype=torch.long)
-            y, x = (side // 4) * (i % 3) + shift, (side // 4) * ((i // 3) % 3) + shift  # on the 4 x 4 cell lattice
+            y, x = (side // 4) * (i % 3) + shift, (side // 4) * ((i // 3) % 3) + shift  # 4 x 4 cell lattice + shift
             mask[y : y + side // 2, x : x + side // 2] = 1
             image = torch.rand(3, side, side, generator=gen) * 0.15
             image[0] = torch.where(mask.bool(), 0.9, image[0])
