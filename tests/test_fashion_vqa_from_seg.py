@@ -9,24 +9,18 @@ heads frozen; and ``mmtok train`` on the YAML runs and exports a folder that loa
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_seg_mllm
+from launching import short_run_args
+from tiny_models import fashion_vqa_shards, tiny_seg_mllm
 
 from mmtok import registries
 from mmtok.mllm.modeling import MLLM
 from mmtok.train.config import load_run_config
 
 CONFIG = "configs/mllm/fashion_vqa_from_seg.yaml"
-ROOT = "/usr/share/datasets/fashion-mnist"
-
-
-def _need_fmnist():
-    if not os.path.isdir(ROOT):
-        pytest.fail("Fashion-MNIST is missing: run `make setup`")
 
 
 def test_config_is_stage2_on_the_seg_export():
@@ -41,8 +35,7 @@ def test_config_is_stage2_on_the_seg_export():
     assert run.train.max_seconds == 900  # stage 2 is the second half of a 30-minute budget
 
 
-def test_fashion_vqa_at_64_px_speaks_the_seg_vocabulary():
-    _need_fmnist()
+def test_fashion_vqa_at_64_px_speaks_the_seg_vocabulary(fmnist_dir):
     from mmtok.mllm.data import FashionVQAConfig, vqa_samples
     from mmtok.mllm.text import load_tokenizer
 
@@ -82,33 +75,11 @@ def test_stage2_task_loads_the_seg_export_whole(seg_export):
         assert any(p.requires_grad for p in part.parameters())
 
 
-def test_mmtok_train_runs_the_config_and_exports(seg_export, tmp_path):
-    _need_fmnist()
+def test_mmtok_train_runs_the_config_and_exports(seg_export, tmp_path, fmnist_dir):
     from mmtok.train.engine import train
 
-    builders = registries.get("shard builder")
-    data = tmp_path / "vqa32"  # the tiny tower's 32 px canvas
-    builders.get("fashion-vqa").target(
-        builders.build_config("fashion-vqa", out=str(data), canvas=32, train=16, val=4, test=0)
-    )
-    cfg = load_run_config(
-        [CONFIG],
-        [
-            f"task.init={seg_export}",
-            f"data.train={data}/train-000000.tar",
-            f"data.val={data}/val-000000.tar",
-            "data.batch_size=4",
-            "data.resampled=false",
-            "data.epoch_length=0",
-            "train.steps=3",
-            "train.max_seconds=0",
-            "train.schedule_by_time=false",
-            "train.eval_every=0",
-            "train.ckpt_every=0",
-            "optim.warmup_steps=0",
-            f"output_dir={tmp_path / 'run'}",
-        ],
-    )
+    data = fashion_vqa_shards(tmp_path / "vqa32", train=16, val=4, canvas=32)  # the tiny tower's 32 px canvas
+    cfg = load_run_config([CONFIG], [f"task.init={seg_export}", *short_run_args(data, tmp_path / "run", 3, 4)])
     before = MLLM.from_pretrained(seg_export).state_dict()
     train(cfg)
     model = MLLM.from_pretrained(tmp_path / "run" / "export")

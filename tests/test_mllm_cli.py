@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny_models import fashion_vqa_test_shard, tiny_fashion_mllm
+from tiny_models import fashion_vqa_shards, tiny_fashion_mllm
 
 from mmtok import registries
 from mmtok.mllm.modeling import MLLM
@@ -175,7 +175,7 @@ def test_16_bit_png_is_read_as_its_values(tmp_path):
 def test_eval_mllm_cli(model_dir, tmp_path, capsys):
     from mmtok.cli.main import main
 
-    fashion_vqa_test_shard(tmp_path / "d", 4)
+    fashion_vqa_shards(tmp_path / "d", test=4)
     rc = main(
         [
             "eval",
@@ -230,7 +230,7 @@ def test_eval_mllm_blind_baseline(model_dir, tmp_path, capsys):
     from mmtok.cli.main import main
     from mmtok.mllm.evaluate import answer_accuracy, blind_samples, load_eval_set
 
-    fashion_vqa_test_shard(tmp_path / "d", 6)
+    fashion_vqa_shards(tmp_path / "d", test=6)
     data = str(tmp_path / "d" / "test-000000.tar")
     rc = main(
         [
@@ -290,7 +290,7 @@ def test_eval_runs_each_method_and_different_keep_sets_can_change_answers(tmp_pa
             layer.self_attn.q_proj.weight.mul_(6)
             layer.self_attn.k_proj.weight.mul_(6)
             layer.self_attn.v_proj.weight.mul_(10)
-    fashion_vqa_test_shard(tmp_path / "d", 6)
+    fashion_vqa_shards(tmp_path / "d", test=6)
     samples = load_eval_set(str(tmp_path / "d" / "test-000000.tar"))
     runs = {
         m: answer_accuracy(model, samples, registries.get("pruner").create(m, num_keep=2), batch_size=4)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import fashion_vqa_test_shard
+from tiny_models import fashion_vqa_shards
 
 from mmtok import registries
 from mmtok.mllm import decoder as dec
@@ -497,7 +497,7 @@ def test_eval_cli_has_merging_rows(model_dir, tmp_path, capsys):
 
     from mmtok.cli.main import main
 
-    fashion_vqa_test_shard(tmp_path / "d", 6)
+    fashion_vqa_shards(tmp_path / "d", test=6)
     rc = main(
         [
             "eval",

@@ -6,12 +6,14 @@ from pathlib import Path
 from typing import Any
 
 
-def fashion_vqa_test_shard(out: Path, n: int) -> Path:
-    """Write ``n`` fashion-vqa test questions into ``out`` (one shard); returns the folder."""
+def fashion_vqa_shards(out: Path, *, train: int = 0, val: int = 0, test: int = 0, **options: Any) -> Path:
+    """Write fashion-vqa shards with that many questions per split into ``out`` (``options``: the builder's, e.g.
+    ``canvas``); returns the folder."""
     from mmtok import registries
 
     builders = registries.get("shard builder")
-    builders.get("fashion-vqa").target(builders.build_config("fashion-vqa", out=str(out), train=0, val=0, test=n))
+    cfg = builders.build_config("fashion-vqa", out=str(out), train=train, val=val, test=test, **options)
+    builders.get("fashion-vqa").target(cfg)
     return Path(out)
 
 
