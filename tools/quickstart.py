@@ -393,8 +393,9 @@ def run_steps(args: argparse.Namespace, cwd: Path, env: dict, deadline: float) -
         argv += train_overrides(step, args.scale, args.tiny, seconds)
         if args.tiny:
             argv += step.tiny
-        if step.budget and args.force:
-            _set_aside(cwd / step.done.rsplit("/export", 1)[0], head)
+        run_dir = cwd / step.done.rsplit("/export", 1)[0] if step.budget else None  # a training step's output_dir
+        if run_dir is not None and args.force:
+            _set_aside(run_dir, head)
         step_env, threads = _threads_env(env)
         print(f"\n{head}\n$ mmtok {shlex.join(argv)}", flush=True)
         t = time.time()
@@ -403,10 +404,10 @@ def run_steps(args: argparse.Namespace, cwd: Path, env: dict, deadline: float) -
         rec: dict = {"title": step.title, "seconds": round(took, 1), "rc": rc, "threads": threads}
         rec["command"] = "mmtok " + shlex.join(argv)
         rec["load_1min"] = round(os.getloadavg()[0], 2)
-        if step.budget:
+        if run_dir is not None:
             rec["budget_s"] = float(train_overrides(step, args.scale, args.tiny, seconds)[0].split("=")[1])
             rec["nominal_budget_s"] = BUDGETS[step.budget] * args.scale
-            summary_file = cwd / step.done.rsplit("/export", 1)[0] / "run_summary.json"
+            summary_file = run_dir / "run_summary.json"
             if summary_file.is_file():
                 summary = json.loads(summary_file.read_text())
                 rec.update({k: summary.get(k) for k in ("steps", "planned_steps", "stopped_by", "elapsed_s")})
