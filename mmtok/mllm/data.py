@@ -10,6 +10,13 @@ tokens, LLaVA-1.5's count) gets templated questions whose answers follow from th
 * ``colour``: "what colour is the <class> ?" -> colour name (asked only when that class occurs once)
 * ``exists``: "is there a <class> ?" -> "yes" / "no" (present and absent classes drawn half and half)
 
+Training-only dense supervision (``describe_train=true``, off by default; val and test never change): each train
+scene also gets one ``describe`` sample, "describe the picture ." -> every item left to right as "<colour> <class>",
+joined by " , " (e.g. "red sneaker , blue bag"). One answer then carries what all four question types test: the
+class of every item ("exists"), their order ("left"), the colour bound to each class ("colour") and their number
+("count"), so each image gives the tower a class and colour target per item instead of one word. A captioning
+stage before instruction tuning plays this role in LLaVA (arXiv:2304.08485); here the two are mixed in one stage.
+
 Splits never share Fashion-MNIST source images (train/val/test as in fashion-scenes). One sample per
 (scene, question): ``png`` (RGB canvas) + ``json`` {source, split, scene, question, answer, qtype, items}.
 
@@ -33,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six"]
 QTYPES = ("count", "left", "colour", "exists")
+DESCRIBE_QUESTION = "describe the picture ."
 
 
 @dataclass
@@ -49,6 +57,7 @@ class FashionVQAConfig:
     questions_per_scene: int = 2  # distinct question types per scene
     left_margin: int = 6  # pixels between the leftmost and the next item centre for a "left" question
     scene_canvas: int = 0  # 0: items fill the canvas; 32 <= n < canvas: compose on n px and place it (small items)
+    describe_train: bool = False  # one more train sample per scene: "describe the picture ." (val/test unchanged)
     seed: int = 0
     root: str = "/usr/share/datasets/fashion-mnist"
     maxcount: int = 2000
@@ -80,6 +89,12 @@ def questions_for(items: list[dict], rng: np.random.Generator, left_margin: int 
         c, ans = absent[int(rng.integers(len(absent)))], "no"
     out["exists"] = (f"is there {_article(c)} {c} ?", ans)
     return out
+
+
+def describe_answer(items: list[dict]) -> str:
+    """Every item left to right (by box centre) as "<colour> <class>", joined by " , "."""
+    ordered = sorted(items, key=lambda it: (it["bbox"][0] + it["bbox"][2]) / 2)
+    return " , ".join(f"{it['colour']} {it['class_name']}" for it in ordered)
 
 
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
@@ -137,8 +152,11 @@ def vqa_samples(cfg: FashionVQAConfig, split: str, count: int):
         qs = questions_for(items, rng, cfg.left_margin)
         types = [t for t in QTYPES if t in qs]
         chosen = rng.choice(len(types), size=min(cfg.questions_per_scene, len(types)), replace=False)
-        for j in sorted(int(c) for c in chosen):
-            qtype = types[j]
+        picked = [types[int(j)] for j in sorted(chosen)]
+        if cfg.describe_train and split == "train":  # no draw from rng: the four types' samples stay the same
+            qs["describe"] = (DESCRIBE_QUESTION, describe_answer(items))
+            picked.append("describe")
+        for qtype in picked:
             question, answer = qs[qtype]
             yield {
                 "__key__": f"{split}_{s:06d}_{qtype}",
