@@ -232,3 +232,32 @@ def test_videomae_style_encoder_switches(tmp_path):
     assert torch.equal(model(x, masks).pred, back(x, masks).pred)
     with pytest.raises(ValueError, match="pos_embed_type"):
         MODELS.create("vit_micro", **IMG, pos_embed_type="learned")
+
+
+def test_norm_pix_eps_damps_flat_noisy_tubelets_only():
+    """``norm_pix_eps`` replaces 1e-6 in both formulas: with 0.05 a tubelet-channel of noise std ~0.012 (a dark
+    noisy background) becomes a target of std ~0.2 instead of 1, while a high-contrast one barely changes."""
+    n = 2 * 8 * 8
+    sign = torch.ones(1, 1, 4, 32, 32)
+    sign[..., ::2, :] = -1.0
+    d = torch.tensor([0.012, 0.4, 0.0])  # per channel: background-like noise, an item edge, flat
+    x = 0.5 + sign * d.view(1, 3, 1, 1, 1)
+    ref = MODELS.create("videomae_micro", **VID)
+    damped = MODELS.create("videomae_micro", **VID, norm_pix_eps=0.05)
+    for ch, dc in enumerate(d.tolist()):
+        std_c = dc * math.sqrt(n / (n - 1))
+        for model, eps in ((ref, 1e-6), (damped, 0.05)):
+            got = model.targets(x)[0].view(1, 32, n, 3)[..., ch].abs()
+            want = dc / (std_c + eps)
+            torch.testing.assert_close(got, torch.full_like(got, want), rtol=1e-5, atol=1e-6)
+    t, mean, std = damped.targets(x)
+    assert t.view(1, 32, n, 3)[..., 0].abs().max() < 0.2  # the noise is no longer a unit-variance target
+    torch.testing.assert_close(t * std + mean, patchify(x, 8, 2), atol=1e-6, rtol=0)  # still invertible
+    # images: sqrt(var + eps)
+    img = _mae(norm_pix_eps=0.25)
+    xi = torch.full((1, 3, 32, 32), 0.5)
+    xi[:, :, ::2] += 0.1
+    xi[:, :, 1::2] -= 0.1
+    m = 8 * 8 * 3
+    want = 0.2 / math.sqrt(0.2**2 * m / (m - 1) + 0.25)
+    torch.testing.assert_close(img.targets(xi)[0].abs(), torch.full((1, 16, m), want), rtol=1e-5, atol=1e-6)

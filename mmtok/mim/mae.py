@@ -52,6 +52,9 @@ class MAEConfig(ViTConfig):
     decoder_depth: int = 2
     decoder_heads: int = 4
     norm_pix_loss: bool = True  # normalised targets (per patch for images, per tubelet and channel for videos)
+    # epsilon of the target normalisation: 1e-6 in both references. A larger value (e.g. 0.05 on [0, 1] video
+    # pixels) keeps near-flat noisy tubelets near zero instead of blowing their noise up to unit variance
+    norm_pix_eps: float = 1e-6
     predict_loss: bool = False  # HPM: add a head predicting each token's reconstruction loss
     decoder_norm_eps: float | None = None  # epsilon of the decoder's last LayerNorm (None: norm_eps)
 
@@ -131,9 +134,10 @@ class MAE(nn.Module, HubMixin):
     def targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Targets ``[B, N, P]`` and the per-token (mean, std) used to normalise them (to undo it).
 
-        Images (MAE): model-scale patches, normalised over each whole patch by ``sqrt(var + 1e-6)``.
-        Videos (VideoMAE): [0, 1] pixels, normalised per tubelet and channel by ``std + 1e-6``. Variances are
-        unbiased in both. ``target * std + mean`` gives back the pixels in :meth:`target_pixels`' scale.
+        Images (MAE): model-scale patches, normalised over each whole patch by ``sqrt(var + eps)``.
+        Videos (VideoMAE): [0, 1] pixels, normalised per tubelet and channel by ``std + eps``. Variances are
+        unbiased in both; ``eps`` is ``config.norm_pix_eps`` (1e-6 as in both references).
+        ``target * std + mean`` gives back the pixels in :meth:`target_pixels`' scale.
         """
         t = self.target_pixels(x)
         if not self.config.norm_pix_loss:
@@ -143,7 +147,8 @@ class MAE(nn.Module, HubMixin):
         mean = groups.mean(-2, keepdim=True)
         var = groups.var(-2, keepdim=True, unbiased=True)
         # the two references differ here, and on a flat patch (std ~ 1e-3) so do the targets: see module docstring
-        std = var.sqrt() + 1e-6 if self.is_video else (var + 1e-6).sqrt()
+        eps = self.config.norm_pix_eps
+        std = var.sqrt() + eps if self.is_video else (var + eps).sqrt()
 
         def flat(v: torch.Tensor) -> torch.Tensor:
             v = v.expand_as(groups)
