@@ -514,6 +514,7 @@ class MLLMPipeline:
         prune: str | None = None,
         keep: int = 64,
         refine: str = "bilinear",
+        threshold: float = 0.5,
     ) -> Segmentation:
         """Mask of the object ``expression`` refers to (a model trained with segmentation heads).
 
@@ -521,6 +522,7 @@ class MLLMPipeline:
             head: ``text`` | ``allmask`` | ``segtoken`` ("" = the model's first head).
             prune, keep: Optional pruner and budget, as in :meth:`answer`.
             refine: ``none`` | ``bilinear`` | ``guided`` upsampling of the coarse grid.
+            threshold: mask = refined score > threshold (0.5 by default; see ``mmtok eval seg --thresholds``).
 
         Example:
             >>> seg = load_mllm("runs/seg_scenes_cpu/export").segment("scene.png", "the red bag")  # doctest: +SKIP
@@ -534,7 +536,11 @@ class MLLMPipeline:
         notes = self.check_text(expression, "expression")
         pruner, more = self.make_pruner(prune, keep)
         x, resized = self.prepare_image(image)
-        out = self.model.segment(x.to(self.model.device), [expression], head=head, pruner=pruner, refine=refine)
+        if not 0.0 < threshold < 1.0:
+            raise InputError(f"threshold must be in (0, 1), got {threshold}")
+        out = self.model.segment(
+            x.to(self.model.device), [expression], head=head, pruner=pruner, refine=refine, threshold=threshold
+        )
         keep_idx = out.image_keep[0].tolist() if out.image_keep is not None else None
         return Segmentation(
             out.masks[0].cpu().numpy().astype(bool),

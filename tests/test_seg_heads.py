@@ -167,6 +167,14 @@ def test_heads_survive_save_and_reload(model, tmp_path):
         assert torch.equal(a.masks, b.masks)
 
 
+@pytest.mark.parametrize("refine", ["bilinear", "guided"])
+def test_segment_threshold_cuts_the_same_refined_scores(model, refine):
+    lo = model.segment(_images(), EXPRS, head="allmask", refine=refine, threshold=0.3)
+    hi = model.segment(_images(), EXPRS, head="allmask", refine=refine, threshold=0.7)
+    assert torch.equal(lo.scores, hi.scores)
+    assert not (hi.masks & ~lo.masks).any()  # a higher threshold keeps a subset of the pixels
+
+
 def test_segment_errors_say_what_to_do(model):
     with pytest.raises(ValueError, match="empty"):
         model.segment(_images(1), ["  "])
@@ -174,6 +182,8 @@ def test_segment_errors_say_what_to_do(model):
         model.segment(_images(1), ["the bag"], head="bogus")
     with pytest.raises(ValueError, match="2 images but 1 expressions"):
         model.segment(_images(2), ["the bag"])
+    with pytest.raises(ValueError, match="threshold must be in"):
+        model.segment(_images(1), ["the bag"], threshold=1.0)
     plain = registries.get("mllm").create("llava_fashion_seg", **tiny_seg_mllm())
     with pytest.raises(ValueError, match="no segmentation heads"):
         plain.segment(_images(1), ["the bag"])
@@ -317,6 +327,9 @@ def test_cli_segment_and_eval_seg(model, scenes, tmp_path, capsys):
             "--refine",
             "none",
             "bilinear",
+            "--thresholds",
+            "0.5",
+            "0.3",
             "--prune",
             "dart",
             "--keeps",
@@ -332,9 +345,9 @@ def test_cli_segment_and_eval_seg(model, scenes, tmp_path, capsys):
     )
     assert rc == 0
     rows = json.loads(js.read_text())["rows"]
-    assert {(r["head"], r["refine"], r["method"]) for r in rows} == {
-        (h, r, m) for h in ("allmask", "text") for r in ("none", "bilinear") for m in ("none",)
-    } | {(h, "none", "dart") for h in ("allmask", "text")}
+    assert {(r["head"], r["refine"], r["threshold"], r["method"]) for r in rows} == {
+        (h, r, t, "none") for h in ("allmask", "text") for r in ("none", "bilinear") for t in (0.5, 0.3)
+    } | {(h, "none", 0.5, "dart") for h in ("allmask", "text")}
     assert all(0.0 <= r["ciou"] <= 1.0 and r["n"] == 6 for r in rows)
     # fashion-scenes carries instance maps: the grounding rate is scored on the scenes with two or more items
     assert all(r["grounding_n"] >= 1 and 0.0 <= r["grounding"] <= 1.0 for r in rows)

@@ -131,6 +131,53 @@ def test_guided_snaps_a_blurred_step_to_the_image_edge():
     assert edge == 37  # bilinear puts it at 38, nearest at 40
 
 
+def test_colour_guide_with_equal_channels_is_the_grey_filter_at_a_third_of_eps():
+    # Sigma = v 11^T + eps I has 1 as eigenvector (eigenvalue 3v + eps): a = c / (3v + eps) per channel, and
+    # sum_c a_c * g = c g / (v + eps / 3): the grey filter with eps / 3.
+    rng = np.random.default_rng(4)
+    grey = rng.random((30, 40))
+    src = rng.random((30, 40))
+    got = R.colour_guided_filter(np.repeat(grey[..., None], 3, -1), src, radius=3, eps=3e-3)
+    np.testing.assert_allclose(got, R.guided_filter(grey, src, radius=3, eps=1e-3), atol=1e-10)
+
+
+def test_colour_guide_follows_an_edge_the_grey_guide_cannot_see():
+    # A green box (off the 4-px grid) on red of (nearly) the same BT.601 luma, 102 * 0.587 ~ 200 * 0.299: the
+    # grey guide sees no edge and only blurs the corners (below bilinear), the colour guide snaps to the box.
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    image[:] = (200, 0, 0)
+    image[13:30, 37:58] = (0, 102, 0)
+    gt = np.zeros((64, 64), dtype=bool)
+    gt[13:30, 37:58] = True
+    soft = gt.reshape(16, 4, 16, 4).mean(axis=(1, 3))
+    iou = {
+        name: mask_iou(R.refine_mask(soft, image, method, **kw), gt)
+        for name, method, kw in [
+            ("bilinear", "bilinear", {}),
+            ("colour", "guided", {}),
+            ("grey", "guided", {"guide": "grey"}),
+        ]
+    }
+    assert iou["colour"] > 0.99 > iou["bilinear"] > iou["grey"]
+    with pytest.raises(ValueError, match="guide must be"):
+        R.refine(soft, image, "guided", guide="hsv")
+
+
+def test_guided_takes_a_grey_image():
+    image, gt = step_scene()
+    soft = gt.reshape(8, 8, 8, 8).mean(axis=(1, 3))
+    np.testing.assert_allclose(
+        R.refine(soft, image[..., 0], "guided"), R.refine(soft, image[..., 0], "guided", guide="grey")
+    )
+
+
+def test_refine_mask_threshold():
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    scores = np.full((2, 2), 0.4, dtype=np.float32)
+    assert not R.refine_mask(scores, image, "bilinear").any()
+    assert R.refine_mask(scores, image, "bilinear", threshold=0.3).all()
+
+
 def test_refine_decoded_bricks_and_errors():
     from mmtok.registries import SEG_FORMATS
 

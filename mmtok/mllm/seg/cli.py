@@ -38,6 +38,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--prune", default="", help="a pruner name (mmtok list pruners), e.g. dart")
     p.add_argument("--keep", type=int, default=64, help="image tokens kept when --prune is set")
     p.add_argument("--refine", default="bilinear", help="none | bilinear | guided")
+    p.add_argument("--threshold", type=float, default=0.5, help="mask = refined score > threshold, in (0, 1)")
     p.add_argument("--out", default="mask.png", help="mask PNG to write (the overlay goes beside it)")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
@@ -76,7 +77,15 @@ def main(argv: list[str]) -> int:
         print(f"mmtok segment: {args.model} has no segmentation heads; train one with mllm_seg", file=sys.stderr)
         return 2
     try:
-        res = model.segment(image, [expr], head=args.head, prune=args.prune or None, keep=args.keep, refine=args.refine)
+        res = model.segment(
+            image,
+            [expr],
+            head=args.head,
+            prune=args.prune or None,
+            keep=args.keep,
+            refine=args.refine,
+            threshold=args.threshold,
+        )
     except ValueError as e:
         print(f"mmtok segment: {e}", file=sys.stderr)
         return 2

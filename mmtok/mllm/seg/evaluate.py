@@ -16,6 +16,7 @@ Writes a JSON file, a Markdown table and a PNG grid of the worst and best cases 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import statistics
@@ -61,9 +62,15 @@ def load_seg_set(pattern: str, limit: int = 0) -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def evaluate_config(
-    model, samples: list[dict[str, Any]], head: str, refine: str = "bilinear", pruner=None, batch_size: int = 16
+    model,
+    samples: list[dict[str, Any]],
+    head: str,
+    refine: str = "bilinear",
+    pruner=None,
+    batch_size: int = 16,
+    threshold: float = 0.5,
 ) -> dict[str, Any]:
-    """One row of the table: metrics of ``head`` with ``refine`` and ``pruner`` over ``samples``."""
+    """One row of the table: metrics of ``head`` with ``refine``, ``pruner`` and mask ``threshold``."""
     from mmtok.mllm.seg.metrics import SegMeter, mask_iou, picks_referred
 
     meter = SegMeter()
@@ -75,7 +82,8 @@ def evaluate_config(
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
         images = torch.stack([s["image"] for s in chunk])
-        res = model.segment(images, [s["expression"] for s in chunk], head=head, refine=refine, pruner=pruner)
+        exprs = [s["expression"] for s in chunk]
+        res = model.segment(images, exprs, head=head, refine=refine, pruner=pruner, threshold=threshold)
         per_mask.append(res.seconds / len(chunk))
         tokens += res.tokens
         for s, pred, rep in zip(chunk, res.masks.numpy(), res.repairs):
@@ -91,6 +99,7 @@ def evaluate_config(
     row = {
         "head": head,
         "refine": refine,
+        "threshold": threshold,
         "method": getattr(pruner, "name", None) or (type(pruner).__name__ if pruner is not None else "none"),
         "keep": pruner.budget(model.num_image_tokens) if pruner is not None else model.num_image_tokens,
         "giou": summ["giou"],
@@ -165,14 +174,17 @@ def baselines(samples: list[dict[str, Any]], grid: int = 16) -> dict[str, float]
 
 
 def table_markdown(rows: list[dict[str, Any]]) -> str:
-    head = "| head | refine | pruner | keep | gIoU | cIoU | grounding | repairs | tokens | ms/mask (median / p90) |"
-    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    head = (
+        "| head | refine | thr | pruner | keep | gIoU | cIoU | grounding | repairs | tokens | ms/mask (median / p90) |"
+    )
+    lines = [head, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         tok = f"{r['tokens']:.0f}" if r.get("tokens") else "–"
         grd = f"{r['grounding']:.1%}" if r.get("grounding") is not None else "–"
         lines.append(
-            f"| {r['head']} | {r['refine']} | {r['method']} | {r['keep']} | {r['giou']:.3f} | {r['ciou']:.3f} | "
-            f"{grd} | {r['repair_rate']:.1%} | {tok} | {r['ms_per_mask_median']:.1f} / {r['ms_per_mask_p90']:.1f} |"
+            f"| {r['head']} | {r['refine']} | {r.get('threshold', 0.5):g} | {r['method']} | {r['keep']} | "
+            f"{r['giou']:.3f} | {r['ciou']:.3f} | {grd} | {r['repair_rate']:.1%} | {tok} | "
+            f"{r['ms_per_mask_median']:.1f} / {r['ms_per_mask_p90']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -212,6 +224,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--data", required=True, help="shard pattern of a referring-segmentation split")
     p.add_argument("--heads", nargs="+", default=[], help="heads to score (default: all of the model's)")
     p.add_argument("--refine", nargs="+", default=["bilinear"], help="none | bilinear | guided (each is a row)")
+    p.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="+",
+        default=[0.5],
+        help="mask = refined score > threshold, each a row (choose it on the validation split, report on test)",
+    )
     p.add_argument("--prune", nargs="+", default=[], help="pruners to score besides no pruning")
     p.add_argument("--keeps", type=int, nargs="+", default=[64], help="image tokens kept per pruner")
     p.add_argument("--semantic", action="store_true", help="also score 'segment every item' (mIoU, text head)")
@@ -233,6 +252,10 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError, KeyError) as e:
         print(f"mmtok eval seg: {e}", file=sys.stderr)
         return 2
+    bad = [t for t in args.thresholds if not 0.0 < t < 1.0]
+    if bad:
+        print(f"mmtok eval seg: thresholds must be in (0, 1), got {bad}", file=sys.stderr)
+        return 2
     heads = args.heads or list(model.seg_heads)
     missing = [h for h in heads if h not in model.seg_heads]
     if missing or not heads:
@@ -241,19 +264,19 @@ def main(argv: list[str]) -> int:
     print(f"{len(samples)} samples, {model.num_image_tokens} image tokens per image, heads {heads}")
     rows, first = [], None
     for head in heads:
-        for refine in args.refine:
+        for refine, thr in itertools.product(args.refine, args.thresholds):
             for name, pruner in [("none", None), *pruners]:
-                if pruner is not None and refine != args.refine[0]:
-                    continue  # pruning rows with the first refinement only
-                res = evaluate_config(model, samples, head, refine, pruner, args.batch_size)
+                if pruner is not None and (refine, thr) != (args.refine[0], args.thresholds[0]):
+                    continue  # pruning rows with the first refinement and threshold only
+                res = evaluate_config(model, samples, head, refine, pruner, args.batch_size, thr)
                 res["row"]["method"] = name
                 rows.append(res["row"])
                 first = first or res
                 r = res["row"]
                 grd = f" grounding={r['grounding']:.1%}" if r["grounding"] is not None else ""
                 print(
-                    f"{head:9s} {refine:8s} {name:13s} keep={r['keep']:4d} gIoU={r['giou']:.3f} cIoU={r['ciou']:.3f}"
-                    f"{grd} repairs={r['repair_rate']:.1%} {r['ms_per_mask_median']:.1f} ms/mask",
+                    f"{head:9s} {refine:8s} >{thr:<4g} {name:13s} keep={r['keep']:4d} gIoU={r['giou']:.3f} "
+                    f"cIoU={r['ciou']:.3f}{grd} repairs={r['repair_rate']:.1%} {r['ms_per_mask_median']:.1f} ms/mask",
                     flush=True,
                 )
     out: dict[str, Any] = {"model": args.model, "data": args.data, "n": len(samples), "rows": rows}

@@ -398,6 +398,7 @@ def segment(
     refine: str = "bilinear",
     pruner: Any = None,
     questions: list[str] | None = None,
+    threshold: float = 0.5,
 ) -> SegOutput:
     """Masks of the referred objects.
 
@@ -409,6 +410,9 @@ def segment(
         prune, keep: A registered pruner name and its token budget (or pass ``pruner``).
         refine: Coarse grid -> full resolution: ``none`` | ``bilinear`` | ``guided`` (see ``seg.refine``).
         questions: Override the prompt per sample (default: the first question template).
+        threshold: A pixel is in the mask where its refined score is ``> threshold`` (0.5 = LISA's sigmoid > 0.5;
+            the best cIoU threshold is usually lower, choose it on a validation split with ``mmtok eval seg
+            --thresholds``).
     """
     from mmtok.mllm.seg.refine import refine_decoded
     from mmtok.mllm.text import chat_prompt, encode_prompts
@@ -423,6 +427,8 @@ def segment(
         raise ValueError(f"{images.shape[0]} images but {len(expressions)} expressions")
     if any(not e.strip() for e in expressions):
         raise ValueError("an expression is empty: say what to segment")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
     h = model.seg_heads[head]
     if pruner is None and prune and prune != "none":
         from mmtok import registries
@@ -448,12 +454,12 @@ def segment(
         repairs = [d.repairs for d in decoded]
         scores = torch.stack([torch.from_numpy(d.labels.astype(np.float32)) for d in fg])
         masks = torch.stack(
-            [torch.from_numpy(refine_decoded(d, _rgb(img), refine) > 0.5) for d, img in zip(fg, images)]
+            [torch.from_numpy(refine_decoded(d, _rgb(img), refine) > threshold) for d, img in zip(fg, images)]
         )
         return SegOutput(masks, scores, text_out, repairs, time.perf_counter() - t0, image_keep, n_tokens)
     answers = [chat_prompt(tok, q, h.answer_text(e)) for q, e in zip(qs, expressions)]
     scores, image_keep = _patch_scores(model, h, answers, images, pruner)
-    masks = refine_masks(scores, images, refine)
+    masks = refine_masks(scores, images, refine, threshold)
     return SegOutput(masks, scores, None, [0] * len(qs), time.perf_counter() - t0, image_keep)
 
 
@@ -479,11 +485,13 @@ def _patch_scores(model: Any, head: Any, texts: list[str], images: torch.Tensor,
     return logits.float().sigmoid().view(-1, g, g).cpu(), keep
 
 
-def refine_masks(scores: torch.Tensor, images: torch.Tensor, method: str = "bilinear") -> torch.Tensor:
-    """Grid scores ``[B, gh, gw]`` in [0, 1] -> boolean masks ``[B, H, W]`` at the image size."""
+def refine_masks(
+    scores: torch.Tensor, images: torch.Tensor, method: str = "bilinear", threshold: float = 0.5
+) -> torch.Tensor:
+    """Grid scores ``[B, gh, gw]`` in [0, 1] -> boolean masks ``[B, H, W]`` (refined score > threshold)."""
     from mmtok.mllm.seg.refine import refine
 
-    out = [refine(s.numpy().astype(np.float32), _rgb(img), method) > 0.5 for s, img in zip(scores, images)]
+    out = [refine(s.numpy().astype(np.float32), _rgb(img), method) > threshold for s, img in zip(scores, images)]
     return torch.from_numpy(np.stack(out))
 
 
