@@ -62,6 +62,11 @@ def test_same_solution_as_scikit_learn():
     r = linear_probe(xtr, ytr, xte, yte, Cs=(0.5,))
     assert r.converged and np.isnan(r.val_accuracy) and r.grid == []
     assert r.accuracy == pytest.approx(ref.score(scaler.transform(xte), yte))
+    np.testing.assert_array_equal(r.predictions, ref.predict(scaler.transform(xte)))
+    # predictions come back in the caller's label values, not the probe's internal 0..K-1
+    r = linear_probe(xtr, ytr + 10, xte, yte + 10, Cs=(0.5,))
+    np.testing.assert_array_equal(r.predictions, ref.predict(scaler.transform(xte)) + 10)
+    assert r.accuracy == pytest.approx(float((r.predictions == yte + 10).mean()))
 
 
 @pytest.mark.parametrize("start", [(1e-6, 1e-5), (10.0, 100.0)])

@@ -218,6 +218,8 @@ class ProbeResult:
         all_converged: Every fit (tuning ones too) reached the tolerance.
         C_at_edge: The best ``C`` was still at an edge of the grid after the allowed extensions.
         grid: ``(C, held-out accuracy, held-out mean log-loss, converged)`` of every ``C`` tried, ascending.
+        predictions: ``[N_test]`` predicted labels of the test samples (in ``train_y``'s label values), so a
+            caller can break the accuracy down by subsets.
     """
 
     accuracy: float
@@ -230,6 +232,7 @@ class ProbeResult:
     all_converged: bool = True
     C_at_edge: bool = False
     grid: list[tuple[float, float, float, bool]] = field(default_factory=list)
+    predictions: np.ndarray | None = None
 
 
 def linear_probe(
@@ -345,7 +348,8 @@ def linear_probe(
         at_edge = False
     init = fits[best_c][0] if best_c in fits else None
     final = fit_logistic(tx, ytr_t, best_c, k, init=init, max_iter=max_iter, tol=tol)
-    accuracy = float((final.logits(vx).argmax(-1) == yte_t).double().mean())
+    pred = final.logits(vx).argmax(-1)
+    accuracy = float((pred == yte_t).double().mean())
     all_converged = final.converged and all(f[0].converged for f in fits.values())
     if not final.converged:
         logger.warning(
@@ -366,6 +370,7 @@ def linear_probe(
         all_converged=all_converged,
         C_at_edge=at_edge,
         grid=grid_info,
+        predictions=classes[pred.cpu().numpy()],
     )
 
 
