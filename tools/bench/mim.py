@@ -11,8 +11,10 @@ Sections (all on by default; ``--only`` picks some):
               regression, C tuned on 10% of train held out) and a fine-tune under its own budget; baselines:
               raw pixels and a random-init encoder with the same probe.
   video       random vs tube vs adaptive masking on moving-fashion clips at the same budget, probed on
-              clip labels, each masker over ``--seeds`` (mean, std, min, max); baselines: time-averaged
-              pooled pixels and the random-init encoder with the same probe.
+              clip labels (4,000 probe clips, 1,000 test clips by default), each masker over ``--seeds``
+              (mean, std, min, max), with the accuracy on one-item and two-item clips; baselines:
+              time-averaged pooled pixels and the random-init encoder with the same probe, and a ceiling:
+              the labelled item cut out at its known position.
 
   python tools/bench/mim.py --quick --json runs/bench/mim_quick.json
   python tools/bench/mim.py --only quality --budget 1800 --finetune-budget 600 --json runs/bench/mim_quality.json
