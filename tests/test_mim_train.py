@@ -258,3 +258,22 @@ def test_eval_mim_mtm_accuracy_and_maskgit_grid_with_a_real_tokenizer(tmp_path):
 
     assert Image.open(fig).size[0] >= 8 * 32
     assert main([*args, "--figure", str(fig)]) == 2  # a sample grid needs a tokenizer: clear error
+
+
+@pytest.mark.parametrize("extra", [[], ["videomae_moving_fashion_adaptive.yaml"]])
+def test_videomae_recipes_damp_the_noisy_background_targets(extra):
+    """The moving-fashion recipes build a VideoMAE whose target epsilon is 0.05 (the config header says why),
+    and the recipe's model gives background-like noise a target far below unit variance."""
+    from mmtok.train.config import load_run_config
+    from mmtok.train.engine import create_task
+
+    files = [REPO / "configs/mim/videomae_moving_fashion.yaml"] + [REPO / "configs/mim" / f for f in extra]
+    cfg = load_run_config(files, [])
+    task = create_task(cfg)
+    model = task.model
+    assert model.is_video and model.config.norm_pix_eps == 0.05
+    assert task.config.masker == ("adaptive" if extra else "tube")
+    c = model.config
+    noise = 0.1 + torch.randn(1, 3, c.num_frames, c.img_size, c.img_size) * (3 / 255)  # dark, std 3/255
+    t, _, _ = model.targets(noise.clamp(0, 1))
+    assert 0.05 < t.std() < 0.3  # 1e-6 would make it ~1

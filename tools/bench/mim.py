@@ -42,7 +42,15 @@ RATIOS = (0.5, 0.75, 0.9, 0.95)
 FMNIST_MODEL = {"model": "mae_tiny_p4", "model_args": {}}
 VIDEO_MODEL = {
     "model": "videomae_tiny",
-    "model_args": {"img_size": 64, "patch_size": 8, "in_chans": 3, "num_frames": 8, "tubelet_size": 2, "depth": 4},
+    "model_args": {
+        "img_size": 64,
+        "patch_size": 8,
+        "in_chans": 3,
+        "num_frames": 8,
+        "tubelet_size": 2,
+        "depth": 4,
+        "norm_pix_eps": 0.05,  # configs/mim/videomae_moving_fashion.yaml says why
+    },
 }
 
 
