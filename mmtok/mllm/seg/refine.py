@@ -17,13 +17,13 @@ extra model (pure numpy):
   the window's 3 x 3 colour covariance; ``b = mean(p) - a . mean(I)``; ``a`` and ``b`` averaged over the windows
   covering each pixel. So the blurred step of an upsampled mask moves onto the image edge nearby, and with the
   colour guide also onto edges between equally bright colours. Box means use cumulative sums (O(1) per pixel
-  whatever ``r``), windows clipped at the border as in the reference. Defaults: colour guide, ``radius`` = 8
-  pixels, ``eps`` = 1e-4 with the guide in [0, 1]. The radius that scored best was 8 pixels in all three places
-  we looked, whatever the cell size: the 30-minute ``seg_scenes_cpu`` model on the fashion-scenes *validation*
-  split (64 px, 4-px cells; 4 / 6 / 8 / 12 px tried: val cIoU 0.680 / 0.699 / 0.710 / 0.690 at threshold 0.3;
-  the earlier default, grey, one cell, 1e-3: 0.645 at 0.5 and 0.668 at its best threshold), and the R-RLE oracle
-  of the 256 px ``folder`` masks at grids 16 (16-px cells; 8 / 16 / 32 px: 0.811 / 0.792 / 0.695) and 32 (8-px
-  cells; 4 / 8 / 16 px: 0.897 / 0.914 / 0.904).
+  whatever ``r``), windows clipped at the border as in the reference. Defaults: colour guide, ``eps`` = 1e-4
+  with the guide in [0, 1], ``radius`` = half a grid cell but at least 8 pixels. Where that comes from: the
+  30-minute ``seg_scenes_cpu`` model on the fashion-scenes *validation* split (64 px, 4-px cells) scored best at
+  8 px (4 / 6 / 8 / 12 px: val cIoU 0.680 / 0.699 / 0.710 / 0.690 at threshold 0.3; the earlier default, grey,
+  one cell, eps 1e-3: 0.645 at 0.5, 0.668 at its best threshold), while the R-RLE oracle of the ``folder`` masks
+  (191-512 px images) scored best near half a cell at grid 16 (a quarter / half / one cell: 0.762 / 0.811 /
+  0.792; 8 px: 0.778) and near one cell at grid 32 (0.859 / 0.897 / 0.914; 8 px: 0.906, 16 px: 0.912).
 
 Every method returns soft scores ``[H, W]`` in [0, 1]; :func:`refine_mask` thresholds them (``> threshold``,
 0.5 by default, as LISA's sigmoid > 0.5; ``mmtok eval seg --thresholds``). The best cIoU threshold of calibrated
@@ -190,21 +190,24 @@ def refine_bilinear(scores_grid: np.ndarray, image: np.ndarray) -> np.ndarray:
 
 @register_refiner("guided")
 def refine_guided(
-    scores_grid: np.ndarray, image: np.ndarray, radius: int = 8, eps: float = 1e-4, guide: str = "colour"
+    scores_grid: np.ndarray, image: np.ndarray, radius: int | None = None, eps: float = 1e-4, guide: str = "colour"
 ) -> np.ndarray:
     """Guided filter of the bilinear scores with the image as guide.
 
     Args:
-        radius: window radius in pixels (at least 1).
+        radius: window radius in pixels (at least 1); default half a grid cell, at least 8 pixels.
         eps: regularisation (guide in [0, 1]); smaller follows image edges more closely.
         guide: ``colour`` (the RGB image; a grey image falls back to ``grey``) or ``grey`` (BT.601 luma).
     """
     if guide not in ("colour", "grey"):
         raise ValueError(f"guide must be 'colour' or 'grey', not {guide!r}")
     h, w = _image_hw(image)
+    g = np.asarray(scores_grid)
+    if radius is None:
+        radius = max(8, round(0.5 * max(h / g.shape[0], w / g.shape[1])))
     if int(radius) < 1:
         raise ValueError(f"radius must be at least 1 pixel, got {radius}")
-    p = upsample_bilinear(np.asarray(scores_grid), h, w).astype(np.float64)
+    p = upsample_bilinear(g, h, w).astype(np.float64)
     rgb = colour_guide(image) if guide == "colour" else None
     if rgb is not None:
         return colour_guided_filter(rgb, p, int(radius), float(eps)).astype(np.float32)
