@@ -89,3 +89,15 @@ def test_mmtok_train_runs_the_config_and_exports(seg_export, tmp_path, fmnist_di
     assert {"tower", "projector", "llm"} <= changed and "seg_heads" not in changed
     meta = json.loads((tmp_path / "run" / "export" / "config.json").read_text())
     assert meta["config"]["tokenizer"] == "."
+
+
+def test_the_100k_variant_differs_only_in_its_data_and_stage_1():
+    base, big = load_run_config([CONFIG]), load_run_config(["configs/mllm/fashion_vqa_from_seg100k.yaml"])
+    text = Path("configs/mllm/fashion_vqa_from_seg100k.yaml").read_text()
+    assert {k: v for k, v in big.task.items() if k != "init"} == {k: v for k, v in base.task.items() if k != "init"}
+    assert big.optim == base.optim and big.train == base.train and big.data.batch_size == base.data.batch_size
+    assert big.data.train.startswith("data/fashion-vqa64big/")
+    assert "--out data/fashion-vqa64big canvas=64 train=100000" in text and "--out data/scenes100k train=100000" in text
+    # the header's stage-1 command writes the folder init reads; its eval command reads this run's export
+    assert f"output_dir={Path(big.task['init']).parent}" in text and f"--model {big.output_dir}/export" in text
+    assert "task.qa_share=0.3" in text and "task.model_overrides.tower.stem=patch" in text
