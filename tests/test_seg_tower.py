@@ -67,6 +67,35 @@ def test_conv_stem_refuses_a_patch_that_is_not_a_power_of_two():
         TimmViTTower(TimmViTConfig(kwargs=TINY, stem="convnext"))
 
 
+def test_conv_stem_norm_groups_and_an_mllm_keeps_them(tmp_path):
+    from tiny_models import tiny_seg_mllm
+
+    from mmtok.mllm.modeling import MLLM
+    from mmtok.registries import MLLMS
+
+    def groups(tower):
+        return {m.num_groups for m in tower.model.patch_embed.backbone.modules() if isinstance(m, torch.nn.GroupNorm)}
+
+    assert groups(TimmViTTower(TimmViTConfig(kwargs=TINY, stem="conv"))) == {8}  # 16 and 32 channels: 8 groups
+    one = TimmViTTower(TimmViTConfig(kwargs=TINY, stem="conv", stem_groups=1))
+    assert groups(one) == {1}
+    with pytest.raises(TowerError, match="does not divide"):
+        TimmViTTower(TimmViTConfig(kwargs=TINY, stem="conv", stem_groups=3))
+    with pytest.raises(TowerError, match=">= 0"):
+        TimmViTTower(TimmViTConfig(kwargs=TINY, stem="conv", stem_groups=-1))
+    spec = tiny_seg_mllm()
+    spec["tower"] = {**spec["tower"], "stem": "conv", "stem_groups": 1}
+    model = MLLMS.create("llava_fashion_seg", **spec)
+    model.save_pretrained(tmp_path / "m")
+    again = MLLM.from_pretrained(tmp_path / "m")
+    assert groups(again.tower) == {1}
+    x = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(
+        again.tower.hidden_states(again.tower.preprocess(x))[-1],
+        model.tower.hidden_states(model.tower.preprocess(x))[-1],
+    )
+
+
 def test_dense_pretraining_learns_and_its_export_loads_as_the_mllm_tower(seg_scenes, tmp_path):
     from mmtok.mllm.modeling import MLLM
     from mmtok.registries import MLLMS

@@ -25,6 +25,7 @@ refused when the tower is built.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -329,6 +330,9 @@ class TimmViTConfig:
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     # "patch": timm's linear patchify; "conv": a convolutional stem (:class:`ConvStem`) in its place, same grid
     stem: str = "patch"
+    # GroupNorm groups of the conv stem: 0 = up to 8 per layer (2-8 channels each); 1 = one group, which keeps the
+    # channels' relative sizes, i.e. colour (see :class:`ConvStem`)
+    stem_groups: int = 0
 
 
 class ConvStem(nn.Module):
@@ -342,24 +346,36 @@ class ConvStem(nn.Module):
     inside 64 px scenes within minutes), and GroupNorm instead of the paper's BatchNorm so a frozen tower, a
     batch of one and ZeRO-3 all behave alike. timm's ``HybridEmbed`` adds the final 1x1 projection.
 
+    GroupNorm normalises each group of channels per image, so with small groups (2 channels in the first layer
+    of a width-64 stem) every group comes out with unit variance whether or not the image has the colours it
+    responds to: colour is lost (items' colours read 0.39 by a linear probe on an untrained conv-stem tower's
+    tokens, 0.86 with patchify; and the 30-minute segmentation model grounds colour expressions in 51% of test
+    scenes against 86% for class-only ones). ``groups=1`` normalises all channels together per image and keeps
+    their relative sizes.
+
     Args:
         patch: Total stride (a power of two >= 2): the token grid is ``img_size / patch`` as with patchify.
         width: Channels after the last stage (the 1x1 projection maps them to the ViT width).
+        groups: GroupNorm groups per layer; 0 = the largest of 8, 4, 2, 1 that divides the channels.
     """
 
-    def __init__(self, patch: int, width: int, in_chans: int = 3):
+    def __init__(self, patch: int, width: int, in_chans: int = 3, groups: int = 0):
         super().__init__()
         stages = patch.bit_length() - 1
         if patch < 2 or 1 << stages != patch:
             raise TowerError(f"stem='conv' needs a power-of-two patch_size >= 2, got {patch}")
+        if groups < 0:
+            raise TowerError(f"stem_groups must be >= 0 (0 = up to 8 per layer), got {groups}")
         chans = [max(8, width >> (stages - 1 - i)) for i in range(stages)]  # doubling up to ``width``
+        if groups and any(c % groups for c in chans):
+            raise TowerError(f"stem_groups={groups} does not divide the stem's channels {chans}")
         layers: list[nn.Module] = []
         c_in = in_chans
         for c in chans:
             for stride, ci in ((2, c_in), (1, c)):
                 layers += [
                     nn.Conv2d(ci, c, 3, stride, 1, bias=False),
-                    nn.GroupNorm(_groups(c), c),
+                    nn.GroupNorm(groups or _groups(c), c),
                     nn.ReLU(inplace=True),
                 ]
             c_in = c
@@ -373,12 +389,12 @@ def _groups(channels: int) -> int:
     return next(g for g in (8, 4, 2, 1) if channels % g == 0)
 
 
-def _conv_stem_embed(**kwargs: Any) -> nn.Module:
+def _conv_stem_embed(groups: int = 0, **kwargs: Any) -> nn.Module:
     """timm ``embed_layer`` factory: ``HybridEmbed`` over a :class:`ConvStem` (the grid of a patchify layer)."""
     from timm.layers import HybridEmbed
 
     patch = _square(kwargs.pop("patch_size"), "patch_size", "conv stem")
-    stem = ConvStem(patch, kwargs["embed_dim"], kwargs.get("in_chans", 3))
+    stem = ConvStem(patch, kwargs["embed_dim"], kwargs.get("in_chans", 3), groups)
     return HybridEmbed(stem, patch_size=1, **kwargs)
 
 
@@ -408,14 +424,18 @@ class TimmViTTower(VisionTower):
             config.kwargs = {**args, **config.kwargs}  # the classifier is dropped (num_classes=0) below
             if "mean" in pre and "std" in pre:  # the normalisation the weights were trained with
                 config.mean, config.std = [float(v) for v in pre["mean"]], [float(v) for v in pre["std"]]
-            config.stem = str((meta.get("mmtok") or {}).get("stem", config.stem))  # seg_tower exports say "conv"
+            ours = meta.get("mmtok") or {}  # seg_tower exports say "conv" and the stem's norm groups
+            config.stem = str(ours.get("stem", config.stem))
+            config.stem_groups = int(ours.get("stem_groups", config.stem_groups))
             config.checkpoint = str(_folder_weights(folder, ("model.safetensors", "open_clip_model.safetensors")))
         for key in ("img_size", "patch_size"):  # refuse before timm builds a model that fails at its first call
             if key in config.kwargs:
                 _square(config.kwargs[key], key, config.model_name)
         if config.stem not in ("patch", "conv"):
             raise TowerError(f"tower stem must be 'patch' or 'conv', got {config.stem!r}")
-        extra = {"embed_layer": _conv_stem_embed} if config.stem == "conv" else {}
+        extra = (
+            {"embed_layer": functools.partial(_conv_stem_embed, config.stem_groups)} if config.stem == "conv" else {}
+        )
         try:
             model = timm.create_model(config.model_name, pretrained=False, num_classes=0, **config.kwargs, **extra)
         except RuntimeError as e:

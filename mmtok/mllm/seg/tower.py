@@ -240,7 +240,12 @@ class DenseTowerTask(Task):
             "num_classes": 0,
             "model_args": dict(cfg.kwargs),
             "pretrained_cfg": {"mean": list(cfg.mean), "std": list(cfg.std), "num_classes": 0},
-            "mmtok": {"stem": cfg.stem, "task": "seg_tower", "config": asdict(self.config)},
+            "mmtok": {
+                "stem": cfg.stem,
+                "stem_groups": cfg.stem_groups,
+                "task": "seg_tower",
+                "config": asdict(self.config),
+            },
         }
         (out / "config.json").write_text(json.dumps(meta, indent=2))
         logger.info("exported the dense-pretrained tower to %s (timm hub layout)", out)
