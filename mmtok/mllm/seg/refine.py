@@ -93,13 +93,18 @@ def box_mean(x: np.ndarray, radius: int) -> np.ndarray:
     return s / n
 
 
+def _unit_float(image: np.ndarray) -> np.ndarray:
+    """An image as float64 in [0, 1] (uint8 is scaled by 1/255; floats are taken as already in [0, 1])."""
+    img = np.asarray(image)
+    return img.astype(np.float64) / 255.0 if img.dtype == np.uint8 else img.astype(np.float64)
+
+
 def grey_guide(image: np.ndarray) -> np.ndarray:
     """``[H, W]`` float64 guide in [0, 1] from an ``[H, W, 3|4]`` or ``[H, W]`` image (uint8, or float in [0, 1]).
 
     Grey = 0.299 R + 0.587 G + 0.114 B (ITU-R BT.601 luma); alpha is ignored.
     """
-    img = np.asarray(image)
-    img = img.astype(np.float64) / 255.0 if img.dtype == np.uint8 else img.astype(np.float64)
+    img = _unit_float(image)
     if img.ndim == 3:
         img = img[..., :3] @ np.array([0.299, 0.587, 0.114]) if img.shape[-1] >= 3 else img[..., 0]
     if img.ndim != 2:
@@ -124,8 +129,8 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -
 def colour_guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -> np.ndarray:
     """He et al.'s guided filter with a colour guide: ``src [H, W]`` filtered under ``guide [H, W, 3]``, float64.
 
-    Per window a 3 x 3 colour covariance ``Sigma`` and ``a = (Sigma + eps I)^-1 cov(I, p)`` (one small
-    solve per pixel). With three equal channels it equals :func:`guided_filter` with ``eps / 3``.
+    Per window a 3 x 3 colour covariance ``Sigma`` and ``a = (Sigma + eps I)^-1 cov(I, p)`` (a closed-form 3 x 3
+    inverse per pixel). With three equal channels it equals :func:`guided_filter` with ``eps / 3``.
     """
     g = np.asarray(guide, dtype=np.float64)
     p = np.asarray(src, dtype=np.float64)
@@ -160,10 +165,7 @@ def colour_guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: f
 def colour_guide(image: np.ndarray) -> np.ndarray | None:
     """``[H, W, 3]`` float64 guide in [0, 1] from an RGB(A) image, or None for a grey (2-D or 1-channel) one."""
     img = np.asarray(image)
-    if img.ndim != 3 or img.shape[-1] < 3:
-        return None
-    img = img[..., :3]
-    return img.astype(np.float64) / 255.0 if img.dtype == np.uint8 else img.astype(np.float64)
+    return _unit_float(img[..., :3]) if img.ndim == 3 and img.shape[-1] >= 3 else None
 
 
 def _image_hw(image: np.ndarray) -> tuple[int, int]:
