@@ -294,3 +294,18 @@ def test_mllm_build_refuses_an_untested_family():
             },
             image_token_id=120,
         )
+
+
+def test_cache_keyword_follows_the_layer_signature():
+    """transformers renamed the layers' ``past_key_values`` to ``cache``; a misnamed one is silently dropped."""
+    from mmtok.mllm.decoder import _cache_keyword
+
+    class Old(torch.nn.Module):
+        def forward(self, hidden, attention_mask=None, past_key_values=None, **kwargs):
+            return hidden
+
+    class New(torch.nn.Module):
+        def forward(self, hidden, attention_mask=None, cache=None, **kwargs):
+            return hidden
+
+    assert _cache_keyword(Old) == "past_key_values" and _cache_keyword(New) == "cache"

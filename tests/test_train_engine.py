@@ -370,14 +370,36 @@ def test_shipped_ds_configs_resolve_every_auto(stage):
     assert '"auto"' not in text
     assert cfg["train_batch_size"] == 8 * 2 * 4 and cfg["train_micro_batch_size_per_gpu"] == 8
     assert cfg["gradient_accumulation_steps"] == 2 and cfg["gradient_clipping"] == 0.5
-    assert cfg["zero_optimization"]["stage"] == stage and cfg["bf16"]["enabled"] is True
+    assert cfg["zero_optimization"]["stage"] == stage
+    # bf16 = fp32 weights under bf16 autocast, as on the torch back-ends: DeepSpeed's torch_autocast mode
+    assert cfg["bf16"]["enabled"] is False and cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     params = cfg["optimizer"]["params"]
     assert cfg["optimizer"]["type"] == "AdamW" and params["lr"] == 3e-4 and params["betas"] == [0.9, 0.95]
     assert params["weight_decay"] == 0.1 and params["torch_adam"] is True
     assert cfg["zero_optimization"]["reduce_bucket_size"] == 64 * 64
     assert raw["train_batch_size"] == "auto"  # the input is not modified
     assert _resolve(raw, bf16=False)["bf16"]["enabled"] is False  # CPU: fp32
+    assert "torch_autocast" not in _resolve(raw, bf16=False)
     assert _resolve(raw, stage=3)["zero_optimization"]["stage"] == 3  # deepspeed.stage override
+
+
+def test_ds_config_precision_modes():
+    assert _resolve({}, bf16=True)["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert "torch_autocast" not in _resolve({}, bf16=False) and "bf16" not in _resolve({}, bf16=False)
+    own = _resolve({"bf16": {"enabled": True}}, bf16=True)  # DeepSpeed's bf16 weights, asked for by the JSON
+    assert own["bf16"]["enabled"] is True and "torch_autocast" not in own
+    assert _resolve({"torch_autocast": {"enabled": "auto"}}, bf16=False)["torch_autocast"]["enabled"] is False
+    with pytest.raises(DistributedSetupError, match="the run is fp32"):
+        _resolve({"bf16": {"enabled": True}}, bf16=False)
+
+
+def test_to_dtype_casts_floating_tensors_only():
+    from mmtok.train.engine import to_dtype
+
+    batch = {"image": torch.rand(2, 3), "label": torch.tensor([1, 2]), "meta": ["a"], "pair": (torch.ones(1),)}
+    out = to_dtype(batch, torch.bfloat16)
+    assert out["image"].dtype == torch.bfloat16 and out["label"].dtype == torch.long
+    assert out["meta"] == ["a"] and out["pair"][0].dtype == torch.bfloat16
 
 
 def test_ds_config_contradictions_are_rejected():

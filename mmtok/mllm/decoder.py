@@ -48,6 +48,8 @@ follows the keys through pruning and the KV cache (generated tokens get 0); SDPA
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -337,6 +339,16 @@ def with_key_bias(
     return out
 
 
+@functools.cache
+def _cache_keyword(layer_cls: type) -> str:
+    """The decoder layer's KV-cache argument: ``cache`` in recent transformers, ``past_key_values`` before it.
+
+    The layers take ``**kwargs``, so a misnamed cache is silently ignored and decoding sees only the new token.
+    """
+    params = inspect.signature(layer_cls.forward).parameters
+    return next((k for k in ("cache", "past_key_values", "past_key_value") if k in params), "cache")
+
+
 def _call_layer(
     layer: nn.Module,
     hidden: torch.Tensor,
@@ -351,9 +363,9 @@ def _call_layer(
         hidden,
         attention_mask=mask,
         position_ids=position_ids,
-        cache=cache,
         use_cache=use_cache,
         position_embeddings=pos_emb,
+        **{_cache_keyword(type(layer)): cache},
     )
 
 

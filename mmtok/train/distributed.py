@@ -255,13 +255,30 @@ def resolve_ds_config(
             )
     if cfg.get("gradient_clipping", "auto") == "auto":
         cfg["gradient_clipping"] = float(grad_clip)
-    for half in ("bf16", "fp16"):
-        if half in cfg and cfg[half].get("enabled") == "auto":
-            cfg[half]["enabled"] = bf16 if half == "bf16" else False
+    # Precision. mmtok trains fp32 weights under bf16 autocast on every back-end (the quantizers keep fp32 inside).
+    # DeepSpeed's "bf16" mode instead casts the module to bf16 and switches an outer autocast off inside the
+    # engine, so "auto" (or no section) resolves to DeepSpeed's "torch_autocast" mode, the same numerics as the
+    # torch back-ends. A JSON that enables "bf16" itself gets DeepSpeed's bf16 weights (the back-end then casts
+    # floating inputs to bf16, as that mode expects).
+    if "fp16" in cfg and cfg["fp16"].get("enabled") == "auto":
+        cfg["fp16"]["enabled"] = False
+    if "bf16" in cfg and cfg["bf16"].get("enabled") == "auto":
+        cfg["bf16"]["enabled"] = False
+        if bf16:
+            cfg.setdefault("torch_autocast", {"enabled": True, "dtype": "bfloat16"})
+    elif "bf16" not in cfg and bf16:
+        cfg.setdefault("torch_autocast", {"enabled": True, "dtype": "bfloat16"})
+    if "torch_autocast" in cfg and cfg["torch_autocast"].get("enabled") == "auto":
+        cfg["torch_autocast"]["enabled"] = bf16
+    if cfg.get("torch_autocast", {}).get("enabled"):
+        cfg["torch_autocast"].setdefault("dtype", "bfloat16")
     if cfg.get("fp16", {}).get("enabled") and cfg.get("bf16", {}).get("enabled"):
         raise DistributedSetupError("DeepSpeed config enables both fp16 and bf16; enable at most one")
-    if bf16 and "bf16" not in cfg:
-        cfg["bf16"] = {"enabled": True}
+    if cfg.get("bf16", {}).get("enabled") and not bf16:
+        raise DistributedSetupError(
+            'DeepSpeed config enables "bf16" but the run is fp32 (train.precision, or no CUDA device); set '
+            '"enabled": "auto" in the JSON or train.precision=bf16'
+        )
     zero = cfg.setdefault("zero_optimization", {})
     if stage >= 0:
         zero["stage"] = stage

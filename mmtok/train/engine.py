@@ -100,6 +100,17 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def to_dtype(obj: Any, dtype: torch.dtype) -> Any:
+    """Cast every floating-point tensor inside nested dicts/lists/tuples to ``dtype`` (others untouched)."""
+    if torch.is_tensor(obj):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: to_dtype(v, dtype) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_dtype(v, dtype) for v in obj)
+    return obj
+
+
 def batch_size_of(batch: Any, default: int) -> int:
     """Leading dimension of the first tensor found in ``batch`` (for samples/s)."""
     if torch.is_tensor(batch):
@@ -310,6 +321,8 @@ class DeepSpeedBackend:
         self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
 
     def micro_step(self, batch: Any, last: bool) -> dict[str, Any]:
+        if self.ds_config.get("bf16", {}).get("enabled"):  # DeepSpeed's bf16 weights: inputs must be bf16 too
+            batch = to_dtype(batch, torch.bfloat16)
         with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.engine(batch)
         self.engine.backward(_loss_of(out))  # DeepSpeed divides by gradient_accumulation_steps itself

@@ -18,11 +18,19 @@ FLOP ratio against the plain tower.
     python tools/bench/prune.py --quick --json runs/bench/prune_quick.json
     python tools/bench/prune.py --json runs/bench/prune.json          # the full table (~15 min on 2 cores)
     python tools/bench/prune.py --skip-speed --tower-merge --json runs/bench/tower_merge.json
+    python tools/bench/prune.py --device cuda --preset llava7b --json runs/bench/prune_cuda.json   # on a GPU
+
+``--device cuda`` builds the model on the GPU with bf16 weights and runs under bf16 autocast (as a deployed MLLM
+would); timings there are wall time with the device synchronised (``generate`` synchronises before it reads the
+clock), and the "cpu" columns are the host process's CPU time (launch overhead), not the work. ``--preset llava7b``
+is LLaVA-1.5-7B's shape with random weights: a 32-layer, 4,096-wide Llama (11,008 MLP, 32k vocabulary) after a
+24-block, 1,024-wide ViT on the same 576 image tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -37,14 +45,36 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 METHODS = ["none", "random", "pool", "cls_attention", "vtc_cls", "fastv", "dart", "tome", "pitome"]
 
 
-def build_model(width: int, layers: int, tower_width: int, tower_depth: int, vocab: int):
+PRESETS = {  # LLaVA-1.5-7B: Vicuna-7B (Llama-2 shape) after CLIP ViT-L (24 blocks, 1,024 wide), 576 image tokens
+    "llava7b": {
+        "width": 4096,
+        "layers": 32,
+        "intermediate": 11008,
+        "vocab": 32000,
+        "tower_width": 1024,
+        "tower_depth": 24,
+    },
+}
+
+
+def build_model(
+    width: int,
+    layers: int,
+    tower_width: int,
+    tower_depth: int,
+    vocab: int,
+    intermediate: int = 0,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """A random-init LLaVA-shaped MLLM, created directly on ``device`` (a 7B one initialises in seconds on a GPU)."""
     from mmtok import registries
 
     heads = max(1, width // 64)
     llm = {
         "model_type": "llama",
         "hidden_size": width,
-        "intermediate_size": int(width * 2.75) // 32 * 32,
+        "intermediate_size": intermediate or int(width * 2.75) // 32 * 32,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": heads,
@@ -65,7 +95,24 @@ def build_model(width: int, layers: int, tower_width: int, tower_depth: int, voc
         },
     }
     torch.manual_seed(0)
-    return registries.get("mllm").create("llava", tower=tower, llm=llm, image_token_id=vocab - 1).eval()
+    with torch.device(device):
+        model = registries.get("mllm").create("llava", tower=tower, llm=llm, image_token_id=vocab - 1).eval()
+    return model.to(dtype=dtype)
+
+
+def autocast(device: str, dtype: torch.dtype):
+    """bf16 autocast on CUDA when the weights are bf16 (norms and softmax stay fp32); nothing on the CPU."""
+    if torch.device(device).type == "cuda" and dtype == torch.bfloat16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _clock(device: torch.device) -> float:
+    """Wall clock after the device's queued work (CUDA kernels run asynchronously), else process CPU time."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return time.process_time()
 
 
 def make_inputs(model, batch: int, text_before: int = 12, text_after: int = 48):
@@ -80,7 +127,7 @@ def make_inputs(model, batch: int, text_before: int = 12, text_after: int = 48):
         dim=1,
     )
     images = torch.rand(batch, 3, 96, 96, generator=g)
-    return ids, images
+    return ids.to(model.device), images.to(model.device)
 
 
 def make_pruner(name: str, keep: int):
@@ -89,29 +136,29 @@ def make_pruner(name: str, keep: int):
     return None if name == "none" and keep >= 576 else registries.get("pruner").create(name, num_keep=keep)
 
 
-def timed_select(pruner):
-    """Wrap ``pruner.select`` to record its wall time (the selection overhead)."""
+def timed_select(pruner, device: torch.device):
+    """Wrap ``pruner.select`` to record its time (the selection overhead): CPU time, synchronised wall time on CUDA."""
     times: list[float] = []
     if pruner is None:
         return times
     orig = pruner.select
 
     def select(ctx):
-        t = time.process_time()
+        t = _clock(device)
         out = orig(ctx)
-        times.append(time.process_time() - t)
+        times.append(_clock(device) - t)
         return out
 
     pruner.select = select
     return times
 
 
-def attention_counted() -> bool:
+def attention_counted(device: str = "cpu", dtype: torch.dtype = torch.float32) -> bool:
     """Does FlopCounterMode count SDPA on this device (CPU kernels are often invisible to it)?"""
     from torch.utils.flop_counter import FlopCounterMode
 
-    q = torch.randn(1, 2, 16, 8)
-    mask = torch.zeros(1, 1, 16, 16)
+    q = torch.randn(1, 2, 16, 8, device=device, dtype=dtype)
+    mask = torch.zeros(1, 1, 16, 16, device=device, dtype=dtype)
     with FlopCounterMode(display=False) as fc:
         torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
     return fc.get_total_flops() > 0
@@ -137,24 +184,46 @@ def prefill_flops(model, ids, images, pruner, add_attention: bool) -> tuple[floa
     return flops, out.prefill_length
 
 
+def _model(args):
+    return build_model(
+        args.width,
+        args.layers,
+        args.tower_width,
+        args.tower_depth,
+        args.vocab,
+        args.intermediate,
+        args.device,
+        args.torch_dtype,
+    )
+
+
+def machine(args) -> str:
+    host = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} threads"
+    if torch.device(args.device).type == "cuda":
+        return f"{torch.cuda.get_device_name(torch.device(args.device))} ({args.dtype}), {host}"
+    return host
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
-    model = build_model(args.width, args.layers, args.tower_width, args.tower_depth, args.vocab)
+    model = _model(args)
+    dev = model.device
     llm_params = sum(p.numel() for p in model.llm.model.layers.parameters())
     tower_params = sum(p.numel() for p in model.tower.model.blocks.parameters())
     per_token_ratio = llm_params / tower_params
-    add_attn = not attention_counted()
+    add_attn = not attention_counted(args.device, args.torch_dtype)
     configs = [("none", 576)] + [(m, k) for k in args.keeps if k < 576 for m in args.methods if m != "none"]
     results = []
     for batch in args.batches:
         ids, images = make_inputs(model, batch)
         stats = {c: {"prefill": [], "prefill_cpu": [], "e2e": [], "e2e_cpu": [], "select": []} for c in configs}
-        with torch.no_grad():
-            model.generate(ids, images, max_new_tokens=2)  # warm-up
+        with torch.no_grad(), autocast(args.device, args.torch_dtype):
+            for c in configs:  # warm-up: kernels, allocator and (on CUDA) the autotuned paths of every shape
+                model.generate(ids, images, pruner=make_pruner(*c), max_new_tokens=2)
             for _rep in range(args.repeats):
                 for c in configs:  # interleaved: every method sees the same outside load
                     pruner = make_pruner(*c)
-                    sel = timed_select(pruner)
+                    sel = timed_select(pruner, dev)
                     t = time.process_time()
                     out = model.generate(ids, images, pruner=pruner, max_new_tokens=1)
                     stats[c]["prefill_cpu"].append(time.process_time() - t)
@@ -173,7 +242,8 @@ def run(args) -> dict:
                         stats[c]["e2e"].append(out.total_seconds)
         base = None
         for c in configs:
-            flops, length = prefill_flops(model, ids, images, make_pruner(*c), add_attn)
+            with autocast(args.device, args.torch_dtype):
+                flops, length = prefill_flops(model, ids, images, make_pruner(*c), add_attn)
             row = {
                 "method": c[0],
                 "kind": getattr(make_pruner(*c), "kind", "select"),
@@ -203,10 +273,13 @@ def run(args) -> dict:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps({"partial": True, "results": results}, indent=2))
     return {
-        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} threads",
+        "machine": machine(args),
+        "device": str(dev),
+        "dtype": args.dtype,
         "model": {
             "llm_width": args.width,
             "llm_layers": args.layers,
+            "llm_intermediate": model.llm.config.intermediate_size,
             "llm_block_params": llm_params,
             "tower_width": args.tower_width,
             "tower_depth": args.tower_depth,
@@ -255,7 +328,7 @@ def tower_merge(args) -> dict:
     from mmtok.mllm.pruning.tower_merge import TowerMergeConfig, tower_hidden_states
 
     torch.set_num_threads(args.threads)
-    model = build_model(args.width, args.layers, args.tower_width, args.tower_depth, args.vocab)
+    model = _model(args)
     tower = model.tower
     t0 = tower.num_patches + tower.num_prefix_tokens
     depth = tower.num_layers
@@ -270,10 +343,10 @@ def tower_merge(args) -> dict:
     print(f"\nin-tower merging: {t0} tokens, {depth} blocks, r = {r} per block (*_first: r = {first[0]} in block 0)")
     print(f"{'method':12s} {'B':>2s} {'tokens':>12s} {'tower ms':>9s} {'x':>5s} {'cpu ms':>8s} {'x':>5s} {'FLOPx':>6s}")
     for batch in args.batches:
-        px = tower.preprocess(torch.rand(batch, 3, 96, 96, generator=torch.Generator().manual_seed(0)))
+        px = tower.preprocess(torch.rand(batch, 3, 96, 96, generator=torch.Generator().manual_seed(0)).to(model.device))
         times = {c[0]: ([], []) for c in configs}
         lengths, flops = {}, {}
-        with torch.no_grad():
+        with torch.no_grad(), autocast(args.device, args.torch_dtype):
             for name, cfg in configs:  # warm-up, token counts and FLOPs
                 with FlopCounterMode(display=False) as fc:
                     if cfg is None:
@@ -284,9 +357,14 @@ def tower_merge(args) -> dict:
                 flops[name] = tower_flops(tower, lengths[name][:-1], batch, float(fc.get_total_flops()))
             for _ in range(args.repeats):
                 for name, cfg in configs:  # interleaved
-                    t, c = time.perf_counter(), time.process_time()
+                    t, c = (
+                        _clock(model.device) if model.device.type == "cuda" else time.perf_counter(),
+                        time.process_time(),
+                    )
                     tower.hidden_states(px) if cfg is None else tower_hidden_states(tower, px, cfg)
-                    times[name][0].append(time.perf_counter() - t)
+                    times[name][0].append(
+                        (_clock(model.device) if model.device.type == "cuda" else time.perf_counter()) - t
+                    )
                     times[name][1].append(time.process_time() - c)
         base = None
         for name, cfg in configs:
@@ -356,10 +434,21 @@ def main(argv: list[str] | None = None) -> int:
         "--accuracy-tower-r", type=int, nargs="*", default=[], help="in-tower merging r values for the accuracy table"
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps CPU-time figures free of spin-waits)")
+    p.add_argument("--intermediate", type=int, default=0, help="LLM MLP width (0 = 2.75 x width)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a published model's shape (random weights)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="weights (auto: bf16 on CUDA)")
     args = p.parse_args(argv)
     if args.quick:
         args.width, args.layers, args.tower_width, args.tower_depth = 256, 4, 64, 2
         args.batches, args.keeps, args.repeats, args.new_tokens = [1, 2], [576, 64], 2, 8
+    for key, value in PRESETS.get(args.preset or "", {}).items():
+        setattr(args, key, value)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device here (torch {torch.__version__}); use --device cpu")
+    if args.dtype == "auto":
+        args.dtype = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
+    args.torch_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     report: dict = {}
     if not args.skip_speed:
         print(HEADER)
