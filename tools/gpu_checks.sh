@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check (run it on a machine with CUDA, e.g. the device tool's; under 8 minutes on one GPU):
-# the GPU tests, the CUDA mode of the benchmarks that have one (segmentation heads; visual-token pruning at
-# LLaVA-1.5-7B's shape), and a DeepSpeed ZeRO-3 training step on NCCL.
+# the GPU tests, the CUDA mode of the benchmarks that have one (segmentation heads, recipe training speed,
+# visual-token pruning at LLaVA-1.5-7B's shape), and a DeepSpeed ZeRO-3 training step on NCCL.
 # Figures land in $OUT (default gpu_results/); record them in the README with the card's name.
 #   bash tools/gpu_checks.sh
 #
@@ -57,8 +57,8 @@ if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   echo "gpu_checks: no CUDA device here; run this on a GPU machine" >&2
   exit 2
 fi
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 $PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
+nvidia-smi >> "$OUT/device.txt" 2>&1 || true
 
 # 1. every test marked gpu (bf16 engine run, fp32 quantizer under autocast, pruned cached generation on CUDA)
 step "GPU tests" $PY -m pytest -q -p no:cacheprovider -m gpu tests --junitxml "$OUT/pytest_gpu.xml"
@@ -73,10 +73,13 @@ step "DeepSpeed ZeRO-3 step" $PY -m mmtok.cli.main train --config configs/toy/fm
   deepspeed.enabled=true deepspeed.config=configs/ds/zero3.json "data.train=$data/fmnist/train-*.tar" \
   "data.val=$data/fmnist/test-*.tar" train.steps=50 train.eval_every=0 output_dir="$data/zero3_toy"
 cp "$data/zero3_toy/metrics.jsonl" "$OUT/zero3_metrics.jsonl" 2> /dev/null
-cp "$data/zero3_toy/env.json" "$OUT/zero3_env.json" 2> /dev/null
 rm -rf "$data"
 
-# 4. the longest: pruning at 7B shape (bounded, so a slow card still leaves the figures above)
+# 4. the recipes' training speed on this card (20 s of training each, small shards built here)
+step "recipe training speed on CUDA" timeout 420 $PY tools/bench/recipes.py --device cuda --seconds 20 \
+  --json "$OUT/recipes_cuda.json"
+
+# 5. the longest: pruning at 7B shape (bounded, so a slow card still leaves the figures above)
 step "visual-token pruning at LLaVA-1.5-7B shape on CUDA" timeout 300 $PY tools/bench/prune.py --device cuda \
   --preset llava7b   --batches 1 8 --keeps 576 192 64 --methods none random cls_attention fastv dart pitome --repeats 3 \
   --new-tokens 16 --tower-merge --json "$OUT/prune_cuda.json"
