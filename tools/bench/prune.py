@@ -107,12 +107,16 @@ def autocast(device: str, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
-def _clock(device: torch.device) -> float:
-    """Wall clock after the device's queued work (CUDA kernels run asynchronously), else process CPU time."""
+def _wall(device: torch.device) -> float:
+    """Wall clock after the device's queued work (CUDA kernels run asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        return time.perf_counter()
-    return time.process_time()
+    return time.perf_counter()
+
+
+def _clock(device: torch.device) -> float:
+    """Selection time: synchronised wall clock on CUDA, process CPU time on the CPU."""
+    return _wall(device) if device.type == "cuda" else time.process_time()
 
 
 def make_inputs(model, batch: int, text_before: int = 12, text_after: int = 48):
@@ -357,14 +361,9 @@ def tower_merge(args) -> dict:
                 flops[name] = tower_flops(tower, lengths[name][:-1], batch, float(fc.get_total_flops()))
             for _ in range(args.repeats):
                 for name, cfg in configs:  # interleaved
-                    t, c = (
-                        _clock(model.device) if model.device.type == "cuda" else time.perf_counter(),
-                        time.process_time(),
-                    )
+                    t, c = _wall(model.device), time.process_time()
                     tower.hidden_states(px) if cfg is None else tower_hidden_states(tower, px, cfg)
-                    times[name][0].append(
-                        (_clock(model.device) if model.device.type == "cuda" else time.perf_counter()) - t
-                    )
+                    times[name][0].append(_wall(model.device) - t)
                     times[name][1].append(time.process_time() - c)
         base = None
         for name, cfg in configs:
