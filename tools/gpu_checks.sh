@@ -4,6 +4,7 @@
 # visual-token pruning at LLaVA-1.5-7B's shape), and a DeepSpeed ZeRO-3 training step on NCCL.
 # Figures land in $OUT (default gpu_results/); record them in the README with the card's name.
 #   bash tools/gpu_checks.sh
+#   STEPS="recipes prune" bash tools/gpu_checks.sh     # a subset: tests seg zero3 recipes prune (default: all)
 #
 # A GPU machine that lacks some of mmtok's dependencies (or Fashion-MNIST): prepare them here first,
 #   bash tools/gpu_checks.sh --prepare [PYTHON_VERSION]     # e.g. 3.12, the GPU machine's Python
@@ -36,6 +37,8 @@ OUT=${OUT:-gpu_results}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 status=0
+STEPS=${STEPS:-tests seg zero3 recipes prune}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 step() {
   echo "== $1"
   shift
@@ -61,26 +64,28 @@ $PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | 
 nvidia-smi >> "$OUT/device.txt" 2>&1 || true
 
 # 1. every test marked gpu (bf16 engine run, fp32 quantizer under autocast, pruned cached generation on CUDA)
-step "GPU tests" $PY -m pytest -q -p no:cacheprovider -m gpu tests --junitxml "$OUT/pytest_gpu.xml"
+want tests && step "GPU tests" $PY -m pytest -q -p no:cacheprovider -m gpu tests --junitxml "$OUT/pytest_gpu.xml"
 
-# 2. benchmarks with a CUDA mode (the others are CPU benchmarks for now; pruning runs last, in 4.)
-step "segmentation heads on CUDA" $PY tools/bench/seg.py --device cuda --repeats 5 --json "$OUT/seg_cuda.json"
+# 2. benchmarks with a CUDA mode (the others are CPU benchmarks for now; pruning runs last, in 5.)
+want seg && step "segmentation heads on CUDA" $PY tools/bench/seg.py --device cuda --repeats 5 --json "$OUT/seg_cuda.json"
 
 # 3. a DeepSpeed ZeRO-3 run of the toy recipe on one GPU (NCCL), bf16
-data=$(mktemp -d)
-step "Fashion-MNIST shards" $PY -m mmtok.cli.main shards fashion-mnist --out "$data/fmnist" limit=4000
-step "DeepSpeed ZeRO-3 step" $PY -m mmtok.cli.main train --config configs/toy/fmnist_classifier.yaml \
-  deepspeed.enabled=true deepspeed.config=configs/ds/zero3.json "data.train=$data/fmnist/train-*.tar" \
-  "data.val=$data/fmnist/test-*.tar" train.steps=50 train.eval_every=0 output_dir="$data/zero3_toy"
-cp "$data/zero3_toy/metrics.jsonl" "$OUT/zero3_metrics.jsonl" 2> /dev/null
-rm -rf "$data"
+if want zero3; then
+  data=$(mktemp -d)
+  step "Fashion-MNIST shards" $PY -m mmtok.cli.main shards fashion-mnist --out "$data/fmnist" limit=4000
+  step "DeepSpeed ZeRO-3 step" $PY -m mmtok.cli.main train --config configs/toy/fmnist_classifier.yaml \
+    deepspeed.enabled=true deepspeed.config=configs/ds/zero3.json "data.train=$data/fmnist/train-*.tar" \
+    "data.val=$data/fmnist/test-*.tar" train.steps=50 train.eval_every=0 output_dir="$data/zero3_toy"
+  cp "$data/zero3_toy/metrics.jsonl" "$OUT/zero3_metrics.jsonl" 2> /dev/null
+  rm -rf "$data"
+fi
 
 # 4. the recipes' training speed on this card (20 s of training each, small shards built here)
-step "recipe training speed on CUDA" timeout 420 $PY tools/bench/recipes.py --device cuda --seconds 20 \
+want recipes && step "recipe training speed on CUDA" timeout 420 $PY tools/bench/recipes.py --device cuda --seconds 20 \
   --json "$OUT/recipes_cuda.json"
 
 # 5. the longest: pruning at 7B shape (bounded, so a slow card still leaves the figures above)
-step "visual-token pruning at LLaVA-1.5-7B shape on CUDA" timeout 300 $PY tools/bench/prune.py --device cuda \
-  --preset llava7b   --batches 1 8 --keeps 576 192 64 --methods none random cls_attention fastv dart pitome --repeats 3 \
+want prune && step "visual-token pruning at LLaVA-1.5-7B shape on CUDA" timeout 300 $PY tools/bench/prune.py --device cuda \
+  --preset llava7b --batches 1 8 --keeps 576 192 64 --methods none random cls_attention fastv dart pitome --repeats 3 \
   --new-tokens 16 --tower-merge --json "$OUT/prune_cuda.json"
 exit $status
