@@ -19,6 +19,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -78,6 +79,7 @@ def train_rate(name: str, work: Path, device: str, seconds: float) -> dict:
     data = build(key, work)
     _, _, train_pat, val_pat = DATASETS[key]
     out = work / f"run_{name}"
+    shutil.rmtree(out, ignore_errors=True)  # the engine resumes from a run folder's checkpoints: start afresh
     cmd = [
         sys.executable,
         "-m",
