@@ -309,3 +309,137 @@ def test_cache_keyword_follows_the_layer_signature():
             return hidden
 
     assert _cache_keyword(Old) == "past_key_values" and _cache_keyword(New) == "cache"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# host-overhead rewrites: each equals the straightforward construction it replaced (tools/bench/decode.py times them)
+# --------------------------------------------------------------------------------------------------------------
+def _reference_mask(valid, q, dtype, key_pos=None, query_pos=None, window=None, tail=0):
+    """The additive mask written entry by entry: causal by index, bidirectional tail, window on positions."""
+    b, s = valid.shape
+    out = torch.full((b, 1, q, s), torch.finfo(dtype).min, dtype=dtype)
+    for i in range(b):
+        for qi in range(q):
+            qs = s - q + qi  # the query is key index qs
+            for k in range(s):
+                ok = bool(valid[i, k]) and (k <= qs or (tail and qs >= s - tail and k >= s - tail))
+                if window is not None:
+                    ok = ok and int(query_pos[i, qi] - key_pos[i, k]) < window
+                if ok:
+                    out[i, 0, qi, k] = 0.0
+    return out
+
+
+@pytest.mark.parametrize("queries,window,tail", [(1, None, 0), (1, 3, 0), (1, None, 1), (4, None, 0), (4, 3, 2)])
+def test_additive_mask_equals_its_entrywise_definition(queries, window, tail):
+    torch.manual_seed(0)
+    valid = torch.rand(3, 9) > 0.3
+    key_pos = torch.randint(0, 20, (3, 9)).sort(dim=1).values
+    query_pos = key_pos[:, -queries:]
+    got = dec.additive_mask(
+        valid,
+        queries,
+        torch.float32,
+        key_pos=key_pos,
+        query_pos=query_pos,
+        sliding_window=window,
+        bidirectional_tail=tail,
+    )
+    want = _reference_mask(valid, queries, torch.float32, key_pos, query_pos, window, tail)
+    assert torch.equal(got, want)
+    assert not torch.signbit(got[got == 0]).any()  # +0.0, as the zeros it used to start from
+
+
+def test_layer_groups_equal_group_of():
+    state = dec.DecodeState(cache=None, group_start=[0, 3], key_valid=[], key_pos=[], next_pos=torch.zeros(1))
+    assert state.layer_groups(6) == [state.group_of(i) for i in range(6)] == [0, 0, 0, 1, 1, 1]
+    state.group_start = [0]
+    assert state.layer_groups(4) == [0] * 4
+
+
+def _expand_per_row(ids, att, labels, image_id, n, pad_id):
+    """The per-sample loop expand_image_tokens used to run (the reference for its batched form)."""
+    from mmtok.mllm.modeling import IGNORE_INDEX
+
+    rows, labs = [], []
+    for i in range(ids.shape[0]):
+        keep = att[i].bool()
+        row = ids[i][keep]
+        at = int((row == image_id).nonzero()[0])
+        rows.append(torch.cat([row[:at], row.new_full((n,), image_id), row[at + 1 :]]))
+        if labels is not None:
+            lab = labels[i][keep]
+            labs.append(torch.cat([lab[:at], lab.new_full((n,), IGNORE_INDEX), lab[at + 1 :]]))
+    length = max(len(r) for r in rows)
+    out = ids.new_full((len(rows), length), pad_id)
+    out_att = att.new_zeros((len(rows), length))
+    out_lab = labels.new_full((len(rows), length), IGNORE_INDEX) if labels is not None else None
+    for i, r in enumerate(rows):
+        out[i, length - len(r) :] = r
+        out_att[i, length - len(r) :] = 1
+        if out_lab is not None:
+            out_lab[i, length - len(r) :] = labs[i]
+    return out, out_att, out_lab
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_expand_image_tokens_equals_the_per_row_expansion(with_labels):
+    from mmtok.mllm.modeling import expand_image_tokens
+
+    torch.manual_seed(0)
+    image_id, n = 99, 5
+    ids = torch.randint(3, 50, (4, 11))
+    att = torch.ones_like(ids)
+    att[1, :4] = 0  # left padding
+    att[2, :1] = 0
+    att[3, 6] = 0  # a hole inside the prompt is dropped like padding
+    for i, at in enumerate([0, 7, 10, 3]):  # the placeholder first, inside, last
+        ids[i, at] = image_id
+    labels = torch.randint(3, 50, ids.shape) if with_labels else None
+    got = expand_image_tokens(ids, att, labels, image_id, n, pad_id=1)
+    want = _expand_per_row(ids, att, labels, image_id, n, 1)
+    for g, w in zip(got, want):
+        assert (g is None and w is None) or (g.dtype == w.dtype and torch.equal(g, w))
+    assert expand_image_tokens(got[0], got[1], got[2], image_id, n)[0] is got[0]  # n placeholders pass as they are
+
+
+def test_expand_image_tokens_refuses_bad_placeholders():
+    from mmtok.mllm.modeling import expand_image_tokens
+
+    ids = torch.tensor([[5, 99, 6], [5, 99, 99]])
+    with pytest.raises(ValueError, match="exactly one <image> placeholder"):
+        expand_image_tokens(ids, torch.ones_like(ids), None, 99, 4)
+    ids = torch.tensor([[99, 5, 6]])
+    with pytest.raises(ValueError, match="padded position"):
+        expand_image_tokens(ids, torch.tensor([[0, 1, 1]]), None, 99, 4)
+
+
+def test_sequence_keep_equals_nonzero_selection():
+    from mmtok.mllm.modeling import sequence_keep
+
+    torch.manual_seed(0)
+    b, seq_len, n, k = 3, 30, 12, 5
+    positions = torch.stack([torch.randperm(seq_len)[:n].sort().values for _ in range(b)])
+    keep = torch.stack([torch.randperm(n)[:k].sort().values for _ in range(b)])
+    mask = torch.ones(b, seq_len, dtype=torch.bool)
+    mask.scatter_(1, positions, False)
+    mask.scatter_(1, positions.gather(1, keep), True)
+    assert torch.equal(sequence_keep(keep, positions, seq_len), mask.nonzero()[:, 1].view(b, -1))
+
+
+def test_generate_returns_ordinary_tensors_and_stops_when_every_row_ends():
+    """generate runs in inference mode; its outputs must still be usable by autograd afterwards."""
+    from mmtok import registries
+
+    torch.manual_seed(0)
+    model = registries.get("mllm").create("llava", image_token_id=127).eval()
+    ids = torch.tensor([[5, 127, 6, 7], [8, 9, 127, 10]])
+    images = torch.rand(2, 3, 32, 32)
+    first = model.generate(ids, images, max_new_tokens=6, eos_token_id=[])
+    assert first.sequences.shape == (2, 6) and not first.sequences.is_inference()
+    # every row ends at its first token: one step, as before the rewrite
+    stop = model.generate(ids, images, max_new_tokens=6, eos_token_id=first.sequences[:, 0].tolist())
+    assert torch.equal(stop.sequences, first.sequences[:, :1])
+    loss = model.llm.get_input_embeddings()(first.sequences).sum()  # the embedding saves its indices for backward
+    loss.backward()
+    assert model.llm.get_input_embeddings().weight.grad is not None

@@ -129,7 +129,16 @@ def decoder_parts(llm: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module, 
         UnsupportedLLMError: The family, its layer types or its attention kernel are not supported.
         TypeError: The model lacks the sub-modules the loop calls.
     """
-    family_of(llm)
+    return _loop_parts(llm)[:5]
+
+
+def _loop_parts(llm: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module, nn.Module, nn.Module, list[int | None]]:
+    """:func:`decoder_parts` and :func:`layer_windows` in one pass (the family is looked up once per call).
+
+    The loops call this once per prefill / decoding step: config attribute reads are slow in transformers 5
+    (every one goes through the config's ``__getattribute__``), so nothing here is repeated per layer.
+    """
+    fam = family_of(llm)
     base = getattr(llm, "model", None)
     parts = [getattr(base, n, None) for n in ("embed_tokens", "layers", "norm", "rotary_emb")]
     head = getattr(llm, "lm_head", None)
@@ -138,10 +147,10 @@ def decoder_parts(llm: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module, 
             f"{type(llm).__name__} does not look like a transformers causal LM of its family "
             "(needs .model.embed_tokens/.layers/.norm/.rotary_emb and .lm_head)"
         )
-    layer_windows(llm)  # validates layer_types
-    if len(parts[1]) > llm.config.num_hidden_layers:  # transformers runs only the first num_hidden_layers
-        parts[1] = parts[1][: llm.config.num_hidden_layers]
-    return (*parts, head)  # type: ignore[return-value]
+    windows = _layer_windows(llm, fam)  # validates layer_types
+    if len(parts[1]) > len(windows):  # transformers runs only the first num_hidden_layers
+        parts[1] = parts[1][: len(windows)]
+    return (*parts, head, windows)  # type: ignore[return-value]
 
 
 def layer_windows(llm: nn.Module) -> list[int | None]:
@@ -150,8 +159,11 @@ def layer_windows(llm: nn.Module) -> list[int | None]:
     Returns:
         ``num_hidden_layers`` entries.
     """
+    return _layer_windows(llm, family_of(llm))
+
+
+def _layer_windows(llm: nn.Module, fam: Family) -> list[int | None]:
     cfg = llm.config
-    fam = family_of(llm)
     n = cfg.num_hidden_layers
     window = getattr(cfg, "sliding_window", None)
     if fam.windows == "none":  # such families ignore a stray config.sliding_window, and so do we
@@ -253,19 +265,26 @@ def additive_mask(
     """
     b, s = key_valid.shape
     dev = key_valid.device
-    q_idx = torch.arange(s - num_queries, s, device=dev)
-    k_idx = torch.arange(s, device=dev)
-    allowed = q_idx[:, None] >= k_idx[None, :]  # [Q, S]
-    if bidirectional_tail:
-        tail = s - bidirectional_tail
-        allowed = allowed | ((q_idx[:, None] >= tail) & (k_idx[None, :] >= tail))
-    allowed = allowed[None] & key_valid[:, None, :].bool()  # [B, Q, S]
+    valid = key_valid[:, None, :].bool()  # [B, 1, S]
+    if num_queries == 1:
+        # one query is the last key: causality (and a bidirectional tail, which holds it) lets it see every key, so
+        # a decoding step's mask is the key validity alone; this skips the index grids on every generated token
+        allowed = valid  # [B, 1, S]
+    else:
+        q_idx = torch.arange(s - num_queries, s, device=dev)
+        k_idx = torch.arange(s, device=dev)
+        causal = q_idx[:, None] >= k_idx[None, :]  # [Q, S]
+        if bidirectional_tail:
+            tail = s - bidirectional_tail
+            causal = causal | ((q_idx[:, None] >= tail) & (k_idx[None, :] >= tail))
+        allowed = causal[None] & valid  # [B, Q, S]
     if sliding_window is not None:
         if key_pos is None or query_pos is None:
             raise ValueError("a sliding window needs key_pos and query_pos")
         allowed = allowed & (query_pos[:, :, None] - key_pos[:, None, :] < sliding_window)
-    mask = torch.zeros(b, 1, num_queries, s, dtype=dtype, device=dev)
-    return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+    # the same 0 / dtype-min values as zeros().masked_fill(~allowed), one kernel fewer
+    mask = torch.full((b, 1, num_queries, s), torch.finfo(dtype).min, dtype=dtype, device=dev)
+    return mask.masked_fill_(allowed[:, None], 0.0)
 
 
 def _masks(
@@ -309,6 +328,15 @@ class DecodeState:
             if layer >= start:
                 g = i
         return g
+
+    def layer_groups(self, num_layers: int) -> list[int]:
+        """:meth:`group_of` of every layer ``0 .. num_layers - 1`` (one list per step, not a search per layer)."""
+        out, g = [], 0
+        for i in range(num_layers):
+            while g + 1 < len(self.group_start) and i >= self.group_start[g + 1]:
+                g += 1
+            out.append(g)
+        return out
 
 
 @dataclass
@@ -406,10 +434,10 @@ def run_layers(
     """
     from transformers import DynamicCache
 
-    _, layers, norm, rotary, _ = decoder_parts(llm)
-    windows = layer_windows(llm)
+    _, layers, norm, rotary, _, windows = _loop_parts(llm)
     # a plain cache (no config): sliding layers keep every key too, see the module docstring
     cache = DynamicCache() if use_cache else None
+    checkpointed = grad_checkpointing and torch.is_grad_enabled()
     dtype = hidden.dtype
     hidden = scale_embeddings(llm, hidden)
     masks = _masks(windows, key_valid, hidden.shape[1], dtype, position_ids, position_ids, bidirectional_tail)
@@ -440,7 +468,7 @@ def run_layers(
         if i in keep_inputs_of:
             saved[i] = hidden
         mask = masks[windows[i]]
-        if grad_checkpointing and torch.is_grad_enabled():
+        if checkpointed:
             from torch.utils.checkpoint import checkpoint
 
             hidden = checkpoint(_call_layer, layer, hidden, mask, position_ids, pos_emb, use_reentrant=False)
@@ -469,8 +497,7 @@ def decode_chunk(
     all-mask head's mask tokens). They get the positions ``next_pos .. next_pos + T - 1``. ``embeds`` come
     from ``embed_tokens``; the family's embedding multiplier is applied here.
     """
-    _, layers, norm, rotary, _ = decoder_parts(llm)
-    windows = layer_windows(llm)
+    _, layers, norm, rotary, _, windows = _loop_parts(llm)
     b, t = embeds.shape[:2]
     pos = state.next_pos[:, None] + torch.arange(t, device=embeds.device)[None, :]  # [B, T]
     ones = torch.ones(b, t, dtype=torch.bool, device=embeds.device)
@@ -483,10 +510,10 @@ def decode_chunk(
         state.key_bias = [torch.cat([kb.to(zeros.dtype), zeros], dim=1) for kb in state.key_bias]
         masks = [with_key_bias(m, kb) for m, kb in zip(masks, state.key_bias)]
     hidden = scale_embeddings(llm, embeds)
-    pos_emb = rotary(hidden, pos)
-    for i, layer in enumerate(layers):
-        mask = masks[state.group_of(i)][windows[i]]
-        hidden = _call_layer(layer, hidden, mask, pos, pos_emb, state.cache, True)
+    pos_emb = rotary(hidden, pos)  # once per step: every layer sees the same positions
+    groups = state.layer_groups(len(layers))
+    for layer, g, w in zip(layers, groups, windows):
+        hidden = _call_layer(layer, hidden, masks[g][w], pos, pos_emb, state.cache, True)
     state.next_pos = state.next_pos + t
     return norm(hidden)
 

@@ -369,7 +369,7 @@ class MLLM(nn.Module, hub.HubMixin):
             feats, hs = self.encode_images(images, pixel_values)
             if feats.shape[0] != input_ids.shape[0]:
                 raise ValueError(f"{feats.shape[0]} images for {input_ids.shape[0]} prompts; give one image per prompt")
-            image_positions = image_mask.nonzero()[:, 1].view(input_ids.shape[0], n)  # [B, N]
+            image_positions = _true_positions(image_mask, n)  # [B, N]
             embeds = embed(input_ids.masked_fill(image_mask, 0))
             embeds = embeds.scatter(1, image_positions[..., None].expand(-1, -1, embeds.shape[-1]), feats.to(embeds))
             g = int(round(self.tower.num_patches**0.5))
@@ -564,6 +564,46 @@ class MLLM(nn.Module, hub.HubMixin):
         ``use_cache=False`` recomputes the whole (pruned) sequence every step with the keep set chosen at
         prefill: the reference the cached path is tested against.
         """
+        # Inference mode skips autograd's per-operator bookkeeping (view tracking, version counters), about a tenth
+        # of a host-bound decoding step; same kernels, same numbers. Its tensors cannot enter autograd later, so the
+        # returned ones are copied out of it.
+        with torch.inference_mode(inference_safe(self)):
+            out = self._generate(
+                input_ids,
+                images,
+                attention_mask,
+                pruner=pruner,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+                do_sample=do_sample,
+                temperature=temperature,
+                use_cache=use_cache,
+                generator=generator,
+                pixel_values=pixel_values,
+                min_new_tokens=min_new_tokens,
+            )
+        keep = out.image_keep.clone() if out.image_keep is not None else None
+        return dataclasses.replace(out, sequences=out.sequences.clone(), image_keep=keep)
+
+    def _generate(
+        self,
+        input_ids: torch.Tensor,
+        images: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        *,
+        pruner: Pruner | None,
+        max_new_tokens: int,
+        eos_token_id: int | list[int] | None,
+        pad_token_id: int | None,
+        do_sample: bool,
+        temperature: float,
+        use_cache: bool,
+        generator: torch.Generator | None,
+        pixel_values: torch.Tensor | None,
+        min_new_tokens: int,
+    ) -> GenerateOutput:
+        """:meth:`generate`'s body (runs in inference mode)."""
         t0 = time.perf_counter()
         prep = self.prepare(input_ids, attention_mask, images, pixel_values)
         out, keep = self._run(prep, pruner, use_cache=use_cache)
@@ -581,14 +621,27 @@ class MLLM(nn.Module, hub.HubMixin):
         embed = self.llm.get_input_embeddings()
         seq_embeds, seq_valid, seq_pos = prep.embeds, prep.key_valid, prep.position_ids
         fixed = out.keep_index
+        # built once: a tensor made from a Python list on every step is a host-to-device copy (and a stream sync)
+        eos_ids = torch.tensor(sorted(eos), device=logits.device, dtype=torch.long)
+        # "every row done?" on a GPU: read one step late from a pinned copy, so the host queues step s while the
+        # device still runs step s - 1 (reading it at once would wait for the device every step)
+        lagged = _DoneFlag() if done.is_cuda else None
         for step in range(max_new_tokens):
             if step < min_new_tokens and eos:
-                logits[:, list(eos)] = float("-inf")
+                logits.index_fill_(1, eos_ids, float("-inf"))
             tok = _pick(logits, do_sample, temperature, generator)
-            tok = torch.where(done, torch.full_like(tok, pad), tok)
+            tok = tok.masked_fill(done, pad)
             new_tokens.append(tok)
-            done = done | torch.isin(tok, torch.tensor(sorted(eos), device=tok.device, dtype=tok.dtype))
-            if bool(done.all()) or step == max_new_tokens - 1:
+            if eos:
+                done = done | torch.isin(tok, eos_ids.to(tok.dtype))
+            if lagged is not None and lagged.previous_all_done():
+                new_tokens.pop()  # every row had finished a step ago: this step's tokens are all padding
+                break
+            if step == max_new_tokens - 1:
+                break
+            if lagged is not None:
+                lagged.record(done)
+            elif bool(done.all()):
                 break
             tok_emb = embed(tok[:, None])
             if use_cache:
@@ -703,9 +756,20 @@ def _check_keep(keep: torch.Tensor, k: int, n: int, pruner: Pruner) -> torch.Ten
     """The interface invariant every pruner promises: [B, K] sorted, unique, in range."""
     if keep.ndim != 2 or keep.shape[1] != k:
         raise AssertionError(f"{pruner!r} returned keep indices of shape {tuple(keep.shape)}, expected [B, {k}]")
-    if keep.numel() and (keep.min() < 0 or keep.max() >= n or (keep[:, 1:] <= keep[:, :-1]).any()):
+    # one host read for the three checks (each `bool(tensor)` waits for the device)
+    if keep.numel() and bool((keep.min() < 0) | (keep.max() >= n) | (keep[:, 1:] <= keep[:, :-1]).any()):
         raise AssertionError(f"{pruner!r} returned unsorted, repeated or out-of-range indices")
     return keep.long()
+
+
+def _true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the True entries of every row of ``mask [B, L]``, ascending, when each row holds ``count`` of them.
+
+    Equal to ``mask.nonzero()[:, 1].view(B, count)``, without its host synchronisation (``nonzero`` must read how
+    many entries there are before it can allocate its output): a stable sort puts a row's True entries first, in
+    order.
+    """
+    return torch.argsort(mask.logical_not().to(torch.uint8), dim=1, stable=True)[:, :count]
 
 
 def sequence_keep(image_keep: torch.Tensor, image_positions: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -714,7 +778,7 @@ def sequence_keep(image_keep: torch.Tensor, image_positions: torch.Tensor, seq_l
     mask = torch.ones(b, seq_len, dtype=torch.bool, device=image_keep.device)
     mask.scatter_(1, image_positions, False)
     mask.scatter_(1, image_positions.gather(1, image_keep), True)
-    return mask.nonzero()[:, 1].view(b, -1)
+    return _true_positions(mask, seq_len - image_positions.shape[1] + image_keep.shape[1])
 
 
 def _extend_keep(keep: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -746,32 +810,35 @@ def expand_image_tokens(
     Raises:
         ValueError: A prompt holds neither one nor ``n`` placeholders.
     """
-    counts = (input_ids == image_token_id).sum(1)
-    if bool((counts == n).all()):
+    is_image = input_ids == image_token_id  # [B, L]
+    valid = attention_mask.bool()
+    # one host read for every check and the new length (each `bool(tensor)` would wait for the device)
+    counts, in_valid, lengths = torch.stack([is_image.sum(1), (is_image & valid).sum(1), valid.sum(1)]).tolist()
+    if all(c == n for c in counts):
         return input_ids, attention_mask, labels
-    if not bool((counts == 1).all()):
+    if not all(c == 1 for c in counts):
         raise ValueError(
             f"image tokens and features differ: each prompt needs exactly one <image> placeholder (or {n}); "
-            f"got counts {counts.tolist()}" + (f"; {note}" if note else "")
+            f"got counts {counts}" + (f"; {note}" if note else "")
         )
-    rows, labs = [], []
-    for i in range(input_ids.shape[0]):
-        valid = attention_mask[i].bool()
-        ids = input_ids[i][valid]
-        at = int((ids == image_token_id).nonzero()[0])
-        rows.append(torch.cat([ids[:at], ids.new_full((n,), image_token_id), ids[at + 1 :]]))
-        if labels is not None:
-            lab = labels[i][valid]
-            labs.append(torch.cat([lab[:at], lab.new_full((n,), IGNORE_INDEX), lab[at + 1 :]]))
-    length = max(len(r) for r in rows)
-    out = input_ids.new_full((len(rows), length), pad_id)
-    att = attention_mask.new_zeros((len(rows), length))
-    lab_out = labels.new_full((len(rows), length), IGNORE_INDEX) if labels is not None else None
-    for i, r in enumerate(rows):
-        out[i, length - len(r) :] = r
-        att[i, length - len(r) :] = 1
-        if lab_out is not None:
-            lab_out[i, length - len(r) :] = labs[i]
+    if not all(c == 1 for c in in_valid):
+        raise ValueError(
+            "an <image> placeholder sits at a padded position (attention_mask 0): put it inside the prompt"
+        )
+    # Every row at once: a real token is copied once, the placeholder n times, padding not at all; the rows are
+    # left padded again to the longest. Output column c of row i reads the source token whose copies cover index
+    # k = c - (length - len_i) of that row (cumulative copy counts, searched); k < 0 is new padding.
+    length = max(lengths) + n - 1
+    copies = torch.where(is_image, n, 1) * valid  # [B, L]
+    ends = copies.cumsum(1)  # [B, L] one past the last copy of each source token
+    k = torch.arange(length, device=input_ids.device)[None, :] - (length - ends[:, -1:])  # [B, length]
+    pad = k < 0
+    src = torch.searchsorted(ends, k.clamp(min=0), right=True).clamp(max=input_ids.shape[1] - 1)  # [B, length]
+    out = input_ids.gather(1, src).masked_fill(pad, pad_id)
+    att = pad.logical_not().to(attention_mask.dtype)
+    lab_out = None
+    if labels is not None:
+        lab_out = labels.masked_fill(is_image, IGNORE_INDEX).gather(1, src).masked_fill(pad, IGNORE_INDEX)
     return out, att, lab_out
 
 
@@ -780,6 +847,33 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, generator: 
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / max(temperature, 1e-5), dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def inference_safe(module: nn.Module) -> bool:
+    """May ``module`` run under ``torch.inference_mode``? Not under DeepSpeed ZeRO-3, whose hooks gather the
+    partitioned parameters into new storage during the forward: gathered there, a parameter kept gathered for the
+    next training step would be an inference tensor, which autograd refuses to save."""
+    first = next(module.parameters(), None)
+    return first is None or not hasattr(first, "ds_id")
+
+
+class _DoneFlag:
+    """``done.all()`` of the previous decoding step, copied to pinned host memory without blocking the host."""
+
+    def __init__(self):
+        self.flag = torch.zeros((), dtype=torch.bool, pin_memory=True)
+        self.event: torch.cuda.Event | None = None
+
+    def record(self, done: torch.Tensor) -> None:
+        self.flag.copy_(done.all(), non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def previous_all_done(self) -> bool:
+        if self.event is None:
+            return False
+        self.event.synchronize()  # waits for the previous step's copy only, not for the work queued since
+        return bool(self.flag)
 
 
 def _sync(t: torch.Tensor) -> None:

@@ -458,7 +458,13 @@ def segment(
         )
         return SegOutput(masks, scores, text_out, repairs, time.perf_counter() - t0, image_keep, n_tokens)
     answers = [chat_prompt(tok, q, h.answer_text(e)) for q, e in zip(qs, expressions)]
-    scores, image_keep = _patch_scores(model, h, answers, images, pruner)
+    from mmtok.mllm.modeling import inference_safe
+
+    # no autograd bookkeeping per operator (see MLLM.generate); the results are copied out of inference mode
+    with torch.inference_mode(inference_safe(model)):
+        scores, image_keep = _patch_scores(model, h, answers, images, pruner)
+    scores = scores.clone()
+    image_keep = image_keep.clone() if image_keep is not None else None
     masks = refine_masks(scores, images, refine, threshold)
     return SegOutput(masks, scores, None, [0] * len(qs), time.perf_counter() - t0, image_keep)
 
