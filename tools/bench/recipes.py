@@ -5,7 +5,8 @@ it) for ``--seconds`` of wall clock on ``--device``, on small shards built here 
 (the recipes' data at reduced counts: the speed of a step does not depend on the split's size). The steady rate is
 the median of the engine's logged ``samples_per_s`` after the first log (start-up, CUDA kernels' first launches
 and, on CUDA, autotuning land there). ``recipe min`` is the time the recipe's own ``train.steps`` would take at that
-rate; the recipes' CPU budgets (README) are 30 minutes on 2 cores unless the table says otherwise.
+rate, or its ``train.max_seconds`` budget where it has one and the rate does not reach ``train.steps`` within it
+(``steps run`` is then what the budget allows).
 
     python tools/bench/recipes.py --device cuda --seconds 30 --json runs/bench/recipes_cuda.json
     OMP_NUM_THREADS=1 python tools/bench/recipes.py --device cpu --seconds 60 --json runs/bench/recipes_cpu.json
@@ -119,6 +120,8 @@ def train_rate(name: str, work: Path, device: str, seconds: float) -> dict:
     sps = statistics.median(r["samples_per_s"] for r in train[1:])
     steps_per_s = sps / batch
     recipe_steps = int(cfg.train.steps)
+    budget = float(cfg.train.get("max_seconds", 0) or 0)  # a time-bounded recipe stops at its budget
+    in_budget = min(recipe_steps, int(steps_per_s * budget)) if budget else recipe_steps
     return {
         "recipe": name,
         "ok": True,
@@ -128,7 +131,9 @@ def train_rate(name: str, work: Path, device: str, seconds: float) -> dict:
         "steps_per_s": steps_per_s,
         "steps_done": train[-1]["step"],
         "recipe_steps": recipe_steps,
-        "recipe_minutes": recipe_steps / steps_per_s / 60,
+        "recipe_minutes": in_budget / steps_per_s / 60,
+        "budget_minutes": budget / 60,
+        "steps_in_budget": in_budget,
         "process_wall_s": wall,
     }
 
@@ -153,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         device = args.device
         name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
         print(f"device: {name}; {os.cpu_count()} CPU cores; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
-        print(f"{'recipe':24s} {'batch':>5s} {'samples/s':>10s} {'steps/s':>8s} {'steps':>6s} {'recipe min':>10s}")
+        print(
+            f"{'recipe':24s} {'batch':>5s} {'samples/s':>10s} {'steps/s':>8s} {'steps':>6s} {'budget min':>10s} "
+            f"{'steps run':>9s} {'recipe min':>10s}"
+        )
         rows = []
         for r in recipes:
             row = train_rate(r, work, device, args.seconds)
@@ -161,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             if row["ok"]:
                 print(
                     f"{r:24s} {row['batch']:5d} {row['samples_per_s']:10.1f} {row['steps_per_s']:8.2f} "
-                    f"{row['recipe_steps']:6d} {row['recipe_minutes']:10.2f}",
+                    f"{row['recipe_steps']:6d} {row['budget_minutes'] or float('nan'):10.1f} "
+                    f"{row['steps_in_budget']:9d} {row['recipe_minutes']:10.2f}",
                     flush=True,
                 )
             else:
