@@ -40,6 +40,12 @@ layers ``>= K`` only ever see the kept tokens. The two groups therefore have cac
 builds the right mask per layer (and per window). Position ids are the original positions (never
 re-indexed), and a generated token gets position ``last original position + 1``.
 
+Host cost (a thin or batch-1 model is bound by it, not by arithmetic; ``tools/bench/decode.py`` measures it): a
+call reads the family and the layer windows once, builds one additive mask per layer group and distinct window (at
+most two per group; a decoding step's mask is the key validity alone, no index grids) and the rotary embeddings once.
+Measured on CPU, mmtok's own code is about 2% of a decoding step's host time; the rest is the transformers decoder
+layer itself (some 40 operators each), which we call as it is.
+
 Proportional attention (ToMe, arXiv:2210.09461): ``run_layers(..., key_bias=[B, L])`` adds a per-key term to every
 allowed entry of the additive masks (blocked entries stay blocked), e.g. ``log(size)`` for a merged image token that
 stands for ``size`` patches, so that a query attends to it as much as to its ``size`` sources together. The bias

@@ -808,7 +808,7 @@ def expand_image_tokens(
         note: Why the model has ``n`` image tokens (:meth:`MLLM.image_tokens_note`), added to the error.
 
     Raises:
-        ValueError: A prompt holds neither one nor ``n`` placeholders.
+        ValueError: A prompt holds neither one nor ``n`` placeholders, or its one placeholder is padding.
     """
     is_image = input_ids == image_token_id  # [B, L]
     valid = attention_mask.bool()
