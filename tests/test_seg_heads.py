@@ -453,3 +453,14 @@ def test_cells_give_a_finer_grid_and_fit_sub_patch_edges(head):
     assert iou > 0.85, f"{head}: IoU {iou:.2f} on the batch it was fitted to"
     with pytest.raises(ValueError, match="cells must be >= 1"):
         H.AllMaskHead(H.AllMaskHeadConfig(cells=0))
+
+
+def test_text_head_takes_the_formats_own_options():
+    """A bricks text head with a coarser box and in-box grid: the answer holds the box, the budget the grid's rows."""
+    head = H.TextHead(H.TextHeadConfig(format="bricks", format_options={"box_bins": 16, "brick_grid": 8}))
+    mask = np.zeros((64, 64), np.int64)
+    mask[16:32, 8:40] = 1
+    text = head.answer_text("the bag", mask, ["the bag"])
+    assert "\n<seg>[2,4,10,8]\n" in text  # 64 px / 16 bins: x 8..40 -> bins 2..10, y 16..32 -> 4..8
+    assert head.format.grid_shape == (8, 8) and head.max_new_tokens() == 64 + 12 * 8 * 2
+    assert (head.format.decode(text.split("\n", 1)[1]).labels > 0).any()

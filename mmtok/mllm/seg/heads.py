@@ -82,6 +82,8 @@ class TextHeadConfig:
     label: str = "phrase"  # foreground label: "phrase" (the expression, Text4Seg) | "class" | any fixed word
     answer: str = "sure , here is the mask of {} :"  # sentence before the <seg> block
     max_new_tokens: int = 0  # 0 = enough for the worst case of the grid, capped at 1024
+    # the format's own options beyond ``grid``, e.g. bricks' ``{box_bins: 16, brick_grid: 8}``
+    format_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -138,7 +140,7 @@ class TextHead(SegHead):
         super().__init__(config)
         from mmtok import registries
 
-        self.format = registries.get("seg format").create(config.format, grid=config.grid)
+        self.format = registries.get("seg format").create(config.format, grid=config.grid, **config.format_options)
 
     def fg_label(self, phrase: str, class_name: str = "") -> str:
         lab = self.config.label
@@ -154,6 +156,8 @@ class TextHead(SegHead):
         if self.config.max_new_tokens:
             return self.config.max_new_tokens
         g = self.config.grid
+        if self.config.format == "bricks":  # the box, then the in-box grid's rows
+            g = self.format.grid_shape[0]
         return min(1024, 64 + 12 * g * 2)  # two runs per row of a typical object, ~6 tokens each, + sentence
 
 
