@@ -21,6 +21,24 @@ Sample fields: ``png`` (RGB canvas), ``mask.png`` (uint8 0/1 mask of the referre
 Fashion-MNIST train images 0..49,999, val from train images 50,000..59,999, test from the test set.
 Each scene is generated from its own ``numpy`` generator seeded with (seed, split, scene index), so the
 output is deterministic and any scene can be regenerated alone.
+
+No-target expressions (``absent_share > 0``): in the spirit of GRES / gRefCOCO (Liu et al., "GRES: Generalized
+Referring Expression Segmentation", CVPR 2023, arXiv:2306.00968; reference code henghuiding/ReLA), a share of the
+samples names something that is *not* in the scene; their ``mask.png`` is all zeros and their json has
+``target = -1``, ``no_target = true``, ``bbox = []``, ``label = -1``, ``class_name`` / ``class_id`` of the class
+the expression names and ``absent_kind`` (below). gRefCOCO's no-target expressions were written by annotators to be
+deceptive (they name things similar to what is in the image); ours are made as hard as the scene allows, drawn
+uniformly among the kinds the scene offers (:func:`absent_expression`): ``colour`` -- a class that is in the scene,
+in a colour it does not have there ("the blue sneaker" beside a red one; a colour that another item wears when
+there is one); ``class`` -- a class that is not in the scene, in a colour that is ("the red bag" when only the
+sneaker is red); ``place`` -- a class that is in the scene, at a place where it is not ("the sneaker at the top"
+when it is at the bottom; a place another item occupies when there is one); ``absent`` -- only when the scene
+allows none of these, a missing class ("the bag"). They use the templates of present expressions (the minimal
+style's colour / position forms, the full style's "the <colour> <class> <position phrase>") and never fit any item
+of the scene. gRefCOCO also has multi-target expressions; fashion scenes do not. The choices come from a second
+generator seeded with (seed, split, scene index, ``ABSENT_STREAM``), so the scene's own draws (image, items,
+target) are untouched: with ``absent_share = 0`` (the default) the shards are byte-identical to a build without
+the option, and with it the with-target samples are the same as before.
 """
 
 from __future__ import annotations
@@ -86,6 +104,92 @@ def _fits(expr_index: int, a: dict, b: dict) -> bool:
         return False
     same_colour, same_pos = a["colour"] == b["colour"], a["position"] == b["position"]
     return [True, same_colour, same_pos, same_colour and same_pos][expr_index]
+
+
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+ABSENT_KINDS = ("colour", "class", "place", "absent")  # no-target expression kinds, hardest first
+ABSENT_STREAM = 0xAB5E  # fourth seed word of the no-target generator (a stream apart from the scene's own)
+
+
+def absent_expression(items: list[dict], rng: np.random.Generator, style: str = "minimal") -> dict:
+    """A referring expression that fits no item of a scene, as hard as the scene allows.
+
+    Args:
+        items: The scene's items (dicts with ``class_id``, ``colour``, ``position``; see :func:`make_scene`).
+        rng: The generator of the choices (the builder passes its no-target stream, not the scene's).
+        style: "minimal" (the shortest template that states the false attribute: "the blue sneaker", "the sneaker
+            at the top", "the bag") or "full" (always "the <colour> <class> <position phrase>", like present
+            expressions of that style).
+
+    Returns:
+        ``{"expression", "class_id", "class_name", "colour", "position", "kind"}``: the named attributes and the
+        kind (one of :data:`ABSENT_KINDS`, see the module docstring), drawn uniformly among the kinds available.
+    """
+    if not items:
+        raise ValueError("a no-target expression needs the scene's items (got none)")
+    names = list(PALETTE)
+    present = sorted({it["class_id"] for it in items})
+    missing = [c for c in range(len(CLASS_NAMES)) if c not in present]
+    scene_colours = sorted({it["colour"] for it in items}, key=names.index)
+
+    def pick(seq):
+        return seq[int(rng.integers(len(seq)))]
+
+    def harder(preferred: list, fallback: list) -> list:
+        # a false attribute the scene shows elsewhere is harder to reject than one it does not show at all
+        return preferred or fallback
+
+    options: dict[str, tuple] = {}  # kind -> a function drawing (class_id, colour, position, template index)
+    # colour: a present class, in a colour none of its items has (8 colours > 4 items, so always possible)
+    if any(len({o["colour"] for o in items if o["class_id"] == c}) < len(names) for c in present):
+
+        def colour_kind():
+            c = pick([c for c in present if len({o["colour"] for o in items if o["class_id"] == c}) < len(names)])
+            own = {o["colour"] for o in items if o["class_id"] == c}
+            col = pick(harder([n for n in scene_colours if n not in own], [n for n in names if n not in own]))
+            pos = pick([o["position"] for o in items if o["class_id"] == c])  # where one of that class is
+            return c, col, pos, 1
+
+        options["colour"] = colour_kind
+    # class: a class missing from the scene, in a colour the scene shows
+    if missing:
+
+        def class_kind():
+            col = pick(scene_colours)
+            pos = pick([o["position"] for o in items if o["colour"] == col])  # where that colour is
+            return pick(missing), col, pos, 1
+
+        options["class"] = class_kind
+    # place: a present class at a place none of its items is
+    if any(len({o["position"] for o in items if o["class_id"] == c}) < len(POSITIONS) for c in present):
+
+        def place_kind():
+            c = pick([c for c in present if len({o["position"] for o in items if o["class_id"] == c}) < len(POSITIONS)])
+            own = {o["position"] for o in items if o["class_id"] == c}
+            taken = sorted({o["position"] for o in items if o["position"] not in own}, key=POSITIONS.index)
+            pos = pick(harder(taken, [p for p in POSITIONS if p not in own]))
+            col = pick([o["colour"] for o in items if o["class_id"] == c and o["position"] != pos])
+            return c, col, pos, 2
+
+        options["place"] = place_kind
+    if not options:  # every class present in every colour and place: cannot happen with <= 4 items, kept total
+        if not missing:
+            raise ValueError("every class is in the scene in every colour and place: no expression can be absent")
+        options["absent"] = lambda: (pick(missing), pick(names), pick(list(POSITIONS)), 0)
+    kind = pick(list(options))
+    cls, col, pos, k = options[kind]()
+    k = 3 if style == "full" else k
+    named = {"class_id": cls, "colour": col, "position": pos}
+    # the invariant the kinds are built for; checked here so a change to them cannot write a false negative
+    assert not any(_fits(k, named, it) for it in items), (named, k, items)
+    return {
+        "expression": _expressions(CLASS_NAMES[cls], col, pos)[k],
+        "class_id": cls,
+        "class_name": CLASS_NAMES[cls],
+        "colour": col,
+        "position": pos,
+        "kind": kind,
+    }
 
 
 def assign_expressions(items: list[dict], style: str = "minimal") -> None:
@@ -268,6 +372,9 @@ class FashionScenesConfig:
     seed: int = 0
     per_item: bool = False  # one sample per (scene, item) instead of one per scene with a random target
     style: str = "minimal"  # expression style: minimal | full
+    # probability that a sample's expression names something NOT in the scene (empty mask, target -1, no_target
+    # true; GRES-style no-target samples). 0 = every sample has a target (output byte-identical to before)
+    absent_share: float = 0.0
     root: str = DEFAULT_ROOT
     maxcount: int = 2000
     maxsize: int = 256 << 20
@@ -288,9 +395,16 @@ def scene_samples(cfg: FashionScenesConfig, split: str, count: int):
         for it in items:
             it["source_split"] = fsplit
         targets = range(len(items)) if cfg.per_item else [int(rng.integers(len(items)))]
+        # no-target choices come from their own stream: the scene's generator is left exactly as it was
+        absent_rng = (
+            np.random.default_rng([cfg.seed, _SPLIT_IDS[split], s, ABSENT_STREAM]) if cfg.absent_share else None
+        )
         for t in targets:
-            item = items[t]
             key = f"{split}_{s:06d}" + (f"_{t}" if cfg.per_item else "")
+            if absent_rng is not None and absent_rng.random() < cfg.absent_share:
+                yield _absent_sample(cfg, split, s, key, rgb, inst, items, absent_rng)
+                continue
+            item = items[t]
             yield {
                 "__key__": key,
                 "png": rgb,
@@ -312,6 +426,32 @@ def scene_samples(cfg: FashionScenesConfig, split: str, count: int):
             }
 
 
+def _absent_sample(cfg, split, scene, key, rgb, inst, items, rng) -> dict:
+    """A no-target sample of a scene: an expression no item fits and an all-zero mask."""
+    named = absent_expression(items, rng, cfg.style)
+    return {
+        "__key__": key,
+        "png": rgb,
+        "mask.png": np.zeros_like(inst),
+        "instances.png": inst,
+        "json": {
+            "source": "fashion-scenes",
+            "split": split,
+            "scene": scene,
+            "canvas": cfg.canvas,
+            "target": -1,
+            "expression": named["expression"],
+            "class_name": named["class_name"],  # the class the expression names (not in the scene as named)
+            "class_id": named["class_id"],
+            "label": -1,  # no referred item, so no image label (readers treat < 0 as unlabelled)
+            "bbox": [],
+            "items": items,
+            "no_target": True,
+            "absent_kind": named["kind"],
+        },
+    }
+
+
 @SHARD_BUILDERS.register("fashion-scenes", config=FashionScenesConfig)
 def build_fashion_scenes(cfg: FashionScenesConfig) -> dict:
     """Referring-segmentation scenes of tinted Fashion-MNIST items (train/val/test shards)."""
@@ -319,4 +459,6 @@ def build_fashion_scenes(cfg: FashionScenesConfig) -> dict:
 
     if cfg.style not in ("minimal", "full"):
         raise ValueError(f"style must be 'minimal' or 'full', not {cfg.style!r}")
+    if not 0.0 <= cfg.absent_share <= 1.0:
+        raise ValueError(f"absent_share must be a probability in [0, 1], got {cfg.absent_share}")
     return write_splits(cfg, "fashion-scenes", scene_samples, "scenes", canvas=cfg.canvas)
