@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import numpy as np
 import pytest
+import torch
 
 from mmtok.data.sources.fashion_mnist import CLASS_NAMES
 from mmtok.data.sources.scenes import (
@@ -160,3 +162,203 @@ def test_builder_writes_no_target_samples(tmp_path, fmnist_dir):
         from mmtok.data.sources.scenes import build_fashion_scenes
 
         build_fashion_scenes(FashionScenesConfig(out=str(tmp_path), absent_share=1.5))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------------------------
+def _box(y0, y1, x0, x1, size=4):
+    m = np.zeros((size, size), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def test_meter_n_acc_t_acc_on_hand_made_masks():
+    from mmtok.mllm.seg.metrics import SegMeter
+
+    empty = np.zeros((4, 4), bool)
+    m = SegMeter()
+    # three no-target samples: two answered empty (right), one with a 2-pixel mask (wrong)
+    assert m.update(empty, empty) == 1.0
+    assert m.update(empty, empty, no_target=True) == 1.0
+    assert m.update(_box(0, 1, 0, 2), empty) == 0.0
+    # four with-target samples: three masks (one of them entirely off the object), one empty answer
+    assert m.update(_box(0, 2, 0, 2), _box(0, 2, 0, 2)) == 1.0
+    assert m.update(_box(2, 4, 2, 4), _box(0, 2, 0, 2)) == 0.0
+    assert m.update(_box(0, 2, 0, 1), _box(0, 2, 0, 2), no_target=False) == 0.5
+    assert m.update(empty, _box(0, 1, 0, 1)) == 0.0
+    s = m.summary()
+    assert s["n"] == 7 and s["n_no_target"] == 3
+    assert s["n_acc"] == 2 / 3  # no-target samples predicted empty / no-target samples
+    assert s["t_acc"] == 3 / 4  # with-target samples predicted non-empty (right or wrong place) / with-target
+    assert s["giou"] == (1 + 1 + 0 + 1 + 0 + 0.5 + 0) / 7
+    # cIoU: inter 4 + 0 + 2 + 0 = 6; union 2 (false mask) + 4 + 8 + 4 + 1 = 19
+    assert s["ciou"] == 6 / 19
+    # merging meters adds the counts
+    other = SegMeter()
+    other.update(empty, empty)
+    other.update(_box(0, 1, 0, 1), _box(0, 1, 0, 1))
+    s2 = m.merge(other).summary()
+    assert (s2["n_no_target"], s2["n_acc"], s2["t_acc"]) == (4, 3 / 4, 4 / 5)
+
+
+def test_meter_no_target_values_are_none_without_that_kind():
+    from mmtok.mllm.seg.metrics import SegMeter
+
+    only_targets = SegMeter()
+    only_targets.update(_box(0, 2, 0, 2), _box(0, 2, 0, 2))
+    s = only_targets.summary()
+    assert s["n_acc"] is None and s["t_acc"] == 1.0 and s["n_no_target"] == 0
+    only_absent = SegMeter()
+    only_absent.update(np.zeros((4, 4), bool), np.zeros((4, 4), bool))
+    s = only_absent.summary()
+    assert s["n_acc"] == 1.0 and s["t_acc"] is None
+    s = SegMeter().summary()
+    assert s["n_acc"] is None and s["t_acc"] is None
+    with pytest.raises(ValueError, match="no-target sample has a non-empty ground truth"):
+        SegMeter().update(np.zeros((4, 4), bool), _box(0, 1, 0, 1), no_target=True)
+
+
+def test_eval_rows_and_table_show_no_target_columns_only_when_present():
+    from mmtok.mllm.seg.evaluate import table_markdown
+
+    row = dict(head="allmask", refine="none", threshold=0.5, method="none", keep=16, giou=0.5, ciou=0.4)
+    row |= dict(grounding=None, repair_rate=0.0, tokens=None, ms_per_mask_median=1.0, ms_per_mask_p90=2.0)
+    today = table_markdown([{**row, "n_acc": None, "t_acc": 1.0}])
+    assert "N-acc" not in today and today.splitlines()[0].count("|") == today.splitlines()[1].count("|")
+    both = table_markdown([{**row, "n_acc": 0.25, "t_acc": 0.75}])
+    head, rule, line = both.splitlines()
+    assert "| N-acc | T-acc |" in head and head.count("|") == rule.count("|") == line.count("|")
+    assert "| 25.0% | 75.0% |" in line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the mllm_seg task
+# ---------------------------------------------------------------------------------------------------------------
+def _task(**kw):
+    from tiny_models import tiny_seg_heads, tiny_seg_mllm
+
+    from mmtok import registries
+
+    torch.manual_seed(0)
+    return registries.get("task").create(
+        "mllm_seg", model="llava_fashion_seg", model_overrides=tiny_seg_mllm(), heads=tiny_seg_heads(), **kw
+    )
+
+
+def _no_target_samples(task, n: int = 6):
+    tr = task.sample_transform("train")
+    out = []
+    for i in range(n):
+        meta = {"expression": "the red bag", "class_name": "bag", "no_target": True, "target": -1}
+        sample = {"__key__": f"nt{i}", "image": torch.rand(3, 32, 32), "mask": torch.zeros(32, 32), "json": meta}
+        out.append(tr(sample))
+    return out
+
+
+def test_task_trains_every_head_on_empty_masks_with_finite_losses():
+    task = _task(head_mix={"allmask": 1, "segtoken": 1, "text": 1})
+    batch = task.collate(_no_target_samples(task))
+    assert set(batch["groups"]) == {"allmask", "segtoken", "text"}
+    assert all(not g["masks"].any() and all(g["no_target"]) for g in batch["groups"].values())
+    text = task.model.tokenizer.decode(batch["groups"]["text"]["input_ids"][0])
+    assert "here is the mask of the red bag" in text and "<seg>" in text  # the head's sentence: inference feeds it
+    out = task(batch)
+    for k in ("loss", "allmask/dice", "allmask/bce", "segtoken/dice", "segtoken/bce", "text/lm_loss"):
+        assert math.isfinite(float(out[k].detach())), (k, out[k])
+    # Dice on an empty target is sum(p) / (sum(p) + 1): positive while any score is, finite, below 1
+    assert 0.0 < float(out["allmask/dice"]) < 1.0 and 0.0 < float(out["segtoken/dice"]) < 1.0
+    out["loss"].backward()
+    grads = [p.grad for p in task.model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_task_no_target_answer_replaces_the_sentence_in_known_words():
+    task = _task(head_mix={"allmask": 1, "segtoken": 1, "text": 1}, no_target_answer="there is no {} in this image .")
+    tok = task.model.tokenizer
+    batch = task.collate(_no_target_samples(task, 3))
+    for name, g in batch["groups"].items():
+        ids = g["input_ids"][0].tolist()
+        assert tok.unk_token_id not in ids, name
+        text = tok.decode(ids)
+        if name == "segtoken":  # its template names no phrase: kept
+            assert "there is no" not in text and "[SEG]" in text
+        else:
+            assert "there is no red bag in this image" in text and "here is the mask" not in text, text
+    assert "<seg>" in tok.decode(batch["groups"]["text"]["input_ids"][0])
+    with pytest.raises(ValueError, match="no_target but its mask.png is not empty"):
+        meta = {"expression": "the red bag", "no_target": True}
+        task.sample_transform("train")(
+            {"__key__": "k", "image": torch.rand(3, 32, 32), "mask": torch.ones(32, 32), "json": meta}
+        )
+
+
+@pytest.fixture(scope="module")
+def absent_scenes(tmp_path_factory):
+    """fashion-scenes at 32 px where every sample has no target (8 train / 4 val / 4 test, 4 per shard)."""
+    from mmtok.data.sources.scenes import build_fashion_scenes
+
+    out = tmp_path_factory.mktemp("absent32")
+    build_fashion_scenes(
+        FashionScenesConfig(out=str(out), train=8, val=4, test=4, canvas=32, maxcount=4, absent_share=1.0)
+    )
+    return out
+
+
+def test_tiny_seg_run_on_no_target_samples_is_finite(absent_scenes, tmp_path):
+    from launching import short_run_args
+    from tiny_models import tiny_seg_heads, tiny_seg_mllm
+
+    from mmtok.train.config import load_run_config
+    from mmtok.train.engine import train
+
+    model = json.dumps(tiny_seg_mllm()).replace(" ", "")
+    heads = json.dumps(tiny_seg_heads()).replace(" ", "")
+    overrides = short_run_args(absent_scenes, tmp_path / "run", 2, batch_size=4) + [
+        f"task.model_overrides={model}",
+        f"task.heads={heads}",
+        'task.head_mix={"allmask":0.4,"segtoken":0.3,"text":0.3}',
+        "task.eval_heads=[allmask]",
+    ]
+    summary = train(load_run_config(["configs/mllm/seg_scenes_cpu.yaml"], overrides))
+    assert summary["steps"] == 2
+    for k, v in {**summary["train"], **summary["eval"]}.items():
+        if isinstance(v, float):
+            assert math.isfinite(v), (k, v)
+    assert "allmask/dice" in summary["eval"] and 0.0 <= summary["eval"]["allmask/n_acc"] <= 1.0
+    assert "allmask/t_acc" not in summary["eval"]  # every sample lacks a target: T-acc is undefined, not logged
+
+
+def test_eval_seg_prints_n_acc_on_a_no_target_shard(absent_scenes, tmp_path, capsys):
+    from mmtok.cli.main import main
+    from mmtok.data.sources.scenes import build_fashion_scenes
+
+    # a shard with both kinds: 10 test scenes, about half without a target
+    mixed = tmp_path / "mixed"
+    build_fashion_scenes(FashionScenesConfig(out=str(mixed), train=0, val=0, test=10, canvas=32, absent_share=0.5))
+    task = _task()
+    folder = tmp_path / "model"
+    task.model.save_pretrained(folder)
+    js, md = tmp_path / "seg.json", tmp_path / "seg.md"
+    common = ["eval", "seg", "--model", str(folder), "--heads", "allmask", "segtoken", "--refine", "none"]
+    assert main([*common, "--data", f"{mixed}/test-*.tar", "--json", str(js), "--md", str(md)]) == 0
+    printed = capsys.readouterr().out
+    assert "without a target" in printed and "n_acc=" in printed and "t_acc=" in printed
+    out = json.loads(js.read_text())
+    n_nt = sum(
+        1
+        for s in scene_samples(FashionScenesConfig(canvas=32, absent_share=0.5), "test", 10)
+        if s["json"].get("no_target")
+    )
+    assert 0 < n_nt < 10
+    for r in out["rows"]:
+        assert r["n_no_target"] == n_nt and r["n"] == 10
+        assert 0.0 <= r["n_acc"] <= 1.0 and 0.0 <= r["t_acc"] <= 1.0
+        assert r["grounding_n"] <= 10 - n_nt  # grounding only over samples with a target
+    assert "| N-acc | T-acc |" in md.read_text()
+    # only no-target samples: N-acc, T-acc undefined (–), no grounding
+    assert main([*common, "--data", f"{absent_scenes}/test-*.tar", "--json", str(js)]) == 0
+    printed = capsys.readouterr().out
+    assert "n_acc=" in printed and "t_acc=–" in printed
+    rows = json.loads(js.read_text())["rows"]
+    assert all(r["t_acc"] is None and r["grounding"] is None and r["n_no_target"] == 4 for r in rows)

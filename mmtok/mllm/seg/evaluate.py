@@ -8,7 +8,11 @@ For every (head, refinement, pruner, keep): gIoU (mean per-sample IoU; an empty 
 prediction counts 1.0), cIoU (total intersection / total union), the grounding rate where the shards carry an
 instance map (share of scenes with two or more items whose mask covers the referred item more than any other),
 the parse-repair rate and mean descriptor tokens (text head), and the time to a mask (median and p90 of per-batch
-time / batch size). ``--semantic`` also asks the
+time / batch size). Where the data has no-target samples (json ``no_target: true``, an empty mask: fashion-scenes
+built with ``absent_share``; GRES, arXiv:2306.00968), each row also gives N-acc (no-target samples predicted empty)
+and T-acc (with-target samples predicted non-empty), as printed columns and in the JSON (``n_acc``, ``t_acc``,
+``n_no_target``; None when the set has none of that kind); grounding is then scored over the with-target samples
+only. ``--semantic`` also asks the
 text head for every item ("segment every item .") and scores the class masks against ``instances.png`` (mIoU).
 Writes a JSON file, a Markdown table and a PNG grid of the worst and best cases of the first configuration.
 """
@@ -31,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 
 def load_seg_set(pattern: str, limit: int = 0) -> list[dict[str, Any]]:
-    """Referring samples ``{image [3, H, W], mask [H, W] bool, expression, instances?, items?}`` from shards."""
+    """Referring samples ``{image [3, H, W], mask [H, W] bool, expression, instances?, items?, target?, no_target}``
+    from shards (``no_target``: the json says the expression names nothing in the image; its mask is empty)."""
     from mmtok.data import ShardDataset
 
     out = []
@@ -51,6 +56,7 @@ def load_seg_set(pattern: str, limit: int = 0) -> list[dict[str, Any]]:
                 "instances": s["instances"].numpy() if "instances" in s else None,
                 "items": meta.get("items", []),
                 "target": meta.get("target"),  # index of the referred item in ``items`` (instance id target + 1)
+                "no_target": bool(meta.get("no_target", False)),
             }
         )
         if limit and len(out) >= limit:
@@ -87,10 +93,12 @@ def evaluate_config(
         per_mask.append(res.seconds / len(chunk))
         tokens += res.tokens
         for s, pred, rep in zip(chunk, res.masks.numpy(), res.repairs):
-            meter.update(pred, s["mask"], repairs=rep)
+            # a flagged no-target sample is counted as one; otherwise the meter decides from the ground truth
+            meter.update(pred, s["mask"], repairs=rep, no_target=True if s.get("no_target") else None)
             ious.append(mask_iou(pred, s["mask"]))
             preds.append(pred)
-            if s.get("instances") is not None and s.get("target") is not None:
+            has_target = not s.get("no_target") and s.get("target") is not None and int(s["target"]) >= 0
+            if s.get("instances") is not None and has_target:
                 pick = picks_referred(pred, s["instances"], int(s["target"]) + 1)
                 if pick is not None:
                     picks.append(pick)
@@ -106,6 +114,9 @@ def evaluate_config(
         "ciou": summ["ciou"],
         "grounding": float(np.mean(picks)) if picks else None,
         "grounding_n": len(picks),
+        "n_acc": summ["n_acc"],
+        "t_acc": summ["t_acc"],
+        "n_no_target": summ["n_no_target"],
         "repair_rate": summ.get("repair_rate", 0.0),
         "tokens": float(np.mean(tokens)) if tokens else None,
         "ms_per_mask_median": statistics.median(per_mask) * 1e3,
@@ -173,17 +184,25 @@ def baselines(samples: list[dict[str, Any]], grid: int = 16) -> dict[str, float]
     return {k: m.summary()["ciou"] for k, m in meters.items()}
 
 
+def _pct(v: float | None) -> str:
+    return f"{v:.1%}" if v is not None else "–"
+
+
 def table_markdown(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table; N-acc / T-acc columns only when some row scored no-target samples."""
+    no_target = any(r.get("n_acc") is not None for r in rows)
+    nt_head, nt_rule = (" N-acc | T-acc |", "---:|---:|") if no_target else ("", "")
     head = (
-        "| head | refine | thr | pruner | keep | gIoU | cIoU | grounding | repairs | tokens | ms/mask (median / p90) |"
+        f"| head | refine | thr | pruner | keep | gIoU | cIoU | grounding |{nt_head} repairs | tokens | "
+        "ms/mask (median / p90) |"
     )
-    lines = [head, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, f"|---|---|---:|---|---:|---:|---:|---:|{nt_rule}---:|---:|---:|"]
     for r in rows:
         tok = f"{r['tokens']:.0f}" if r.get("tokens") else "–"
-        grd = f"{r['grounding']:.1%}" if r.get("grounding") is not None else "–"
+        nt = f" {_pct(r.get('n_acc'))} | {_pct(r.get('t_acc'))} |" if no_target else ""
         lines.append(
             f"| {r['head']} | {r['refine']} | {r.get('threshold', 0.5):g} | {r['method']} | {r['keep']} | "
-            f"{r['giou']:.3f} | {r['ciou']:.3f} | {grd} | {r['repair_rate']:.1%} | {tok} | "
+            f"{r['giou']:.3f} | {r['ciou']:.3f} | {_pct(r.get('grounding'))} |{nt} {r['repair_rate']:.1%} | {tok} | "
             f"{r['ms_per_mask_median']:.1f} / {r['ms_per_mask_p90']:.1f} |"
         )
     return "\n".join(lines) + "\n"
@@ -261,7 +280,9 @@ def main(argv: list[str]) -> int:
     if missing or not heads:
         print(f"mmtok eval seg: the model has heads {list(model.seg_heads)}, not {missing or heads}", file=sys.stderr)
         return 2
-    print(f"{len(samples)} samples, {model.num_image_tokens} image tokens per image, heads {heads}")
+    n_nt = sum(bool(s["no_target"]) for s in samples)
+    nt_note = f" ({n_nt} without a target)" if n_nt else ""
+    print(f"{len(samples)} samples{nt_note}, {model.num_image_tokens} image tokens per image, heads {heads}")
     rows, first = [], None
     for head in heads:
         for refine, thr in itertools.product(args.refine, args.thresholds):
@@ -274,9 +295,11 @@ def main(argv: list[str]) -> int:
                 first = first or res
                 r = res["row"]
                 grd = f" grounding={r['grounding']:.1%}" if r["grounding"] is not None else ""
+                nt = f" n_acc={_pct(r['n_acc'])} t_acc={_pct(r['t_acc'])}" if r["n_acc"] is not None else ""
                 print(
                     f"{head:9s} {refine:8s} >{thr:<4g} {name:13s} keep={r['keep']:4d} gIoU={r['giou']:.3f} "
-                    f"cIoU={r['ciou']:.3f}{grd} repairs={r['repair_rate']:.1%} {r['ms_per_mask_median']:.1f} ms/mask",
+                    f"cIoU={r['ciou']:.3f}{grd}{nt} repairs={r['repair_rate']:.1%} "
+                    f"{r['ms_per_mask_median']:.1f} ms/mask",
                     flush=True,
                 )
     out: dict[str, Any] = {"model": args.model, "data": args.data, "n": len(samples), "rows": rows}

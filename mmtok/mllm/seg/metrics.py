@@ -16,7 +16,15 @@ What mmtok adds: a grounding rate for scenes with an instance map (:func:`picks_
 the referred instance more than any other? It tells a head that draws good masks of the wrong object, or of every
 object, from one that draws poor masks), the parse-repair rate of text-as-mask decoders (fraction of samples
 whose text needed at least one repair, and the mean number of repairs), and optional per-sample token counts and
-latencies so one meter carries everything ``mmtok eval seg`` reports. Pure numpy; no epsilon in the ratios
+latencies so one meter carries everything ``mmtok eval seg`` reports.
+
+No-target samples (GRES, Liu et al., CVPR 2023, arXiv:2306.00968; reference code henghuiding/ReLA): a sample whose
+ground truth is empty (the expression names nothing in the image) is a no-target sample. ``N-acc`` is the share of
+no-target samples predicted empty, ``T-acc`` the share of with-target samples predicted non-empty (GRES's TP/(TP+FN)
+and TN/(TN+FP) with "no target" as the positive class). ReLA decides "no target" with a separate classifier; mmtok's
+heads have none, so "predicted empty" means the mask has no foreground pixel. gIoU already scores an empty
+prediction on an empty ground truth as 1.0 (GRES's rule); cIoU gains nothing from a correct empty answer and loses
+the whole false mask from a wrong one. Pure numpy; no epsilon in the ratios
 (exact 0/0 rules instead), so hand-computed values compare exactly.
 """
 
@@ -83,6 +91,11 @@ class SegMeter:
     union: int = 0
     class_inter: dict[int, int] = field(default_factory=dict)
     class_union: dict[int, int] = field(default_factory=dict)
+    # no-target bookkeeping (GRES): counts, so meters merge by addition
+    no_target: int = 0  # samples without a target
+    no_target_empty: int = 0  # ... predicted empty (N-acc's numerator)
+    with_target: int = 0  # samples with a target
+    with_target_found: int = 0  # ... predicted non-empty (T-acc's numerator)
 
     def update(
         self,
@@ -91,6 +104,7 @@ class SegMeter:
         repairs: int = 0,
         tokens: int | None = None,
         seconds: float | None = None,
+        no_target: bool | None = None,
     ) -> float:
         """Add one sample.
 
@@ -100,6 +114,9 @@ class SegMeter:
             repairs: repairs the decoder made for this sample's text (0 for heads without text).
             tokens: generated mask tokens (descriptor length), if known.
             seconds: time to the mask, if measured.
+            no_target: whether the expression names nothing in the image (a shard's ``json.no_target``); None =
+                decide from the ground truth (empty = no target). A no-target sample must have an empty ground
+                truth.
 
         Returns:
             This sample's foreground IoU.
@@ -110,6 +127,17 @@ class SegMeter:
         p, g = _binary(pred), _binary(gt)
         inter, union = int(np.count_nonzero(p & g)), int(np.count_nonzero(p | g))
         iou = 1.0 if union == 0 else inter / union
+        gt_empty = not g.any()
+        if no_target is None:
+            no_target = gt_empty
+        elif no_target and not gt_empty:
+            raise ValueError("a no-target sample has a non-empty ground truth; check the shard's mask and no_target")
+        if no_target:
+            self.no_target += 1
+            self.no_target_empty += int(not p.any())
+        else:
+            self.with_target += 1
+            self.with_target_found += int(bool(p.any()))
         self.ious.append(iou)
         self.inter += inter
         self.union += union
@@ -142,6 +170,10 @@ class SegMeter:
             self.class_inter[c] = self.class_inter.get(c, 0) + v
         for c, v in other.class_union.items():
             self.class_union[c] = self.class_union.get(c, 0) + v
+        self.no_target += other.no_target
+        self.no_target_empty += other.no_target_empty
+        self.with_target += other.with_target
+        self.with_target_found += other.with_target_found
         return self
 
     def __len__(self) -> int:
@@ -158,7 +190,9 @@ class SegMeter:
             ``n``; ``giou``, ``ciou`` (cIoU is 1.0 when every union is empty); ``miou`` (None when no class
             occurs) and ``miou_classes`` (how many classes it averages); ``repair_rate`` (fraction of samples
             with >= 1 repair) and ``mean_repairs``; ``mean_tokens``; ``latency_median`` and ``latency_p90`` in
-            seconds. Values without data are None.
+            seconds; ``n_no_target``, ``n_acc`` (no-target samples predicted empty / no-target samples) and ``t_acc``
+            (with-target samples predicted non-empty / with-target samples). Values without data are None (``n_acc``
+            on a set without no-target samples, ``t_acc`` on one with only no-target samples).
         """
         n = len(self.ious)
         per_class = self.class_ious()
@@ -174,4 +208,7 @@ class SegMeter:
             "mean_tokens": float(np.mean(self.tokens)) if self.tokens else None,
             "latency_median": float(np.median(sec)) if sec.size else None,
             "latency_p90": float(np.percentile(sec, 90)) if sec.size else None,
+            "n_no_target": self.no_target,
+            "n_acc": self.no_target_empty / self.no_target if self.no_target else None,
+            "t_acc": self.with_target_found / self.with_target if self.with_target else None,
         }

@@ -10,6 +10,17 @@ Samples whose json has ``question``/``answer`` and no ``expression`` (fashion-vq
 VQA and segmentation can share batches; with ``qa_share > 0`` a share of the referring samples is asked a grounded
 question about its own scene instead (:func:`scene_question`: an item's colour, place or class, or the count).
 
+No-target samples (json ``no_target: true``: fashion-scenes built with ``absent_share``; GRES, Liu et al.,
+arXiv:2306.00968) train every head on their all-zero mask: the text head writes a ``<seg>`` block of background
+only, the per-patch heads get all-zero patch targets (BCE and the smoothed Dice stay finite: Dice is
+``sum(p) / (sum(p) + 1)`` there, pushing every score to 0). GRES's ReLA adds a separate no-target classifier; we
+let the mask say it. ``no_target_answer`` (off by default) also replaces the answer sentence of heads whose template
+names the phrase ("sure , here is the mask of {} ." -> "there is no red bag in this image ."). It is off because
+:func:`mmtok.mllm.seg.heads.segment` feeds the head's own sentence at inference (teacher-forced, see heads.py): a
+model trained to say "there is no ..." before its empty masks would never see that sentence at test time, and its
+mask tokens would learn that the fed sentence means "present". Turn it on only with an inference path that lets the
+model choose its sentence.
+
 A batch is grouped by head and each group runs its own forward (the all-mask group's sequences end in ``N``
 mask tokens, the others do not); the loss is the sample-weighted mean of the groups' losses.
 """
@@ -54,6 +65,10 @@ class SegTaskConfig(MLLMTaskConfig):
     # embed_tokens and lm_head beside its LoRA adapters); needed with lora_rank > 0
     train_embeddings: bool = False
     eval_refine: str = "bilinear"
+    # answer sentence of no-target samples for heads whose template names the phrase ("" = the head's own sentence,
+    # which is what segment() feeds at inference; e.g. "there is no {} in this image ." -- {} is the expression
+    # without its leading "the"; every word is in builtin:fashion-seg). See the module docstring before setting it.
+    no_target_answer: str = ""
 
 
 class SegTask(MLLMTask):
@@ -92,13 +107,21 @@ class SegTask(MLLMTask):
             image = sample["image"]
             if image.shape[0] == 1:
                 image = image.expand(3, -1, -1)
-            out = {"image": image, "mask": None, "semantic": None, "class_name": meta.get("class_name", "")}
+            out = {
+                "image": image,
+                "mask": None,
+                "semantic": None,
+                "class_name": meta.get("class_name", ""),
+                "no_target": bool(meta.get("no_target", False)),  # the expression names nothing: an empty mask
+            }
             if "expression" not in meta:  # a VQA sample: plain LM loss
                 if "question" not in meta or "answer" not in meta:
                     raise ValueError(f"sample {key}: json needs an expression (segmentation) or question/answer")
                 return {**out, "question": meta["question"], "phrase": meta["answer"], "vqa": True}
             if "mask" not in sample:
                 raise ValueError(f"sample {key} has an expression but no mask.png")
+            if out["no_target"] and bool(sample["mask"].any()):
+                raise ValueError(f"sample {key} says no_target but its mask.png is not empty; rebuild the shards")
             if split == "train" and cfg.qa_share and rng.random() < cfg.qa_share:
                 qa = scene_question(meta.get("items", []), rng)
                 if qa is not None:
@@ -148,7 +171,12 @@ class SegTask(MLLMTask):
             names = [head.fg_label(s["phrase"], s["class_name"])]
             if s["semantic"] is not None:
                 (target, names), question = s["semantic"], s["semantic_question"]
-        ids, labels = encode_training_pair(tok, question, head.answer_text(s["phrase"], target, names))
+        answer = head.answer_text(s["phrase"], target, names)
+        semantic = head.kind == "text" and s["semantic"] is not None  # asks for every item: there is a target
+        if s.get("no_target") and not semantic and self.config.no_target_answer and "{}" in head.config.answer:
+            sentence = head.config.answer.format(s["phrase"])
+            answer = no_target_answer(answer, sentence, self.config.no_target_answer, s["phrase"])
+        ids, labels = encode_training_pair(tok, question, answer)
         tail = head.tail_length(self.model.num_image_tokens)
         if tail:
             ids = ids + [H.token_id(self.model, "<mask>")] * tail
@@ -172,6 +200,7 @@ class SegTask(MLLMTask):
             g["questions"] = [s["question"] for s in sub]
             if name != "vqa":
                 g["masks"] = torch.stack([s["mask"] for s in sub])
+                g["no_target"] = [bool(s.get("no_target")) for s in sub]
             groups[name] = g
         return {"images": torch.stack([s["image"] for s in samples]), "groups": groups}
 
@@ -196,7 +225,8 @@ class SegTask(MLLMTask):
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Any]) -> dict[str, float]:
-        """Mean loss terms, and per head gIoU / cIoU of ``segment()`` masks on the referring samples."""
+        """Mean loss terms, and per head gIoU / cIoU of ``segment()`` masks on the referring samples (and N-acc /
+        T-acc where the samples include no-target ones)."""
         from mmtok.mllm.seg.metrics import SegMeter
 
         heads = self.config.eval_heads or list(self.model.seg_heads)
@@ -215,13 +245,19 @@ class SegTask(MLLMTask):
                     res = self.model.segment(
                         images, g["phrases"], head=h, refine=self.config.eval_refine, questions=g["questions"]
                     )
-                    for pred, gt, rep in zip(res.masks, g["masks"], res.repairs):
-                        meters[h].update(pred.cpu().numpy(), gt.cpu().numpy(), repairs=rep)
+                    flags = g.get("no_target") or [False] * len(res.repairs)
+                    for pred, gt, rep, nt in zip(res.masks, g["masks"], res.repairs, flags):
+                        meters[h].update(pred.cpu().numpy(), gt.cpu().numpy(), repairs=rep, no_target=nt or None)
         out = {k: v / counts[k] for k, v in sums.items()}
         for h, m in meters.items():
             if len(m):
                 s = m.summary()
                 out[f"{h}/giou"], out[f"{h}/ciou"] = s["giou"], s["ciou"]
+                # only where the set has no-target samples (today's logs keep their keys); T-acc needs targets
+                if s["n_acc"] is not None:
+                    out[f"{h}/n_acc"] = s["n_acc"]
+                    if s["t_acc"] is not None:
+                        out[f"{h}/t_acc"] = s["t_acc"]
         return out
 
     def synthetic_batch(self, batch_size: int, shift: int = 0) -> dict[str, Any]:
@@ -244,6 +280,18 @@ class SegTask(MLLMTask):
             meta = {"expression": "the red bag", "class_name": "bag"}
             samples.append(transform({"__key__": f"synthetic_{i}", "image": image, "mask": mask, "json": meta}))
         return self.collate(samples)
+
+
+def no_target_answer(answer: str, sentence: str, template: str, phrase: str) -> str:
+    """``answer`` with its leading ``sentence`` replaced by ``template`` filled with ``phrase``.
+
+    The phrase loses its leading article ("the red bag" -> "there is no red bag in this image ."); what follows the
+    sentence (the text head's ``<seg>`` block of background only) is kept as the head wrote it.
+    """
+    if not answer.startswith(sentence):
+        raise ValueError(f"the head's answer {answer[:40]!r} does not start with its sentence {sentence!r}")
+    bare = phrase[4:] if phrase.lower().startswith("the ") else phrase
+    return template.format(bare) + answer[len(sentence) :]
 
 
 _COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
