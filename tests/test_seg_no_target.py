@@ -356,6 +356,7 @@ def test_eval_seg_prints_n_acc_on_a_no_target_shard(absent_scenes, tmp_path, cap
         assert 0.0 <= r["n_acc"] <= 1.0 and 0.0 <= r["t_acc"] <= 1.0
         assert r["grounding_n"] <= 10 - n_nt  # grounding only over samples with a target
     assert "| N-acc | T-acc |" in md.read_text()
+    assert out["baselines_giou"]["empty"] == n_nt / 10  # the empty answer is right exactly on the no-target samples
     # only no-target samples: N-acc, T-acc undefined (–), no grounding
     assert main([*common, "--data", f"{absent_scenes}/test-*.tar", "--json", str(js)]) == 0
     printed = capsys.readouterr().out

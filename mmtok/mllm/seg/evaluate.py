@@ -167,9 +167,10 @@ def _class_id(name: str, classes: list[str]) -> int | None:
     return classes.index(norm) if norm in classes else None
 
 
-def baselines(samples: list[dict[str, Any]], grid: int = 16) -> dict[str, float]:
-    """cIoU of trivial and ideal answers on the same samples: an empty mask, the whole image, and the
-    ``grid x grid`` oracle (the ground truth written as R-RLE descriptors and read back, Text4Seg's ceiling)."""
+def baselines(samples: list[dict[str, Any]], grid: int = 16, metric: str = "ciou") -> dict[str, float]:
+    """cIoU (or ``metric="giou"``) of trivial and ideal answers on the same samples: an empty mask, the whole image,
+    and the ``grid x grid`` oracle (the ground truth written as R-RLE descriptors and read back, Text4Seg's ceiling).
+    gIoU matters where the set has no-target samples: the empty answer scores 1 on each of them."""
     from mmtok import registries
     from mmtok.mllm.seg.metrics import SegMeter
 
@@ -181,7 +182,7 @@ def baselines(samples: list[dict[str, Any]], grid: int = 16) -> dict[str, float]
         meters["whole_image"].update(np.ones_like(gt), gt)
         h, w = gt.shape
         meters[f"oracle_{grid}x{grid}"].update(fmt.oracle(gt.astype(np.int64), ["x"]).mask(h, w) > 0, gt)
-    return {k: m.summary()["ciou"] for k, m in meters.items()}
+    return {k: m.summary()[metric] for k, m in meters.items()}
 
 
 def _pct(v: float | None) -> str:
@@ -305,6 +306,9 @@ def main(argv: list[str]) -> int:
     out: dict[str, Any] = {"model": args.model, "data": args.data, "n": len(samples), "rows": rows}
     out["baselines_ciou"] = baselines(samples)
     print("baselines (cIoU): " + ", ".join(f"{k} {v:.3f}" for k, v in out["baselines_ciou"].items()))
+    if n_nt:  # an empty answer scores gIoU 1 on every no-target sample: the floor a model's gIoU must beat
+        out["baselines_giou"] = baselines(samples, metric="giou")
+        print("baselines (gIoU): " + ", ".join(f"{k} {v:.3f}" for k, v in out["baselines_giou"].items()))
     if args.semantic:
         out["semantic"] = semantic_miou(model, samples, args.batch_size)
         print(f"semantic (segment every item): mIoU={out['semantic'].get('miou', float('nan')):.3f}")
