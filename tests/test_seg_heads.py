@@ -464,3 +464,24 @@ def test_text_head_takes_the_formats_own_options():
     assert "\n<seg>[2,4,10,8]\n" in text  # 64 px / 16 bins: x 8..40 -> bins 2..10, y 16..32 -> 4..8
     assert head.format.grid_shape == (8, 8) and head.max_new_tokens() == 64 + 12 * 8 * 2
     assert (head.format.decode(text.split("\n", 1)[1]).labels > 0).any()
+
+
+def test_semantic_samples_train_the_sentence_inference_feeds():
+    """A "segment every item" sample's answer names every item (as semantic_miou feeds it), not its expression."""
+    task = make_task()
+    mask = torch.zeros(64, 64, dtype=torch.int64)
+    sem = np.zeros((64, 64), np.int64)
+    sem[:32] = 1
+    sample = {
+        "vqa": False,
+        "phrase": "the red bag",
+        "class_name": "bag",
+        "question": H.QUESTIONS[0].format("the red bag"),
+        "mask": mask,
+        "semantic": (sem, ["bag"]),
+        "semantic_question": H.SEMANTIC_QUESTIONS[0],
+    }
+    text = task.model.tokenizer.decode(task.encode(sample, "text")["input_ids"])
+    assert H.SEMANTIC_PHRASE in text and "red" not in text
+    referring = task.model.tokenizer.decode(task.encode({**sample, "semantic": None}, "text")["input_ids"])
+    assert "the red bag" in referring and H.SEMANTIC_PHRASE not in referring

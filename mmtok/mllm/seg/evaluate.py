@@ -144,7 +144,7 @@ def semantic_miou(model, samples: list[dict[str, Any]], batch_size: int = 16) ->
         chunk = usable[i : i + batch_size]
         images = torch.stack([s["image"] for s in chunk])
         q = [H.SEMANTIC_QUESTIONS[0]] * len(chunk)
-        res = model.segment(images, ["every item"] * len(chunk), head=head, refine="none", questions=q)
+        res = model.segment(images, [H.SEMANTIC_PHRASE] * len(chunk), head=head, refine="none", questions=q)
         h, w = images.shape[-2:]
         for s, text in zip(chunk, res.text or []):
             dec = fmt.decode(text)

@@ -71,6 +71,7 @@ QUESTIONS = (
     "find {} and give the mask .",
 )
 SEMANTIC_QUESTIONS = ("segment every item .", "please segment all items in this image .")
+SEMANTIC_PHRASE = "every item"  # what the answer sentence names for a semantic ("every item") mask
 
 
 @dataclass

@@ -171,8 +171,9 @@ class SegTask(MLLMTask):
             names = [head.fg_label(s["phrase"], s["class_name"])]
             if s["semantic"] is not None:
                 (target, names), question = s["semantic"], s["semantic_question"]
-        answer = head.answer_text(s["phrase"], target, names)
         semantic = head.kind == "text" and s["semantic"] is not None  # asks for every item: there is a target
+        # the sentence names what the mask shows, as inference feeds it (evaluate.semantic_miou: "every item")
+        answer = head.answer_text(H.SEMANTIC_PHRASE if semantic else s["phrase"], target, names)
         if s.get("no_target") and not semantic and self.config.no_target_answer and "{}" in head.config.answer:
             sentence = head.config.answer.format(s["phrase"])
             answer = no_target_answer(answer, sentence, self.config.no_target_answer, s["phrase"])
