@@ -485,3 +485,17 @@ def test_semantic_samples_train_the_sentence_inference_feeds():
     assert H.SEMANTIC_PHRASE in text and "red" not in text
     referring = task.model.tokenizer.decode(task.encode({**sample, "semantic": None}, "text")["input_ids"])
     assert "the red bag" in referring and H.SEMANTIC_PHRASE not in referring
+
+
+def test_presence_term_pushes_empty_targets_to_an_empty_mask():
+    """presence_weight adds BCE(max logit, any foreground): large on a confident mask for an empty target only."""
+    cfg = H.AllMaskHeadConfig(presence_weight=0.5)
+    head = type("Head", (), {"config": cfg})()
+    logits = torch.full((2, 16), -4.0)
+    logits[0, :4] = 4.0  # a confident mask on an empty target, and an empty prediction on an empty target
+    target = torch.zeros(2, 16)
+    out = H.mask_losses(logits, target, head)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    assert torch.isclose(out["presence"], bce(torch.tensor([4.0, -4.0]), torch.zeros(2)))
+    plain = H.mask_losses(logits, target, type("Head", (), {"config": H.AllMaskHeadConfig()})())
+    assert "presence" not in plain and torch.isclose(out["mask_loss"], plain["mask_loss"] + 0.5 * out["presence"])

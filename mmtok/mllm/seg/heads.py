@@ -97,6 +97,7 @@ class AllMaskHeadConfig:
     target: str = "area"  # patch targets: "area" (covered share, soft) | "reference" (STAMP's hard rule)
     cells: int = 1  # mask cells per patch side (1 = STAMP: one logit per patch; 2 = a 2 x 2 sub-grid per token)
     width: int = 0  # LLM hidden size (0 = filled in from the model)
+    presence_weight: float = 0.0  # image-level "anything there" BCE on the largest logit (for no-target data)
 
 
 @dataclass
@@ -108,6 +109,7 @@ class SegTokenHeadConfig:
     bce_weight: float = 2.0
     dice_weight: float = 0.5
     target: str = "area"  # patch targets: "area" (covered share, soft) | "reference" (hard, as STAMP's)
+    presence_weight: float = 0.0  # image-level "anything there" BCE on the largest logit (for no-target data)
     cells: int = 1  # mask cells per patch side (1 = one score per patch, as LISA's / READ's similarity map)
     width: int = 0  # LLM hidden size (0 = filled in from the model)
 
@@ -307,9 +309,21 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -
 
 
 def mask_losses(logits: torch.Tensor, target: torch.Tensor, head: Any) -> dict[str, torch.Tensor]:
+    """BCE + Dice of ``logits, target [B, N]``, plus with ``presence_weight`` an image-level "is anything there" term.
+
+    The presence term (for no-target expressions, as GRES's no-target classifier) is the BCE of each row's largest
+    logit against whether its target has any foreground: on an empty target Dice's gradient vanishes once the
+    predicted mask is large, so without it only the per-cell BCE pushes such masks to empty.
+    """
     bce = F.binary_cross_entropy_with_logits(logits.float(), target.float())
     dice = dice_loss(logits, target.float())
-    return {"bce": bce, "dice": dice, "mask_loss": head.config.bce_weight * bce + head.config.dice_weight * dice}
+    out = {"bce": bce, "dice": dice, "mask_loss": head.config.bce_weight * bce + head.config.dice_weight * dice}
+    weight = getattr(head.config, "presence_weight", 0.0)
+    if weight:
+        present = (target.amax(-1) > 0).float()  # [B]
+        out["presence"] = F.binary_cross_entropy_with_logits(logits.float().amax(-1), present)
+        out["mask_loss"] = out["mask_loss"] + weight * out["presence"]
+    return out
 
 
 TARGETS = ("area", "reference")
