@@ -41,6 +41,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # prune.py's model builder and inputs
+from prune import PRESETS, autocast, machine, make_inputs, model_from_args, resolve_model_args  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SEG_RECIPE = REPO / "configs" / "mllm" / "seg_scenes_cpu.yaml"
@@ -79,29 +80,6 @@ class Timer:
         }
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
-    if device.type == "cuda" and dtype == torch.bfloat16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def build_mllm(args):
-    from prune import PRESETS, build_model
-
-    shape = dict(PRESETS[args.preset]) if args.preset else {}
-    width = shape.get("width", args.width)
-    return build_model(
-        width,
-        shape.get("layers", args.layers),
-        shape.get("tower_width", args.tower_width),
-        shape.get("tower_depth", args.tower_depth),
-        shape.get("vocab", args.vocab),
-        shape.get("intermediate", 0),
-        args.device,
-        args.torch_dtype,
-    )
-
-
 def build_seg_task(args):
     """The seg_scenes_cpu recipe's task, optimizer and a synthetic batch of ``--train-batch`` scenes."""
     from mmtok.train.config import load_run_config
@@ -118,7 +96,7 @@ def build_seg_task(args):
 
 def train_step(task, opt, batch, clip: float, device: torch.device) -> None:
     opt.zero_grad(set_to_none=True)
-    with _autocast(device, torch.bfloat16 if device.type == "cuda" else torch.float32):
+    with autocast(device, torch.bfloat16 if device.type == "cuda" else torch.float32):
         loss = task(batch)["loss"]
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in task.parameters() if p.grad is not None], clip)
@@ -126,18 +104,17 @@ def train_step(task, opt, batch, clip: float, device: torch.device) -> None:
 
 
 def run(args) -> dict:
-    from prune import make_inputs
 
     from mmtok.mllm import decoder as dec
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     timer = Timer(device)
-    model = build_mllm(args)
+    model = model_from_args(args)
     layers = model.llm.config.num_hidden_layers
     ids, images = make_inputs(model, 1)
     seg = None if args.skip_train else build_seg_task(args)
-    amp = _autocast(device, args.torch_dtype)
+    amp = autocast(device, args.torch_dtype)
 
     def gen(n: int):
         # eos_token_id=[]: no row ever stops early, so every run takes exactly n steps
@@ -209,13 +186,6 @@ def _git_rev() -> str:
         return ""
 
 
-def machine(args) -> str:
-    host = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} threads"
-    if torch.device(args.device).type == "cuda":
-        return f"{torch.cuda.get_device_name(torch.device(args.device))} ({args.dtype}), {host}"
-    return host
-
-
 def table(res: dict) -> str:
     m = res["model"]
     lines = [
@@ -235,12 +205,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps the figures free of spin-waits)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="weights (auto: bf16 on CUDA)")
-    p.add_argument("--preset", choices=["llava7b"], help="a published model's shape (random weights)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a published model's shape (random weights)")
     p.add_argument("--width", type=int, default=64, help="LLM width of the thin model")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--tower-width", type=int, default=64)
     p.add_argument("--tower-depth", type=int, default=2)
     p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=0, help="LLM MLP width (0 = 2.75 x width)")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per decode measurement")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=2)
@@ -251,10 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2 (one decode step)")
-    cuda = torch.device(args.device).type == "cuda"
-    if args.dtype == "auto":
-        args.dtype = "bf16" if cuda else "fp32"
-    args.torch_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    resolve_model_args(p, args)
     res = run(args)
     print(table(res))
     if args.json:

@@ -188,7 +188,20 @@ def prefill_flops(model, ids, images, pruner, add_attention: bool) -> tuple[floa
     return flops, out.prefill_length
 
 
-def _model(args):
+def resolve_model_args(p: argparse.ArgumentParser, args) -> None:
+    """Apply ``--preset`` to the shape arguments, check ``--device``, resolve ``--dtype`` to ``args.torch_dtype``."""
+    for key, value in PRESETS.get(args.preset or "", {}).items():
+        setattr(args, key, value)
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device here (torch {torch.__version__}); use --device cpu")
+    if args.dtype == "auto":
+        args.dtype = "bf16" if cuda else "fp32"
+    args.torch_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+
+
+def model_from_args(args):
+    """The LLaVA-shaped model of ``args`` (width, layers, tower, vocab, intermediate, device, torch_dtype)."""
     return build_model(
         args.width,
         args.layers,
@@ -210,7 +223,7 @@ def machine(args) -> str:
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
-    model = _model(args)
+    model = model_from_args(args)
     dev = model.device
     llm_params = sum(p.numel() for p in model.llm.model.layers.parameters())
     tower_params = sum(p.numel() for p in model.tower.model.blocks.parameters())
@@ -332,7 +345,7 @@ def tower_merge(args) -> dict:
     from mmtok.mllm.pruning.tower_merge import TowerMergeConfig, tower_hidden_states
 
     torch.set_num_threads(args.threads)
-    model = _model(args)
+    model = model_from_args(args)
     tower = model.tower
     t0 = tower.num_patches + tower.num_prefix_tokens
     depth = tower.num_layers
@@ -441,13 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.width, args.layers, args.tower_width, args.tower_depth = 256, 4, 64, 2
         args.batches, args.keeps, args.repeats, args.new_tokens = [1, 2], [576, 64], 2, 8
-    for key, value in PRESETS.get(args.preset or "", {}).items():
-        setattr(args, key, value)
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: no CUDA device here (torch {torch.__version__}); use --device cpu")
-    if args.dtype == "auto":
-        args.dtype = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
-    args.torch_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    resolve_model_args(p, args)
     report: dict = {}
     if not args.skip_speed:
         print(HEADER)
