@@ -260,15 +260,14 @@ def resolve_ds_config(
     # engine, so "auto" (or no section) resolves to DeepSpeed's "torch_autocast" mode, the same numerics as the
     # torch back-ends. A JSON that enables "bf16" itself gets DeepSpeed's bf16 weights (the back-end then casts
     # floating inputs to bf16, as that mode expects).
-    if "fp16" in cfg and cfg["fp16"].get("enabled") == "auto":
+    if cfg.get("fp16", {}).get("enabled") == "auto":
         cfg["fp16"]["enabled"] = False
-    if "bf16" in cfg and cfg["bf16"].get("enabled") == "auto":
+    own_bf16 = cfg.get("bf16", {}).get("enabled")  # what the JSON asks of DeepSpeed's bf16 mode
+    if own_bf16 == "auto":
         cfg["bf16"]["enabled"] = False
-        if bf16:
-            cfg.setdefault("torch_autocast", {"enabled": True, "dtype": "bfloat16"})
-    elif "bf16" not in cfg and bf16:
+    if bf16 and own_bf16 in (None, "auto"):
         cfg.setdefault("torch_autocast", {"enabled": True, "dtype": "bfloat16"})
-    if "torch_autocast" in cfg and cfg["torch_autocast"].get("enabled") == "auto":
+    if cfg.get("torch_autocast", {}).get("enabled") == "auto":
         cfg["torch_autocast"]["enabled"] = bf16
     if cfg.get("torch_autocast", {}).get("enabled"):
         cfg["torch_autocast"].setdefault("dtype", "bfloat16")

@@ -89,26 +89,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def to_device(obj: Any, device: torch.device) -> Any:
-    """Move every tensor inside nested dicts/lists/tuples to ``device`` (other values untouched)."""
+def map_tensors(obj: Any, fn: Any) -> Any:
+    """``fn`` applied to every tensor inside nested dicts/lists/tuples (other values untouched)."""
     if torch.is_tensor(obj):
-        return obj.to(device, non_blocking=True)
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(v, device) for v in obj)
+        return type(obj)(map_tensors(v, fn) for v in obj)
     return obj
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor inside nested dicts/lists/tuples to ``device``."""
+    return map_tensors(obj, lambda t: t.to(device, non_blocking=True))
 
 
 def to_dtype(obj: Any, dtype: torch.dtype) -> Any:
     """Cast every floating-point tensor inside nested dicts/lists/tuples to ``dtype`` (others untouched)."""
-    if torch.is_tensor(obj):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, dict):
-        return {k: to_dtype(v, dtype) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_dtype(v, dtype) for v in obj)
-    return obj
+    return map_tensors(obj, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
 
 def batch_size_of(batch: Any, default: int) -> int:
@@ -319,9 +318,10 @@ class DeepSpeedBackend:
             dist_init_required=False,
         )
         self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.bf16_weights = bool(self.ds_config.get("bf16", {}).get("enabled"))  # the JSON chose DeepSpeed's bf16
 
     def micro_step(self, batch: Any, last: bool) -> dict[str, Any]:
-        if self.ds_config.get("bf16", {}).get("enabled"):  # DeepSpeed's bf16 weights: inputs must be bf16 too
+        if self.bf16_weights:  # DeepSpeed's bf16 weights: inputs must be bf16 too
             batch = to_dtype(batch, torch.bfloat16)
         with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.engine(batch)
