@@ -54,6 +54,7 @@ follows the keys through pruning and the KV cache (generated tokens get 0); SDPA
 
 from __future__ import annotations
 
+import bisect
 import functools
 import inspect
 from collections.abc import Callable
@@ -329,20 +330,8 @@ class DecodeState:
     key_bias: list[torch.Tensor] | None = None  # per group [B, S_g] additive per-key attention bias (None = none)
 
     def group_of(self, layer: int) -> int:
-        g = 0
-        for i, start in enumerate(self.group_start):
-            if layer >= start:
-                g = i
-        return g
-
-    def layer_groups(self, num_layers: int) -> list[int]:
-        """:meth:`group_of` of every layer ``0 .. num_layers - 1`` (one list per step, not a search per layer)."""
-        out, g = [], 0
-        for i in range(num_layers):
-            while g + 1 < len(self.group_start) and i >= self.group_start[g + 1]:
-                g += 1
-            out.append(g)
-        return out
+        """The group of ``layer``: the last group whose first layer is at or before it (``group_start`` ascends)."""
+        return max(bisect.bisect_right(self.group_start, layer) - 1, 0)
 
 
 @dataclass
@@ -517,9 +506,8 @@ def decode_chunk(
         masks = [with_key_bias(m, kb) for m, kb in zip(masks, state.key_bias)]
     hidden = scale_embeddings(llm, embeds)
     pos_emb = rotary(hidden, pos)  # once per step: every layer sees the same positions
-    groups = state.layer_groups(len(layers))
-    for layer, g, w in zip(layers, groups, windows):
-        hidden = _call_layer(layer, hidden, masks[g][w], pos, pos_emb, state.cache, True)
+    for i, (layer, w) in enumerate(zip(layers, windows)):
+        hidden = _call_layer(layer, hidden, masks[state.group_of(i)][w], pos, pos_emb, state.cache, True)
     state.next_pos = state.next_pos + t
     return norm(hidden)
 
