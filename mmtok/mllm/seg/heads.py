@@ -158,10 +158,8 @@ class TextHead(SegHead):
     def max_new_tokens(self) -> int:
         if self.config.max_new_tokens:
             return self.config.max_new_tokens
-        g = self.config.grid
-        if self.config.format == "bricks":  # the box, then the in-box grid's rows
-            g = self.format.grid_shape[0]
-        return min(1024, 64 + 12 * g * 2)  # two runs per row of a typical object, ~6 tokens each, + sentence
+        rows = self.format.grid_shape[0]  # rows of text: the grid's, or bricks' in-box grid's (after its box)
+        return min(1024, 64 + 12 * rows * 2)  # two runs per row of a typical object, ~6 tokens each, + sentence
 
 
 class AllMaskHead(SegHead):

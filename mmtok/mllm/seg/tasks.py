@@ -13,8 +13,9 @@ question about its own scene instead (:func:`scene_question`: an item's colour, 
 No-target samples (json ``no_target: true``: fashion-scenes built with ``absent_share``; GRES, Liu et al.,
 arXiv:2306.00968) train every head on their all-zero mask: the text head writes a ``<seg>`` block of background
 only, the per-patch heads get all-zero patch targets (BCE and the smoothed Dice stay finite: Dice is
-``sum(p) / (sum(p) + 1)`` there, pushing every score to 0). GRES's ReLA adds a separate no-target classifier; we
-let the mask say it. ``no_target_answer`` (off by default) also replaces the answer sentence of heads whose template
+``sum(p) / (sum(p) + 1)`` there, whose gradient vanishes once the mask is large). GRES's ReLA adds a separate
+no-target classifier; the per-patch heads' ``presence_weight`` plays its part (a BCE on each row's largest logit).
+``no_target_answer`` (off by default) also replaces the answer sentence of heads whose template
 names the phrase ("sure , here is the mask of {} ." -> "there is no red bag in this image ."). It is off because
 :func:`mmtok.mllm.seg.heads.segment` feeds the head's own sentence at inference (teacher-forced, see heads.py): a
 model trained to say "there is no ..." before its empty masks would never see that sentence at test time, and its
