@@ -499,3 +499,27 @@ def test_presence_term_pushes_empty_targets_to_an_empty_mask():
     assert torch.isclose(out["presence"], bce(torch.tensor([4.0, -4.0]), torch.zeros(2)))
     plain = H.mask_losses(logits, target, type("Head", (), {"config": H.AllMaskHeadConfig()})())
     assert "presence" not in plain and torch.isclose(out["mask_loss"], plain["mask_loss"] + 0.5 * out["presence"])
+
+
+def test_loss_only_logits_give_the_full_logits_loss_and_gradients():
+    """seg_forward projects only the labelled rows onto the vocabulary: same loss and gradients as all rows."""
+    task = make_task(head_mix={"allmask": 1, "segtoken": 1, "text": 1})
+    tr = task.sample_transform("train")
+    meta = {"expression": "the bag", "class_name": "bag"}
+    mask = torch.zeros(32, 32, dtype=torch.long)
+    mask[4:20, 8:24] = 1
+    samples = [tr({"__key__": f"k{i}", "image": torch.rand(3, 32, 32), "mask": mask, "json": meta}) for i in range(6)]
+    batch = task.collate(samples)
+    model = task.model
+    for name, group in batch["groups"].items():
+        images = batch["images"][group["index"]]
+        prep = model.prepare(group["input_ids"], group["attention_mask"], images, labels=group["labels"])
+        tail = model.num_image_tokens if name == "allmask" else 0
+        out, _ = model._run(prep, None, use_cache=False, bidirectional_tail=tail)
+        full = model.lm_outputs(prep, out, tail=tail)
+        fast = model.lm_outputs(prep, out, tail=tail, loss_only=True)
+        assert fast.logits is None and full.logits is not None
+        torch.testing.assert_close(fast.loss, full.loss, rtol=1e-5, atol=1e-6)
+        g_full = torch.autograd.grad(full.loss, out.hidden, retain_graph=True)[0]
+        g_fast = torch.autograd.grad(fast.loss, out.hidden)[0]
+        torch.testing.assert_close(g_fast, g_full, rtol=1e-4, atol=1e-7)

@@ -165,7 +165,7 @@ class MLLMConfig:
 @dataclass
 class MLLMOutput:
     loss: torch.Tensor | None  # mean next-token cross-entropy over labelled tokens
-    logits: torch.Tensor  # [B, L', V] (L' = sequence length after pruning)
+    logits: torch.Tensor | None  # [B, L', V] (L' = sequence length after pruning; None: ``loss_only``)
     hidden_states: torch.Tensor  # [B, L', D] final-norm output (for extra heads)
     key_valid: torch.Tensor  # [B, L'] real (non-pad) tokens
     image_mask: torch.Tensor  # [B, L'] True at (kept) image tokens
@@ -531,8 +531,15 @@ class MLLM(nn.Module, hub.HubMixin):
         out, _ = self._run(prep, pruner, use_cache=False)
         return self.lm_outputs(prep, out, logits_to_keep)
 
-    def lm_outputs(self, prep: PreparedInputs, out: Any, logits_to_keep: int = 0, tail: int = 0) -> MLLMOutput:
-        """Logits and next-token loss from a decoder run (``tail``: trailing tokens that get no logits)."""
+    def lm_outputs(
+        self, prep: PreparedInputs, out: Any, logits_to_keep: int = 0, tail: int = 0, loss_only: bool = False
+    ) -> MLLMOutput:
+        """Logits and next-token loss from a decoder run (``tail``: trailing tokens that get no logits).
+
+        ``loss_only``: compute logits only at the rows that predict a label and return ``logits=None`` (the
+        loss is the same mean over the same rows, to float rounding: a training step that needs no logits
+        skips the vocabulary projection of every prompt and image position).
+        """
         hidden = out.hidden
         idx = out.keep_index
         image_mask = prep.image_mask if idx is None else prep.image_mask.gather(1, idx)
@@ -540,6 +547,12 @@ class MLLM(nn.Module, hub.HubMixin):
         if labels is not None and idx is not None:
             labels = labels.gather(1, idx)
         body = hidden[:, : hidden.shape[1] - tail]
+        if loss_only and labels is not None:
+            shift_labels = labels[:, 1 : body.shape[1]]
+            rows = shift_labels != IGNORE_INDEX  # [B, L-1]: position t predicts label t + 1
+            logits = self.lm_logits(body[:, :-1][rows]).float()  # [R, V]
+            loss = F.cross_entropy(logits, shift_labels[rows], ignore_index=IGNORE_INDEX)
+            return MLLMOutput(loss, None, hidden, out.key_valid, image_mask, idx, labels)
         logits = self.lm_logits(body[:, -logits_to_keep:] if logits_to_keep else body)
         loss = None
         if labels is not None:

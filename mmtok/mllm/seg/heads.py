@@ -355,7 +355,7 @@ def seg_forward(model: Any, head_name: str, batch: dict[str, Any]) -> dict[str, 
     prep = model.prepare(batch["input_ids"], batch["attention_mask"], batch["images"], labels=batch["labels"])
     if head is None or head.kind == "text":  # plain next-token loss (text-as-mask, VQA)
         out, _ = model._run(prep, None, use_cache=False)
-        res = model.lm_outputs(prep, out)
+        res = model.lm_outputs(prep, out, loss_only=True)
         return {"loss": res.loss, "lm_loss": res.loss.detach()}
     target = grid_targets(batch["masks"].to(model.device), head.mask_grid(patch_grid(model)), head.config.target)
     feats = prep.ctx.image_features  # [B, N, D] projected patch features
@@ -363,11 +363,11 @@ def seg_forward(model: Any, head_name: str, batch: dict[str, Any]) -> dict[str, 
         n = feats.shape[1]
         prep.embeds = torch.cat([prep.embeds[:, :-n], prep.embeds[:, -n:] + feats.to(prep.embeds)], dim=1)
         out, _ = model._run(prep, None, use_cache=False, bidirectional_tail=n)
-        res = model.lm_outputs(prep, out, tail=n)
+        res = model.lm_outputs(prep, out, tail=n, loss_only=True)
         logits = head.logits(out.hidden[:, -n:])
     else:
         out, _ = model._run(prep, None, use_cache=False)
-        res = model.lm_outputs(prep, out)
+        res = model.lm_outputs(prep, out, loss_only=True)
         logits = head.logits(_seg_state(model, prep.input_ids, out), feats)
     terms = mask_losses(logits, target, head)
     loss = res.loss + terms["mask_loss"]
