@@ -175,6 +175,19 @@ def test_segment_threshold_cuts_the_same_refined_scores(model, refine):
     assert not (hi.masks & ~lo.masks).any()  # a higher threshold keeps a subset of the pixels
 
 
+def test_guided_radius_follows_the_image_one_patch_wide(model):
+    """Per-patch heads refine with a window of one tower patch in the image's pixels, so a larger image of the
+    same scene gets a proportionally larger window (a fixed pixel radius shrinks relative to the objects)."""
+    g = H.patch_grid(model)
+    small = _images(2)
+    large = torch.nn.functional.interpolate(small, scale_factor=2, mode="nearest")
+    assert H.guided_radius(large, g) == 2 * H.guided_radius(small, g) == 2 * round(32 / g)
+    for images in (small, large):
+        res = model.segment(images, EXPRS, head="allmask", refine="guided", threshold=0.4)
+        want = H.refine_masks(res.scores, images, "guided", 0.4, radius=H.guided_radius(images, g))
+        assert torch.equal(res.masks, want)
+
+
 def test_segment_errors_say_what_to_do(model):
     with pytest.raises(ValueError, match="empty"):
         model.segment(_images(1), ["  "])
