@@ -418,3 +418,13 @@ def test_ds_config_contradictions_are_rejected():
         {"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto", "warmup_num_steps": "auto"}}}
     )
     assert sched["scheduler"]["params"] == {"total_num_steps": 100, "warmup_num_steps": 10}
+
+
+def test_rank_metrics_merge_by_batches_over_the_ranks_that_report_each_key():
+    from mmtok.train.engine import merge_rank_metrics
+
+    gathered = [({"loss": 1.0, "n_acc": 0.5}, 3), ({"loss": 2.0}, 1), ({}, 0)]
+    got = merge_rank_metrics(gathered)
+    assert got == {"loss": pytest.approx((3 * 1.0 + 2.0) / 4), "n_acc": pytest.approx(0.5)}  # not 0.5 * 3 / 4
+    assert merge_rank_metrics([({"loss": 4.0}, 2)]) == {"loss": 4.0}
+    assert merge_rank_metrics([({}, 0), ({}, 0)]) == {}

@@ -121,6 +121,22 @@ def batch_size_of(batch: Any, default: int) -> int:
     return default
 
 
+def merge_rank_metrics(gathered: list[tuple[dict[str, float], int]]) -> dict[str, float]:
+    """One evaluation from every rank's ``(metrics, batches read)``: each key is the batch-weighted mean over the
+    ranks that report it (gathered as objects, so ranks may differ in keys: one that read no batch reports none,
+    and a task may leave out a metric its share of the data cannot define, e.g. no-target accuracy on a rank that
+    saw no no-target sample; such a rank must not pull the mean towards 0)."""
+    keys = sorted({k for m, _ in gathered for k in m})
+    out = {}
+    for k in keys:
+        weight = sum(n for m, n in gathered if k in m)
+        if weight:
+            out[k] = sum(m[k] * n for m, n in gathered if k in m) / weight
+        else:  # reported only by ranks that read no batch
+            out[k] = sum(m[k] for m, _ in gathered if k in m) / sum(1 for m, _ in gathered if k in m)
+    return out
+
+
 def create_task(cfg: RunConfig) -> Any:
     """Build the task named in ``cfg.task`` through the task registry (unknown keys rejected)."""
     from mmtok import registries
@@ -835,11 +851,8 @@ class _Run:
         finally:
             self.task.train()
             ckpt.restore_rng_state(rng)
-        # Weighted by batches read, gathered as objects: a rank that read no batch may return no keys.
         gathered = dist_utils.all_gather_objects(({k: float(v) for k, v in metrics.items()}, count[0]))
-        total = sum(n for m, n in gathered if m) or 1
-        keys = sorted({k for m, _ in gathered for k in m})
-        metrics = {k: sum(m.get(k, 0.0) * n for m, n in gathered if m) / total for k in keys}
+        metrics = merge_rank_metrics(gathered)
         writer.log(self.step, metrics, prefix="eval")
         if self.info.is_main:
             logger.info("step %d eval %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
