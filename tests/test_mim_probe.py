@@ -1,4 +1,5 @@
-"""The linear probe: a converged multinomial logistic regression, and a C grid that brackets the optimum."""
+"""The linear probe (a converged multinomial logistic regression, and a C grid that brackets the optimum) and the
+fine-tune's parts (layer-wise lr decay, drop path, augmentation) and loop."""
 
 from __future__ import annotations
 
@@ -8,7 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from mmtok.mim.probe import fit_logistic, linear_probe, standardize
+from mmtok.mim.probe import (
+    augment_batch,
+    finetune,
+    fit_logistic,
+    layer_decay_param_groups,
+    layer_id,
+    linear_probe,
+    standardize,
+    with_drop_path,
+)
+from mmtok.mim.vit import ViTConfig, ViTEncoder
 
 
 def _weak_signal(n: int, rng: np.random.Generator, flip: float) -> tuple[np.ndarray, np.ndarray]:
@@ -103,3 +114,121 @@ def test_probe_rejects_bad_input():
         linear_probe(x, np.zeros(10), x, np.zeros(10))
     with pytest.raises(ValueError, match="positive"):
         linear_probe(x, np.arange(10) % 2, x, np.zeros(10), Cs=(0.0, 1.0))
+
+
+# -- fine-tuning -----------------------------------------------------------------------------------
+def _tiny_encoder(depth: int = 3, drop_path: float = 0.0) -> ViTEncoder:
+    torch.manual_seed(0)
+    cfg = ViTConfig(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=depth, num_heads=2, drop_path=drop_path)
+    return ViTEncoder(cfg)
+
+
+class _WithHead(torch.nn.Module):
+    def __init__(self, encoder: ViTEncoder):
+        super().__init__()
+        self.encoder = encoder
+        self.head = torch.nn.Linear(encoder.embed_dim, 10)
+
+
+def test_layer_decay_scales_each_layer():
+    depth, decay = 3, 0.5
+    model = _WithHead(_tiny_encoder(depth))
+    groups = layer_decay_param_groups(model, depth, weight_decay=0.05, layer_decay=decay)
+    scale_of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(scale_of) == len(named)  # every trainable parameter is in exactly one group
+    # hand-computed: scale = decay ** (depth + 1 - layer), layer 0 = embeddings, i + 1 = block i, depth + 1 = top
+    expected = {
+        "encoder.patch_embed.proj.weight": (0.0625, 0.05),
+        "encoder.cls_token": (0.0625, 0.0),
+        "encoder.blocks.0.attn.qkv.weight": (0.125, 0.05),
+        "encoder.blocks.0.norm1.weight": (0.125, 0.0),
+        "encoder.blocks.2.mlp.fc2.bias": (0.5, 0.0),
+        "encoder.norm.weight": (1.0, 0.0),
+        "head.weight": (1.0, 0.05),
+        "head.bias": (1.0, 0.0),
+    }
+    for name, want in expected.items():
+        assert scale_of[id(named[name])] == pytest.approx(want), name
+    assert [layer_id(n, depth) for n in ("blocks.1.mlp.fc1.weight", "encoder.blocks.1.norm2.bias")] == [2, 2]
+    # no decay: one scale everywhere
+    flat = layer_decay_param_groups(model, depth, weight_decay=0.05, layer_decay=1.0)
+    assert {g["lr_scale"] for g in flat} == {1.0}
+    with pytest.raises(ValueError, match="layer_decay"):
+        layer_decay_param_groups(model, depth, weight_decay=0.05, layer_decay=0.0)
+
+
+def test_drop_path_active_in_train_only():
+    enc = _tiny_encoder(depth=3)
+    dropped = with_drop_path(enc, 0.5)
+    assert dropped.config.drop_path == 0.5 and enc.config.drop_path == 0.0
+    # the rate grows linearly from 0 at the first block to the config's value at the last
+    rates = [blk.drop_path1.drop_prob if hasattr(blk.drop_path1, "drop_prob") else 0.0 for blk in dropped.blocks]
+    assert rates == pytest.approx([0.0, 0.25, 0.5])
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        ref = enc.eval()(x)
+        assert torch.equal(dropped.eval()(x), ref)  # same weights, inert in eval
+        dropped.train()
+        torch.manual_seed(0)
+        a = dropped(x)
+        torch.manual_seed(1)
+        b = dropped(x)
+    assert not torch.allclose(a, b) and not torch.allclose(a, ref)  # random in train
+    with pytest.raises(ValueError, match="drop_path"):
+        with_drop_path(enc, 1.0)
+
+
+def test_augment_keeps_shape_range_and_content():
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(64, 1, 28, 28)
+    x[:, :, 10:18, 6:20] = torch.rand(64, 1, 8, 14)  # an item away from the border, on a 0 background
+    out = augment_batch(x, g, flip=True, shift=2)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+    # a shift of at most 2 px keeps the item inside the frame: every image keeps its pixel sum (up to the flip)
+    torch.testing.assert_close(out.sum((1, 2, 3)), x.sum((1, 2, 3)))
+    # each output is its input flipped or not and translated by offsets within [-2, 2]; both happen
+    found, moved, mirrored = 0, 0, 0
+    for i in range(64):
+        for flip in (False, True):
+            src = x[i].flip(-1) if flip else x[i]
+            for dy in range(-2, 3):
+                for dx in range(-2, 3):
+                    if torch.equal(torch.roll(src, (dy, dx), (-2, -1)), out[i]):
+                        found, moved, mirrored = found + 1, moved + ((dy, dx) != (0, 0)), mirrored + flip
+    assert found == 64 and moved > 40 and 16 < mirrored < 48
+    assert torch.equal(augment_batch(x, g, flip=False, shift=0), x)  # both off: unchanged
+
+
+def test_finetune_learns_and_reports():
+    """A tiny encoder fine-tuned for a few seconds on two easy synthetic classes (bright left vs right half)."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 600)
+    imgs = (rng.random((600, 28, 28)) * 60).astype(np.uint8)
+    for i, c in enumerate(y):
+        imgs[i, 6:22, (2 if c == 0 else 16) : (12 if c == 0 else 26)] += 180
+    enc = _tiny_encoder(depth=2)
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    out = finetune(
+        enc,
+        imgs[:500],
+        y[:500],
+        imgs[500:],
+        y[500:],
+        num_classes=2,
+        epochs=4,
+        batch_size=50,
+        lr=3e-3,
+        flip=False,  # a mirror image would swap the two classes
+        drop_path=0.1,
+        mixup=0.2,
+        time_budget_s=60.0,
+    )
+    assert out["steps"] == out["planned_steps"] == 40 and out["epochs_done"] == pytest.approx(4.0)
+    assert out["accuracy"] > 0.9 and 0.0 <= out["accuracy_flip_tta"] <= 1.0 and out["drop_path"] == 0.1
+    # the caller's encoder (no drop path of its own) holds the fine-tuned weights
+    assert enc.config.drop_path == 0.0
+    assert any(not torch.equal(before[k], v) for k, v in enc.state_dict().items())
+    with pytest.raises(ValueError, match="mixup"):
+        finetune(enc, imgs[:10], y[:10], imgs[:10], y[:10], num_classes=2, mixup=-1.0)
