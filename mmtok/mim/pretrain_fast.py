@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +44,8 @@ class FastPretrainConfig:
 def pretrain_in_memory(images: np.ndarray, cfg: FastPretrainConfig) -> tuple[MAETask, dict[str, Any]]:
     """Pretrain on uint8 images ``[N, H, W]`` / ``[N, C, H, W]`` or clips ``[N, C, T, H, W]``.
 
-    Returns the task (in eval mode) and a log dict (steps, epochs, images/s, first/last loss).
+    Returns the task (in eval mode) and a log dict (steps, epochs, images/s, first/last loss, and the lowest and
+    highest 1-minute load average seen at the log lines, to judge how busy the machine was).
     """
     torch.manual_seed(cfg.seed)
     task: MAETask = registries.get("task").create("mae", **cfg.task)
@@ -61,6 +63,7 @@ def pretrain_in_memory(images: np.ndarray, cfg: FastPretrainConfig) -> tuple[MAE
     g = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
     step, seen, losses = 0, 0, []
+    loads = [os.getloadavg()[0]]  # 1-minute load average, sampled at every log line: how busy the machine was
     perm, pos = torch.randperm(len(data), generator=g), 0
     while True:
         # progress in [0, 1]: by steps when max_steps is set, else by wall-clock time, so the schedule
@@ -94,6 +97,7 @@ def pretrain_in_memory(images: np.ndarray, cfg: FastPretrainConfig) -> tuple[MAE
         seen += len(idx)
         losses.append(float(out["recon_loss"]))
         if cfg.log_every and step % cfg.log_every == 0:
+            loads.append(os.getloadavg()[0])
             logger.info(
                 "step %d (%.0f%% of budget) loss %.4f (%.0f img/s)",
                 step,
@@ -111,5 +115,7 @@ def pretrain_in_memory(images: np.ndarray, cfg: FastPretrainConfig) -> tuple[MAE
         "images_per_s": seen / secs,
         "loss_first": float(np.mean(losses[:20])) if losses else float("nan"),
         "loss_last": float(np.mean(losses[-50:])) if losses else float("nan"),
+        "load_avg_min": min(loads),
+        "load_avg_max": max(loads + [os.getloadavg()[0]]),
     }
     return task, log

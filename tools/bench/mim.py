@@ -8,8 +8,10 @@ Sections (all on by default; ``--only`` picks some):
               forwards for attention / hard_patch are timed separately as "teacher").
   quality     MAE on Fashion-MNIST under a wall-clock pretraining budget (in-memory loop, same model and
               task code), then a linear probe on mean-pooled final-norm features (standardised logistic
-              regression, C tuned on 10% of train held out) and a fine-tune under its own budget; baselines:
-              raw pixels and a random-init encoder with the same probe.
+              regression, C tuned on 10% of train held out) and a fine-tune under its own budget (MAE's recipe
+              cut down: layer-wise lr decay, drop path, flips and small shifts; see mmtok.mim.probe.finetune);
+              baselines: raw pixels and a random-init encoder with the same probe, and (--finetune-encoders
+              random) the random-init encoder fine-tuned with the same recipe and budget.
   video       random vs tube vs adaptive masking on moving-fashion clips at the same budget, probed on
               clip labels (4,000 probe clips, 1,000 test clips by default), each masker over ``--seeds``
               (mean, std, min, max), with the accuracy on one-item and two-item clips; baselines:
@@ -18,6 +20,7 @@ Sections (all on by default; ``--only`` picks some):
 
   python tools/bench/mim.py --quick --json runs/bench/mim_quick.json
   python tools/bench/mim.py --only quality --budget 1800 --finetune-budget 600 --json runs/bench/mim_quality.json
+  python tools/bench/mim.py --only quality --load runs/bench/mae_p7 --probes --finetune-encoders mae random
   python tools/bench/mim.py --only video --video-budget 120 --seeds 0 1 2 --json runs/bench/mim_video.json
 """
 
@@ -190,18 +193,29 @@ def bench_quality(args, device: torch.device) -> dict:
     cfg = FastPretrainConfig(task=spec["task"], time_budget_s=args.budget, **spec.get("train", {}))
     out: dict = {"recipe": spec, "budget_s": args.budget, "train_images": len(xtr), "test_images": len(xte)}
     out["probe_tune_subset"] = args.probe_tune
+    probes = set(args.probes)
+    if args.no_baselines:
+        probes -= {"random", "pixels"}
+
+    def keep_partial() -> None:
+        if args.json:  # a long section keeps what it has measured if it is stopped
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).with_suffix(".partial.json").write_text(json.dumps(out, indent=2, default=float))
 
     def probe(key: str, label: str, features_fn) -> None:
         out[key] = _probe(features_fn, xtr, ytr, xte, yte, tune_subset=args.probe_tune)
+        out[key]["load_avg_end"] = os.getloadavg()
         r = out[key]
         print(
             f"  {label}: {r['accuracy']:.4f} (C={r['C']:.3g}, converged {r['all_converged']}, "
             f"C at grid edge {r['C_at_edge']}, {r['seconds']:.0f} s)",
             flush=True,
         )
-        if args.json:  # a long section keeps what it has measured if it is stopped
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).with_suffix(".partial.json").write_text(json.dumps(out, indent=2, default=float))
+        keep_partial()
+
+    def random_init():
+        torch.manual_seed(0)
+        return registries.get("task").create("mae", **spec["task"]).model.encoder
 
     if args.load:
         from mmtok import hub
@@ -215,45 +229,60 @@ def bench_quality(args, device: torch.device) -> dict:
         out["pretrain"] = log
         print(
             f"  pretrained {log['steps']} steps, {log['epochs']:.2f} epochs in {log['seconds']:.0f} s "
-            f"({log['images_per_s']:.0f} img/s), loss {log['loss_first']:.3f} -> {log['loss_last']:.3f}",
+            f"({log['images_per_s']:.0f} img/s), loss {log['loss_first']:.3f} -> {log['loss_last']:.3f}, "
+            f"load {log['load_avg_min']:.1f}-{log['load_avg_max']:.1f}",
             flush=True,
         )
+        if args.save:  # saved first: a probe or fine-tune that fails later can be re-run with --load
+            mae.save_pretrained(Path(args.save) / "mae")
+            mae.export_encoder(Path(args.save) / "encoder")
+            Path(args.save, "pretrain.json").write_text(json.dumps({"recipe": spec, **log}, indent=2, default=float))
+        keep_partial()
     enc = mae.encoder
     # the figures that matter first (a busy machine may stop the run), baselines after them
-    probe("probe", "MAE probe (mean-pooled final-norm)", lambda x: extract_features(enc, x))
-    if not args.no_baselines:
-        torch.manual_seed(0)
-        init = registries.get("task").create("mae", **spec["task"]).model.encoder
+    if "mean" in probes:
+        probe("probe", "MAE probe (mean-pooled final-norm)", lambda x: extract_features(enc, x))
+    if "random" in probes:
+        init = random_init()
         probe("random_init", "random-init encoder probe (mean-pooled)", lambda x: extract_features(init, x))
-    if enc.cls_token is not None:
+    if "cls" in probes and enc.cls_token is not None:
         probe("probe_cls", "MAE probe ([CLS])", lambda x: extract_features(enc, x, pool="cls"))
     layers = min(4, len(enc.blocks))
-    probe(
-        "probe_concat_last4",
-        f"MAE probe (last {layers} blocks, mean-pooled, concatenated)",
-        lambda x: extract_features(enc, x, layers=layers),
-    )
-    if not args.no_baselines:
+    if "last4" in probes:
+        probe(
+            "probe_concat_last4",
+            f"MAE probe (last {layers} blocks, mean-pooled, concatenated)",
+            lambda x: extract_features(enc, x, layers=layers),
+        )
+    if "pixels" in probes:
         probe("raw_pixels", "raw pixels probe", lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0)
-    if args.save and not args.load:
-        mae.save_pretrained(Path(args.save) / "mae")
-        mae.export_encoder(Path(args.save) / "encoder")
     if args.finetune_budget > 0:
-        ft = finetune(
-            copy.deepcopy(enc),
-            xtr,
-            ytr,
-            xte,
-            yte,
-            epochs=args.finetune_epochs,
-            time_budget_s=args.finetune_budget,
-            lr=args.finetune_lr,
-        )
-        out["finetune"] = ft
-        print(
-            f"  fine-tune: {ft['accuracy']:.4f} after {ft['epochs_done']:.2f} epochs in {ft['seconds']:.0f} s",
-            flush=True,
-        )
+        recipe = {
+            "epochs": args.finetune_epochs,
+            "time_budget_s": args.finetune_budget,
+            "lr": args.finetune_lr,
+            "batch_size": args.finetune_batch,
+            "layer_decay": args.finetune_layer_decay,
+            "drop_path": args.finetune_drop_path,
+            "flip": not args.finetune_no_flip,
+            "shift": args.finetune_shift,
+            "mixup": args.finetune_mixup,
+            "label_smoothing": args.finetune_label_smoothing,
+            "seed": args.finetune_seed,
+        }
+        for which in args.finetune_encoders:
+            start = copy.deepcopy(enc) if which == "mae" else random_init()
+            key = "finetune" if which == "mae" else "finetune_random_init"
+            load_start = os.getloadavg()
+            ft = finetune(start, xtr, ytr, xte, yte, **recipe)
+            out[key] = {**ft, "load_avg_start": load_start, "load_avg_end": os.getloadavg()}
+            print(
+                f"  fine-tune ({'MAE' if which == 'mae' else 'random-init'} encoder): {ft['accuracy']:.4f} "
+                f"(flip TTA {ft['accuracy_flip_tta']:.4f}, late train {ft['train_accuracy']:.4f}) after "
+                f"{ft['epochs_done']:.2f} epochs ({ft['steps']} steps) in {ft['seconds']:.0f} s",
+                flush=True,
+            )
+            keep_partial()
     return out
 
 
@@ -425,8 +454,51 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--budget", type=float, default=1800.0, help="quality: pretraining seconds")
     p.add_argument("--finetune-budget", type=float, default=600.0, help="quality: fine-tune seconds (0 = skip)")
-    p.add_argument("--finetune-epochs", type=float, default=6.0)
-    p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument(
+        "--finetune-epochs",
+        type=float,
+        default=6.0,
+        help="quality: planned fine-tune epochs (the cosine spans these or --finetune-budget, whichever ends first)",
+    )
+    p.add_argument("--finetune-lr", type=float, default=1e-3, help="quality: fine-tune lr of the head (AdamW)")
+    p.add_argument("--finetune-batch", type=int, default=128)
+    p.add_argument(
+        "--finetune-layer-decay",
+        type=float,
+        default=0.75,
+        help="quality: layer-wise lr decay (block i of d learns at decay**(d-i) of the lr; 1 = off, the old recipe)",
+    )
+    p.add_argument(
+        "--finetune-drop-path",
+        type=float,
+        default=0.1,
+        help="quality: stochastic depth of the last block while fine-tuning (linear from 0; 0 = the old recipe)",
+    )
+    p.add_argument(
+        "--finetune-shift",
+        type=int,
+        default=2,
+        help="quality: random translation of fine-tune images by up to this many pixels (0 = the old recipe)",
+    )
+    p.add_argument("--finetune-no-flip", action="store_true", help="quality: no random mirror images in fine-tuning")
+    p.add_argument("--finetune-mixup", type=float, default=0.0, help="quality: mixup Beta parameter (0 = off)")
+    p.add_argument("--finetune-label-smoothing", type=float, default=0.1)
+    p.add_argument("--finetune-seed", type=int, default=0)
+    p.add_argument(
+        "--finetune-encoders",
+        nargs="+",
+        default=["mae"],
+        choices=["mae", "random"],
+        help="quality: fine-tune the pretrained (or loaded) encoder and/or the random-init encoder, same recipe",
+    )
+    p.add_argument(
+        "--probes",
+        nargs="*",
+        default=["mean", "random", "cls", "last4", "pixels"],
+        choices=["mean", "random", "cls", "last4", "pixels"],
+        help="quality: which probes to run (MAE mean-pooled, random-init mean-pooled, MAE [CLS], MAE last 4 blocks "
+        "concatenated, raw pixels); none = fine-tune only",
+    )
     p.add_argument("--no-baselines", action="store_true", help="quality: skip raw-pixel and random-init probes")
     p.add_argument(
         "--probe-tune",
