@@ -121,6 +121,26 @@ def test_stage1_trains_projector_only(shards):
     assert task.model.llm.model.embed_tokens.weight.grad is None
 
 
+def test_training_step_logits_only_at_labelled_rows_match_the_full_logits(shards):
+    """The task's loss_only forward gives the full-logits loss, gradients and token accuracy."""
+    task = _task("mllm_stage2")
+    batch = _batch(task, shards, n=6)
+    m = task.model
+    full = m(batch["input_ids"], batch["images"], batch["attention_mask"], labels=batch["labels"])
+    pred, tgt = full.logits[:, :-1].argmax(-1), full.labels[:, 1:]
+    mask = tgt != -100
+    want_acc = ((pred == tgt) & mask).sum().float() / mask.sum().float()
+    got = task(batch)
+    torch.testing.assert_close(got["loss"], full.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["token_acc"], want_acc)
+    params = [p for p in task.parameters() if p.requires_grad]
+    g_full = torch.autograd.grad(full.loss, params, allow_unused=True)
+    g_fast = torch.autograd.grad(got["loss"], params, allow_unused=True)
+    for a, b in zip(g_fast, g_full):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_stage2_lora_learns_and_exports_merged(shards, tmp_path):
     task = _task("mllm_stage2", lora_rank=4)
     names = [n for n, p in task.named_parameters() if p.requires_grad]

@@ -124,14 +124,13 @@ class MLLMTask(Task):
 
     # -- training -------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        out = self.model(batch["input_ids"], batch["images"], batch["attention_mask"], labels=batch["labels"])
+        # logits only where a label is predicted: the loss and the accuracy need no other row
+        out = self.model(
+            batch["input_ids"], batch["images"], batch["attention_mask"], labels=batch["labels"], loss_only=True
+        )
         with torch.no_grad():
-            pred = out.logits[:, :-1].argmax(-1)
-            tgt = out.labels[:, 1:]
-            m = tgt != IGNORE_INDEX
-            # correct / labelled (0 without labels) with no host read: `m.any()` and `pred[m]` each wait for the device;
-            # both counts are exact integers in float, so this equals the mean over the labelled tokens
-            acc = ((pred == tgt) & m).sum().float() / m.sum().clamp(min=1).float()
+            hits = (out.label_logits.argmax(-1) == out.label_targets).sum().float()
+            acc = hits / max(1, out.label_targets.numel())  # 0 without labels
         return {"loss": out.loss, "token_acc": acc}
 
     @torch.no_grad()
