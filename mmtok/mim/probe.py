@@ -583,7 +583,8 @@ def finetune(
         beta = torch.distributions.Beta(mixup, mixup) if mixup > 0 else None
         ce = functools.partial(F.cross_entropy, label_smoothing=label_smoothing)
         in_chans = model_encoder.config.in_chans
-        hits: list[tuple[int, int]] = []  # (correct, seen) per step, for the late training accuracy
+        # (correct, seen) per step for the late training accuracy; counts stay tensors (no host read per step)
+        hits: list[tuple[torch.Tensor, int]] = []
         t0 = time.perf_counter()
         step = 0
         while step < total and time.perf_counter() - t0 < time_budget_s:
@@ -611,7 +612,7 @@ def finetune(
                 loss.backward()
                 nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
-                hits.append((int((logits.detach().argmax(-1) == y).sum()), len(idx)))
+                hits.append(((logits.detach().argmax(-1) == y).sum(), len(idx)))
                 step += 1
     seconds = time.perf_counter() - t0
     accuracy, accuracy_tta = _test_accuracy(model, test_images, test_labels, in_chans)
@@ -621,7 +622,7 @@ def finetune(
     return {
         "accuracy": accuracy,
         "accuracy_flip_tta": accuracy_tta,
-        "train_accuracy": sum(c for c, _ in late) / max(1, sum(n for _, n in late)),
+        "train_accuracy": float(sum(int(c) for c, _ in late)) / max(1, sum(n for _, n in late)),
         "steps": step,
         "planned_steps": total,
         "seconds": seconds,
