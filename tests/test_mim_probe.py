@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from mmtok.mim.probe import (
+    add_finetune_args,
     augment_batch,
     finetune,
+    finetune_kwargs,
     fit_logistic,
     layer_decay_param_groups,
     layer_id,
@@ -232,3 +234,22 @@ def test_finetune_learns_and_reports():
     assert any(not torch.equal(before[k], v) for k, v in enc.state_dict().items())
     with pytest.raises(ValueError, match="mixup"):
         finetune(enc, imgs[:10], y[:10], imgs[:10], y[:10], num_classes=2, mixup=-1.0)
+
+
+def test_finetune_cli_options_map_onto_finetune():
+    """The shared ``--finetune-*`` options: their defaults are finetune()'s own (bar the planned epochs, which the
+    time budget caps), and every option reaches its keyword."""
+    import argparse
+    import inspect
+
+    p = argparse.ArgumentParser()
+    add_finetune_args(p)
+    kwargs = finetune_kwargs(p.parse_args([]))
+    sig = inspect.signature(finetune).parameters
+    assert set(kwargs) <= set(sig)
+    for name, value in kwargs.items():
+        if name != "epochs":
+            assert value == sig[name].default, name
+    argv = ["--finetune-layer-decay", "0.75", "--finetune-no-flip", "--finetune-shift", "2", "--finetune-seed", "3"]
+    kwargs = finetune_kwargs(p.parse_args(argv))
+    assert (kwargs["layer_decay"], kwargs["flip"], kwargs["shift"], kwargs["seed"]) == (0.75, False, 2, 3)

@@ -29,7 +29,7 @@ from mmtok import hub, registries
 from mmtok.mim.mae import MAE
 from mmtok.mim.masking import MaskContext
 from mmtok.mim.mtm import MTM
-from mmtok.mim.probe import DEFAULT_CS
+from mmtok.mim.probe import DEFAULT_CS, add_finetune_args
 from mmtok.mim.vit import ViTEncoder
 
 logger = logging.getLogger(__name__)
@@ -218,9 +218,8 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--limit-train", type=int, default=0)
     p.add_argument("--limit-test", type=int, default=0)
-    p.add_argument("--finetune", action="store_true", help="also fine-tune on Fashion-MNIST")
-    p.add_argument("--finetune-epochs", type=float, default=3.0)
-    p.add_argument("--finetune-budget", type=float, default=600.0, help="seconds")
+    p.add_argument("--finetune", action="store_true", help="also fine-tune on Fashion-MNIST (options: --finetune-*)")
+    add_finetune_args(p)
     p.add_argument("--figure", help="PNG path for the reconstruction (MAE) or sample grid (MTM)")
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--video-train", help="shard pattern of labelled clips to fit the video probe")
@@ -286,7 +285,7 @@ def _eval_encoder(model: torch.nn.Module, args: argparse.Namespace) -> dict[str,
         import copy
 
         from mmtok.data.sources.fashion_mnist import load_fashion_mnist
-        from mmtok.mim.probe import finetune
+        from mmtok.mim.probe import finetune, finetune_kwargs
 
         xtr, ytr = load_fashion_mnist("train")
         xte, yte = load_fashion_mnist("test")
@@ -300,8 +299,7 @@ def _eval_encoder(model: torch.nn.Module, args: argparse.Namespace) -> dict[str,
             ytr,
             xte,
             yte,
-            epochs=args.finetune_epochs,
-            time_budget_s=args.finetune_budget,
+            **finetune_kwargs(args),
         )
         out.update({f"finetune_{k}": v for k, v in ft.items()})
     return out

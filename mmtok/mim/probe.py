@@ -22,12 +22,14 @@ options are off by default: a few-epoch fine-tune underfits and they cost accura
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,9 +43,11 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "LogisticFit",
     "ProbeResult",
+    "add_finetune_args",
     "augment_batch",
     "extract_features",
     "finetune",
+    "finetune_kwargs",
     "fit_logistic",
     "layer_decay_param_groups",
     "layer_id",
@@ -635,4 +639,58 @@ def finetune(
         "shift": shift,
         "mixup": mixup,
         "label_smoothing": label_smoothing,
+    }
+
+
+def add_finetune_args(p: argparse.ArgumentParser, help_prefix: str = "") -> None:
+    """Add the ``--finetune-*`` options of :func:`finetune` to ``p`` (one definition for ``mmtok eval mim`` and
+    ``tools/bench/mim.py``); :func:`finetune_kwargs` turns the parsed namespace back into keyword arguments."""
+    h = help_prefix
+    p.add_argument("--finetune-budget", type=float, default=600.0, help=f"{h}fine-tune seconds")
+    p.add_argument(
+        "--finetune-epochs",
+        type=float,
+        default=6.0,
+        help=f"{h}planned fine-tune epochs (the cosine spans these or --finetune-budget, whichever ends first)",
+    )
+    p.add_argument("--finetune-lr", type=float, default=1e-3, help=f"{h}fine-tune lr of the head (AdamW)")
+    p.add_argument("--finetune-batch", type=int, default=128)
+    p.add_argument(
+        "--finetune-layer-decay",
+        type=float,
+        default=1.0,
+        help=f"{h}layer-wise lr decay (block i of d learns at decay**(d-i) of the lr; 1 = off; MAE: 0.75)",
+    )
+    p.add_argument(
+        "--finetune-drop-path",
+        type=float,
+        default=0.0,
+        help=f"{h}stochastic depth of the last block while fine-tuning (linear from 0; MAE: 0.1)",
+    )
+    p.add_argument(
+        "--finetune-shift",
+        type=int,
+        default=0,
+        help=f"{h}random translation of fine-tune images by up to this many pixels (0 = off)",
+    )
+    p.add_argument("--finetune-no-flip", action="store_true", help=f"{h}no random mirror images in fine-tuning")
+    p.add_argument("--finetune-mixup", type=float, default=0.0, help=f"{h}mixup Beta parameter (0 = off)")
+    p.add_argument("--finetune-label-smoothing", type=float, default=0.1)
+    p.add_argument("--finetune-seed", type=int, default=0)
+
+
+def finetune_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of :func:`finetune` from options added by :func:`add_finetune_args`."""
+    return {
+        "epochs": args.finetune_epochs,
+        "time_budget_s": args.finetune_budget,
+        "lr": args.finetune_lr,
+        "batch_size": args.finetune_batch,
+        "layer_decay": args.finetune_layer_decay,
+        "drop_path": args.finetune_drop_path,
+        "flip": not args.finetune_no_flip,
+        "shift": args.finetune_shift,
+        "mixup": args.finetune_mixup,
+        "label_smoothing": args.finetune_label_smoothing,
+        "seed": args.finetune_seed,
     }

@@ -41,6 +41,7 @@ import torch
 
 from mmtok import registries
 from mmtok.mim.masking import MaskContext
+from mmtok.mim.probe import add_finetune_args, finetune_kwargs
 
 RATIOS = (0.5, 0.75, 0.9, 0.95)
 FMNIST_MODEL = {"model": "mae_tiny_p4", "model_args": {}}
@@ -258,19 +259,7 @@ def bench_quality(args, device: torch.device) -> dict:
     if "pixels" in probes:
         probe("raw_pixels", "raw pixels probe", lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0)
     if args.finetune_budget > 0:
-        recipe = {
-            "epochs": args.finetune_epochs,
-            "time_budget_s": args.finetune_budget,
-            "lr": args.finetune_lr,
-            "batch_size": args.finetune_batch,
-            "layer_decay": args.finetune_layer_decay,
-            "drop_path": args.finetune_drop_path,
-            "flip": not args.finetune_no_flip,
-            "shift": args.finetune_shift,
-            "mixup": args.finetune_mixup,
-            "label_smoothing": args.finetune_label_smoothing,
-            "seed": args.finetune_seed,
-        }
+        recipe = finetune_kwargs(args)
         for which in args.finetune_encoders:
             start = copy.deepcopy(enc) if which == "mae" else random_init()
             key = "finetune" if which == "mae" else "finetune_random_init"
@@ -454,37 +443,7 @@ def main() -> int:
     p.add_argument("--only", nargs="+", choices=["throughput", "maskers", "quality", "video"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--budget", type=float, default=1800.0, help="quality: pretraining seconds")
-    p.add_argument("--finetune-budget", type=float, default=600.0, help="quality: fine-tune seconds (0 = skip)")
-    p.add_argument(
-        "--finetune-epochs",
-        type=float,
-        default=6.0,
-        help="quality: planned fine-tune epochs (the cosine spans these or --finetune-budget, whichever ends first)",
-    )
-    p.add_argument("--finetune-lr", type=float, default=1e-3, help="quality: fine-tune lr of the head (AdamW)")
-    p.add_argument("--finetune-batch", type=int, default=128)
-    p.add_argument(
-        "--finetune-layer-decay",
-        type=float,
-        default=1.0,
-        help="quality: layer-wise lr decay (block i of d learns at decay**(d-i) of the lr; 1 = off; MAE: 0.75)",
-    )
-    p.add_argument(
-        "--finetune-drop-path",
-        type=float,
-        default=0.0,
-        help="quality: stochastic depth of the last block while fine-tuning (linear from 0; MAE: 0.1)",
-    )
-    p.add_argument(
-        "--finetune-shift",
-        type=int,
-        default=0,
-        help="quality: random translation of fine-tune images by up to this many pixels (0 = off)",
-    )
-    p.add_argument("--finetune-no-flip", action="store_true", help="quality: no random mirror images in fine-tuning")
-    p.add_argument("--finetune-mixup", type=float, default=0.0, help="quality: mixup Beta parameter (0 = off)")
-    p.add_argument("--finetune-label-smoothing", type=float, default=0.1)
-    p.add_argument("--finetune-seed", type=int, default=0)
+    add_finetune_args(p, help_prefix="quality: ")
     p.add_argument(
         "--finetune-encoders",
         nargs="+",
