@@ -1,5 +1,6 @@
 """No-target referring expressions (GRES-style): the fashion-scenes builder's ``absent_share``, N-acc / T-acc in
-``SegMeter`` and ``mmtok eval seg``, and the ``mllm_seg`` task on samples whose mask is empty."""
+``SegMeter`` and ``mmtok eval seg``, and the ``mllm_seg`` task on samples whose mask is empty; and the builder's
+other opt-in training-set option, ``repeat_class``, held to the same byte-identity at 0."""
 
 from __future__ import annotations
 
@@ -75,6 +76,35 @@ def test_absent_share_zero_shards_are_byte_identical(tmp_path, fmnist_dir):
     assert len(tars) >= 4 and tars == sorted(p.name for p in (tmp_path / "zero").glob("*.tar"))
     for name in tars:
         assert (tmp_path / "default" / name).read_bytes() == (tmp_path / "zero" / name).read_bytes(), name
+
+
+def test_repeat_class_zero_leaves_every_split_as_it_was(fmnist_dir):
+    for i, kw in enumerate(CASES):
+        cfg = FashionScenesConfig(repeat_class=0.0, root=fmnist_dir, **kw)
+        for split in ("train", "val", "test"):
+            assert _digest(scene_samples(cfg, split, 12)) == BEFORE[f"{i}/{split}"], (kw, split)
+
+
+def test_repeat_class_one_gives_one_class_per_scene_told_apart_by_colour_or_place(fmnist_dir):
+    cfg = FashionScenesConfig(repeat_class=1.0, min_items=2, max_items=4, root=fmnist_dir)
+    base = FashionScenesConfig(min_items=2, max_items=4, root=fmnist_dir)
+    n = 0
+    for s, b in zip(scene_samples(cfg, "train", 20), scene_samples(base, "train", 20)):
+        items = s["json"]["items"]
+        assert len({it["class_id"] for it in items}) == 1  # every later item took an earlier item's class
+        # the referred item's expression is true of it alone, and names more than the class
+        expr = s["json"]["expression"]
+        fits = [expr in _expressions(it["class_name"], it["colour"], it["position"]) for it in items]
+        assert fits.count(True) == 1 and fits[s["json"]["target"]]
+        assert expr != f"the {items[0]['class_name']}"
+        # the scene's own generator drew the same: the first item (never repeated) is the same source image
+        assert items[0]["source_index"] == b["json"]["items"][0]["source_index"]
+        n += 1
+    assert n == 20
+    with pytest.raises(ValueError, match="repeat_class"):
+        from mmtok.data.sources.scenes import build_fashion_scenes
+
+        build_fashion_scenes(FashionScenesConfig(repeat_class=1.5, root=fmnist_dir))
 
 
 def _true_expressions(items: list[dict]) -> set[str]:

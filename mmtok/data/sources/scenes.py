@@ -39,6 +39,11 @@ of the scene. gRefCOCO also has multi-target expressions; fashion scenes do not.
 generator seeded with (seed, split, scene index, ``ABSENT_STREAM``), so the scene's own draws (image, items,
 target) are untouched: with ``absent_share = 0`` (the default) the shards are byte-identical to a build without
 the option, and with it the with-target samples are the same as before.
+
+Harder training scenes (``repeat_class > 0``): each item after the first repeats an earlier item's class with that
+probability, so more expressions need a colour or place word (0.5: 39% of the samples name a colour, 8% a place,
+against 12% and 2% by default). Meant for training sets; the choices come from their own generator (seeded with
+``REPEAT_STREAM``), and 0 (the default) leaves the shards byte-identical.
 """
 
 from __future__ import annotations
@@ -109,6 +114,7 @@ def _fits(expr_index: int, a: dict, b: dict) -> bool:
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 ABSENT_KINDS = ("colour", "class", "place", "absent")  # no-target expression kinds, hardest first
 ABSENT_STREAM = 0xAB5E  # fourth seed word of the no-target generator (a stream apart from the scene's own)
+REPEAT_STREAM = 0x2EC1  # fourth seed word of the repeated-class generator (``repeat_class``)
 
 
 def absent_expression(items: list[dict], rng: np.random.Generator, style: str = "minimal") -> dict:
@@ -235,6 +241,8 @@ def make_scene(
     *,
     indices: np.ndarray | None = None,
     style: str = "minimal",
+    repeat_class: float = 0.0,
+    repeat_rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Compose one scene.
 
@@ -248,6 +256,12 @@ def make_scene(
         indices: Optional index values recorded as ``source_index`` per item (positions in ``images``
             when omitted); builders pass the Fashion-MNIST indices here.
         style: Expression style, "minimal" or "full" (see :func:`assign_expressions`).
+        repeat_class: Probability that an item after the first is drawn from the class of an earlier item (a
+            uniformly chosen one), so that only colour or place tells the two apart. The choices come from
+            ``repeat_rng``; the scene's own generator makes the same draws as without the option, so a repeated
+            item keeps its size and spot and only its source image is replaced (what follows from the image --
+            visible mask, place word, a colour re-drawn to keep expressions unique -- may differ).
+        repeat_rng: Generator of those choices (required when ``repeat_class > 0``).
 
     Returns:
         ``(rgb, instance_mask, items)``: uint8 ``[H, W, 3]``; uint8 ``[H, W]`` with 0 = background and
@@ -261,6 +275,8 @@ def make_scene(
         raise ValueError(f"need 1 <= min_items <= max_items, got {min_items}, {max_items}")
     if len(images) == 0 or len(images) != len(labels):
         raise ValueError(f"images and labels must be non-empty and aligned, got {len(images)} and {len(labels)}")
+    if repeat_class and repeat_rng is None:
+        raise ValueError("repeat_class > 0 needs repeat_rng (the generator of the repeated-class choices)")
     n_items = int(rng.integers(min_items, max_items + 1))
     lo, hi = max(12, int(canvas * 0.3)), max(14, int(canvas * 0.5))  # item side: 30-50% of the canvas
     canvas_rgb = _background(rng, canvas)
@@ -274,6 +290,9 @@ def make_scene(
     while len(items) < n_items and attempts < 20 * n_items:
         attempts += 1
         idx = int(rng.integers(len(images)))
+        if repeat_class and items and repeat_rng.random() < repeat_class:
+            same = np.flatnonzero(labels == items[int(repeat_rng.integers(len(items)))]["class_id"])
+            idx = int(same[repeat_rng.integers(len(same))])
         side = int(rng.integers(lo, hi + 1))
         for _try in range(50):  # rejection sampling of a spot that overlaps earlier boxes only a little
             x0, y0 = (int(v) for v in rng.integers(0, canvas - side + 1, size=2))
@@ -375,6 +394,9 @@ class FashionScenesConfig:
     # probability that a sample's expression names something NOT in the scene (empty mask, target -1, no_target
     # true; GRES-style no-target samples). 0 = every sample has a target (output byte-identical to before)
     absent_share: float = 0.0
+    # probability that an item after the first repeats the class of an earlier one (only its colour or place then
+    # tells it apart): a training set that asks for colour and place words more often. 0 = byte-identical output
+    repeat_class: float = 0.0
     root: str = DEFAULT_ROOT
     maxcount: int = 2000
     maxsize: int = 256 << 20
@@ -389,8 +411,20 @@ def scene_samples(cfg: FashionScenesConfig, split: str, count: int):
     fsplit = SPLIT_SOURCES[split][0]
     for s in range(count):
         rng = np.random.default_rng([cfg.seed, _SPLIT_IDS[split], s])
+        repeat_rng = (
+            np.random.default_rng([cfg.seed, _SPLIT_IDS[split], s, REPEAT_STREAM]) if cfg.repeat_class else None
+        )
         rgb, inst, items = make_scene(
-            rng, images, labels, cfg.canvas, cfg.min_items, cfg.max_items, indices=fidx, style=cfg.style
+            rng,
+            images,
+            labels,
+            cfg.canvas,
+            cfg.min_items,
+            cfg.max_items,
+            indices=fidx,
+            style=cfg.style,
+            repeat_class=cfg.repeat_class,
+            repeat_rng=repeat_rng,
         )
         for it in items:
             it["source_split"] = fsplit
@@ -461,4 +495,6 @@ def build_fashion_scenes(cfg: FashionScenesConfig) -> dict:
         raise ValueError(f"style must be 'minimal' or 'full', not {cfg.style!r}")
     if not 0.0 <= cfg.absent_share <= 1.0:
         raise ValueError(f"absent_share must be a probability in [0, 1], got {cfg.absent_share}")
+    if not 0.0 <= cfg.repeat_class <= 1.0:
+        raise ValueError(f"repeat_class must be a probability in [0, 1], got {cfg.repeat_class}")
     return write_splits(cfg, "fashion-scenes", scene_samples, "scenes", canvas=cfg.canvas)
