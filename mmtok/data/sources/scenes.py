@@ -41,8 +41,9 @@ target) are untouched: with ``absent_share = 0`` (the default) the shards are by
 the option, and with it the with-target samples are the same as before.
 
 Harder training scenes (``repeat_class > 0``): each item after the first repeats an earlier item's class with that
-probability, so more expressions need a colour or place word (0.5: 39% of the samples name a colour, 8% a place,
-against 12% and 2% by default). Meant for training sets; the choices come from their own generator (seeded with
+probability, so more expressions need a colour or place word (0.25: 27% of the samples name a colour and 5% a
+place; 0.5: 39% and 8%; 12% and 2% by default). Meant for training sets (the seg_scenes_cpu recipe trains on 0.25:
+on default scenes its tower learns to ignore colour); the choices come from their own generator (seeded with
 ``REPEAT_STREAM``), and 0 (the default) leaves the shards byte-identical.
 """
 
