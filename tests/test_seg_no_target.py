@@ -59,11 +59,12 @@ def _digest(samples) -> str:
     return h.hexdigest()[:16]
 
 
-def test_absent_share_zero_leaves_every_split_as_it_was(fmnist_dir):
+@pytest.mark.parametrize("option", ["absent_share", "repeat_class"])
+def test_option_at_zero_leaves_every_split_as_it_was(option, fmnist_dir):
     for i, kw in enumerate(CASES):
-        cfg = FashionScenesConfig(absent_share=0.0, root=fmnist_dir, **kw)
+        cfg = FashionScenesConfig(**{option: 0.0}, root=fmnist_dir, **kw)
         for split in ("train", "val", "test"):
-            assert _digest(scene_samples(cfg, split, 12)) == BEFORE[f"{i}/{split}"], (kw, split)
+            assert _digest(scene_samples(cfg, split, 12)) == BEFORE[f"{i}/{split}"], (option, kw, split)
 
 
 def test_absent_share_zero_shards_are_byte_identical(tmp_path, fmnist_dir):
@@ -76,13 +77,6 @@ def test_absent_share_zero_shards_are_byte_identical(tmp_path, fmnist_dir):
     assert len(tars) >= 4 and tars == sorted(p.name for p in (tmp_path / "zero").glob("*.tar"))
     for name in tars:
         assert (tmp_path / "default" / name).read_bytes() == (tmp_path / "zero" / name).read_bytes(), name
-
-
-def test_repeat_class_zero_leaves_every_split_as_it_was(fmnist_dir):
-    for i, kw in enumerate(CASES):
-        cfg = FashionScenesConfig(repeat_class=0.0, root=fmnist_dir, **kw)
-        for split in ("train", "val", "test"):
-            assert _digest(scene_samples(cfg, split, 12)) == BEFORE[f"{i}/{split}"], (kw, split)
 
 
 def test_repeat_class_one_gives_one_class_per_scene_told_apart_by_colour_or_place(fmnist_dir):

@@ -10,7 +10,7 @@ Sections (all on by default; ``--only`` picks some):
               task code), then a linear probe on mean-pooled final-norm features (standardised logistic
               regression, C tuned on 10% of train held out) and a fine-tune under its own budget (MAE's recipe
               cut down; layer-wise lr decay, drop path and small shifts are flags, off by default: at a 600 s
-              budget they cost accuracy; see mmtok.mim.probe.finetune);
+              budget they cost accuracy; see mmtok.mim.probe.finetune; --finetune-budget 0 skips it);
               baselines: raw pixels and a random-init encoder with the same probe, and (--finetune-encoders
               random) the random-init encoder fine-tuned with the same recipe and budget.
   video       random vs tube vs adaptive masking on moving-fashion clips at the same budget, probed on
@@ -41,7 +41,7 @@ import torch
 
 from mmtok import registries
 from mmtok.mim.masking import MaskContext
-from mmtok.mim.probe import add_finetune_args, finetune_kwargs
+from mmtok.mim.probe import add_finetune_args, extract_features, finetune, finetune_kwargs, linear_probe
 
 RATIOS = (0.5, 0.75, 0.9, 0.95)
 FMNIST_MODEL = {"model": "mae_tiny_p4", "model_args": {}}
@@ -174,8 +174,6 @@ def _probe_row(r) -> dict:
 
 
 def _probe(features_fn, xtr, ytr, xte, yte, tune_subset: int = 0) -> dict:
-    from mmtok.mim.probe import linear_probe
-
     t0 = time.perf_counter()
     ftr, fte = features_fn(xtr), features_fn(xte)
     r = linear_probe(ftr, ytr, fte, yte, tune_subset=tune_subset)
@@ -185,7 +183,6 @@ def _probe(features_fn, xtr, ytr, xte, yte, tune_subset: int = 0) -> dict:
 def bench_quality(args, device: torch.device) -> dict:
     from mmtok.data.sources.fashion_mnist import load_fashion_mnist
     from mmtok.mim.pretrain_fast import FastPretrainConfig, pretrain_in_memory
-    from mmtok.mim.probe import extract_features, finetune
 
     xtr, ytr = load_fashion_mnist("train")
     xte, yte = load_fashion_mnist("test")
@@ -314,8 +311,6 @@ def _video_probe(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, yte: np.ndar
     """The probe's JSON row plus its accuracy on one-item and two-item test clips, and how often its answer is
     the class of *some* item in the clip (on two-item clips a pooled feature holds both items; the label is the
     larger one's)."""
-    from mmtok.mim.probe import linear_probe
-
     r = linear_probe(ftr, ytr, fte, yte)
     row = _probe_row(r)
     ok = r.predictions == yte
@@ -347,7 +342,6 @@ def bench_video(args, device: torch.device) -> dict:
     with 4,000).
     """
     from mmtok.mim.pretrain_fast import FastPretrainConfig, pretrain_in_memory
-    from mmtok.mim.probe import extract_features
 
     if args.quick:
         n_train, n_probe, n_test = 256, 256, 128
