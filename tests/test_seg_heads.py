@@ -364,6 +364,8 @@ def test_cli_segment_and_eval_seg(model, scenes, tmp_path, capsys):
     assert all(0.0 <= r["ciou"] <= 1.0 and r["n"] == 6 for r in rows)
     # fashion-scenes carries instance maps: the grounding rate is scored on the scenes with two or more items
     assert all(r["grounding_n"] >= 1 and 0.0 <= r["grounding"] <= 1.0 for r in rows)
+    # every grounded scene is split by what its expression needs (fashion-scenes templates)
+    assert all(sum(n for _, n in r["grounding_by_kind"].values()) == r["grounding_n"] for r in rows)
     assert "| head | refine |" in md.read_text() and "grounding" in md.read_text() and grid.is_file()
     assert "semantic" in json.loads(js.read_text())
 

@@ -387,3 +387,12 @@ def test_eval_seg_prints_n_acc_on_a_no_target_shard(absent_scenes, tmp_path, cap
     assert "n_acc=" in printed and "t_acc=–" in printed
     rows = json.loads(js.read_text())["rows"]
     assert all(r["t_acc"] is None and r["grounding"] is None and r["n_no_target"] == 4 for r in rows)
+
+
+def test_expression_kind_names_what_each_template_adds():
+    from mmtok.data.sources.scenes import expression_kind
+
+    item = {"class_name": "bag", "colour": "red", "position": "left"}
+    kinds = [expression_kind(e, item) for e in _expressions("bag", "red", "left")]
+    assert kinds == ["class", "colour", "place", "colour+place"]
+    assert expression_kind("the blue bag", item) is None and expression_kind("the bag on the right", item) is None

@@ -104,6 +104,16 @@ def _expressions(cls: str, colour: str, pos: str) -> list[str]:
     ]
 
 
+EXPRESSION_KINDS = ("class", "colour", "place", "colour+place")  # what each template of _expressions adds
+
+
+def expression_kind(expression: str, item: dict) -> str | None:
+    """Which template names ``item`` in ``expression``: ``"class"`` ("the bag"), ``"colour"``, ``"place"`` or
+    ``"colour+place"`` (what the phrase needs beyond the class); None if it is none of the item's templates."""
+    forms = _expressions(item["class_name"], item["colour"], item["position"])
+    return EXPRESSION_KINDS[forms.index(expression)] if expression in forms else None
+
+
 def _fits(expr_index: int, a: dict, b: dict) -> bool:
     """Would candidate ``expr_index`` of item ``a`` also describe item ``b``?"""
     if a["class_id"] != b["class_id"]:

@@ -77,10 +77,12 @@ def evaluate_config(
     threshold: float = 0.5,
 ) -> dict[str, Any]:
     """One row of the table: metrics of ``head`` with ``refine``, ``pruner`` and mask ``threshold``."""
+    from mmtok.data.sources.scenes import expression_kind
     from mmtok.mllm.seg.metrics import SegMeter, mask_iou, picks_referred
 
     meter = SegMeter()
     picks: list[bool] = []
+    picks_by_kind: dict[str, list[bool]] = {}  # what the expression needs beyond the class (fashion-scenes items)
     per_mask: list[float] = []
     tokens: list[int] = []
     ious: list[float] = []
@@ -102,6 +104,10 @@ def evaluate_config(
                 pick = picks_referred(pred, s["instances"], int(s["target"]) + 1)
                 if pick is not None:
                     picks.append(pick)
+                    item = s["items"][int(s["target"])] if int(s["target"]) < len(s["items"]) else None
+                    kind = expression_kind(s["expression"], item) if item and "colour" in item else None
+                    if kind is not None:
+                        picks_by_kind.setdefault(kind, []).append(pick)
     summ = meter.summary()
     per_mask.sort()
     row = {
@@ -114,6 +120,8 @@ def evaluate_config(
         "ciou": summ["ciou"],
         "grounding": float(np.mean(picks)) if picks else None,
         "grounding_n": len(picks),
+        # grounding split by expression kind: {"class" | "colour" | "place" | "colour+place": [rate, scenes]}
+        "grounding_by_kind": {k: [float(np.mean(v)), len(v)] for k, v in sorted(picks_by_kind.items())},
         "n_acc": summ["n_acc"],
         "t_acc": summ["t_acc"],
         "n_no_target": summ["n_no_target"],
@@ -296,6 +304,8 @@ def main(argv: list[str]) -> int:
                 first = first or res
                 r = res["row"]
                 grd = f" grounding={r['grounding']:.1%}" if r["grounding"] is not None else ""
+                if r["grounding_by_kind"]:
+                    grd += " (" + ", ".join(f"{k} {v:.0%}" for k, (v, _) in r["grounding_by_kind"].items()) + ")"
                 nt = f" n_acc={_pct(r['n_acc'])} t_acc={_pct(r['t_acc'])}" if r["n_acc"] is not None else ""
                 print(
                     f"{head:9s} {refine:8s} >{thr:<4g} {name:13s} keep={r['keep']:4d} gIoU={r['giou']:.3f} "
