@@ -141,6 +141,72 @@ def test_training_step_logits_only_at_labelled_rows_match_the_full_logits(shards
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+class _Fixed:
+    """A pre-LLM pruner that keeps given indices (to replay the task's draw)."""
+
+    stage, kind = "pre_llm", "select"
+
+    def __init__(self, keep):
+        self.keep = keep
+
+    def budget(self, n):
+        return self.keep.shape[1]
+
+    def select(self, ctx):
+        return self.keep
+
+    def gather_features(self, features, keep):
+        return features.gather(1, keep[..., None].expand(-1, -1, features.shape[-1]))
+
+
+def test_token_drop_trains_on_a_fresh_random_subset_per_sample(shards):
+    """token_drop=1: every training batch sees K random image tokens per sample (K uniform in the range, a fresh
+    subset per sample), and the loss is the model's loss under exactly that pre-LLM selection; evaluation mode
+    and token_drop=0 see every token."""
+    task = _task("mllm_stage2", token_drop=1.0, token_drop_keep=[5, 9])
+    batch = _batch(task, shards, n=6)
+    m = task.model
+    n, b = m.num_image_tokens, batch["images"].shape[0]
+    full = m(batch["input_ids"], batch["images"], batch["attention_mask"], labels=batch["labels"])
+    task.train()
+    ks = set()
+    for seed in range(4):
+        torch.manual_seed(seed)
+        got = task(batch)
+        torch.manual_seed(seed)  # replay the draws: batch coin, K, one permutation per sample
+        assert float(torch.rand(())) < 1.0
+        k = int(torch.randint(5, 10, ()))
+        keep = torch.rand(b, n).argsort(dim=1)[:, :k].sort(dim=1).values
+        ks.add(k)
+        assert len({tuple(r) for r in keep.tolist()}) > 1  # not one subset for the whole batch
+        want = m(
+            batch["input_ids"], batch["images"], batch["attention_mask"], labels=batch["labels"], pruner=_Fixed(keep)
+        )
+        torch.testing.assert_close(got["loss"], want.loss, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got["loss"], full.loss)
+    assert len(ks) > 1
+    task.eval()
+    torch.testing.assert_close(task(batch)["loss"], full.loss, rtol=1e-5, atol=1e-6)
+    off = _task("mllm_stage2")
+    off.model.load_state_dict(m.state_dict())
+    off.train()
+    torch.testing.assert_close(off(batch)["loss"], full.loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"token_drop": 1.5}, "share of training batches"),
+        ({"token_drop": 0.5, "token_drop_keep": [64]}, r"\[min, max\]"),
+        ({"token_drop": 0.5, "token_drop_keep": [9, 5]}, r"\[min, max\]"),
+        ({"token_drop": 0.5, "token_drop_keep": [0, 5]}, r"\[min, max\]"),
+    ],
+)
+def test_token_drop_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _task("mllm_stage2", **kw)
+
+
 def test_stage2_lora_learns_and_exports_merged(shards, tmp_path):
     task = _task("mllm_stage2", lora_rank=4)
     names = [n for n, p in task.named_parameters() if p.requires_grad]

@@ -433,6 +433,12 @@ def test_grid_targets_area_share_and_stamp_reference_rule():
         )
 
 
+def test_seg_task_rejects_token_drop():
+    """token_drop is an answer-task option: every mask head reads every image token, so seg refuses it."""
+    with pytest.raises(ValueError, match="token_drop is not supported by segmentation"):
+        make_task(token_drop=0.5)
+
+
 def test_cells_to_grid_is_a_pixel_shuffle_of_each_patch():
     # 2 x 2 patches, 2 x 2 cells each: value 10 * patch + cell lands at row 2 * patch_row + cell_row, ...
     logits = torch.tensor([[[10 * p + c for c in range(4)] for p in range(4)]], dtype=torch.float)

@@ -8,6 +8,11 @@ offers LoRA for stage 2). Loss: next-token cross-entropy on the answer tokens on
 any conversation shard with those fields) and an image. ``stage2`` with ``lora_rank > 0`` injects LoRA adapters
 (peft) into the LLM's attention projections; ``export`` merges them so the exported folder is a plain MLLM.
 ``evaluate`` reports the mean loss and the exact-match answer accuracy of greedy generation.
+
+``token_drop`` > 0 trains for pruning: that share of training batches shows the LLM only a random subset of each
+image's tokens (a fresh subset per sample, its size drawn uniformly from ``token_drop_keep``; kept tokens keep
+their position ids, exactly as a pre-LLM pruner at inference leaves them), so the LLM learns to answer from
+incomplete grids. Off by default; evaluation always sees every token.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 
 from mmtok.mllm.data import normalise_answer
 from mmtok.mllm.modeling import IGNORE_INDEX, MLLM
+from mmtok.mllm.pruning.base import PruneContext, Pruner, PrunerConfig
 from mmtok.registries import TASKS
 from mmtok.train.task import Task
 
@@ -41,6 +47,36 @@ class MLLMTaskConfig:
     train_tower: bool = False  # also train the vision tower (tiny from-scratch models)
     eval_generate: bool = True  # answer accuracy by greedy generation in evaluate()
     max_new_tokens: int = 6
+    token_drop: float = 0.0  # share of training batches that see a random subset of the image tokens (0 = off)
+    token_drop_keep: list[int] = field(default_factory=lambda: [64, 576])  # [min, max] kept per image, uniform
+
+
+class TokenDrop(Pruner):
+    """Training-time token dropping: a fresh uniform random subset of ``K`` image tokens per sample.
+
+    Uses the global torch generator, which training checkpoints save and restore, so a resumed run draws the
+    same subsets. (The ``random`` pruner keeps one seeded subset for every image: an evaluation baseline.)
+    """
+
+    stage = "pre_llm"
+
+    def select(self, ctx: PruneContext) -> torch.Tensor:
+        feats = ctx.image_features
+        k = self.budget(ctx.num_image_tokens)
+        order = torch.rand(feats.shape[0], ctx.num_image_tokens).argsort(dim=1)
+        return order[:, :k].sort(dim=1).values.to(feats.device)
+
+
+def check_token_drop(config: MLLMTaskConfig) -> None:
+    """Reject a ``token_drop`` / ``token_drop_keep`` pair that cannot work, with what to set instead."""
+    p, keep = config.token_drop, list(config.token_drop_keep)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"task.token_drop is the share of training batches with dropped tokens, in [0, 1]; got {p}")
+    if len(keep) != 2 or not all(isinstance(v, int) and v >= 1 for v in keep) or keep[0] > keep[1]:
+        raise ValueError(
+            f"task.token_drop_keep must be [min, max] image tokens kept per image, integers with 1 <= min <= max; "
+            f"got {config.token_drop_keep}"
+        )
 
 
 class MLLMTask(Task):
@@ -59,6 +95,7 @@ class MLLMTask(Task):
             raise ValueError(f"MLLM {config.model or config.init} has no tokenizer; set model_overrides.tokenizer")
         if config.stage not in (1, 2):
             raise ValueError(f"stage must be 1 (projector) or 2 (projector + LLM), not {config.stage}")
+        check_token_drop(config)
         self.model.requires_grad_(False)
         self.model.projector.requires_grad_(True)
         self._lora = None
@@ -123,10 +160,25 @@ class MLLMTask(Task):
         }
 
     # -- training -------------------------------------------------------------------------------------------
+    def training_pruner(self) -> TokenDrop | None:
+        """The token dropper for this training batch, or None (evaluation, ``token_drop`` 0, or not drawn)."""
+        p = self.config.token_drop
+        if not self.training or p <= 0.0 or float(torch.rand(())) >= p:
+            return None
+        n = self.model.num_image_tokens
+        lo, hi = (min(v, n) for v in self.config.token_drop_keep)
+        k = int(torch.randint(lo, hi + 1, ()))
+        return None if k >= n else TokenDrop(PrunerConfig(num_keep=k))
+
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         # logits only where a label is predicted: the loss and the accuracy need no other row
         out = self.model(
-            batch["input_ids"], batch["images"], batch["attention_mask"], labels=batch["labels"], loss_only=True
+            batch["input_ids"],
+            batch["images"],
+            batch["attention_mask"],
+            labels=batch["labels"],
+            loss_only=True,
+            pruner=self.training_pruner(),
         )
         with torch.no_grad():
             hits = (out.label_logits.argmax(-1) == out.label_targets).sum().float()

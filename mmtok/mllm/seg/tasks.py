@@ -84,6 +84,11 @@ class SegTask(MLLMTask):
         for name in ("semantic_share", "qa_share"):
             if not 0.0 <= getattr(config, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(config, name)}")
+        if config.token_drop:
+            raise ValueError(
+                "task.token_drop is not supported by segmentation tasks (every mask head reads every image token); "
+                "leave it at 0"
+            )
         config.model_overrides = {**config.model_overrides, "seg_heads": dict(config.heads)}
         super().__init__(config)
         self.model.seg_heads.requires_grad_(True)
