@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import tiny_fashion_mllm
@@ -94,6 +95,78 @@ def test_fashion_vqa_small_items_variant():
     first = next(vqa_samples(FashionVQAConfig(), "test", 1))
     rgb, _, _ = make_scene(np.random.default_rng([0, 7, 2, 0]), images, labels, 96, 1, 4, indices=fidx)
     np.testing.assert_array_equal(first["png"], rgb)
+
+
+def test_encode_conversation_learns_every_answer():
+    """Several turns: the first is the single-turn training pair, later questions carry no image, every answer
+    (+ </s>) is labelled and nothing else; one turn is encode_training_pair; no chat template -> a clear error."""
+    from transformers import PreTrainedTokenizerFast
+
+    from mmtok.mllm.text import build_fashion_tokenizer, encode_conversation, encode_training_pair
+
+    tok = build_fashion_tokenizer()
+    turns = [("how many items are there ?", "two"), ("is there a bag ?", "no"), ("what colour is the dress ?", "red")]
+    assert encode_conversation(tok, turns[:1]) == encode_training_pair(tok, *turns[0])
+    ids, labels = encode_conversation(tok, turns)
+    assert len(ids) == len(labels)
+    first, _ = encode_training_pair(tok, *turns[0])
+    assert ids[: len(first)] == first
+    words = tok.convert_ids_to_tokens(ids)
+    assert " ".join(words) == (
+        "user : <image> how many items are there ? assistant : two </s> "
+        "user : is there a bag ? assistant : no </s> user : what colour is the dress ? assistant : red </s>"
+    )
+    learnt = [w for w, lab in zip(words, labels) if lab != -100]
+    assert learnt == ["two", "</s>", "no", "</s>", "red", "</s>"]
+    assert all(lab in (-100, i) for i, lab in zip(ids, labels))
+    assert words.count("<image>") == 1
+    plain = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="</s>")
+    with pytest.raises(ValueError, match="chat template"):
+        encode_conversation(plain, turns)
+
+
+def test_extra_turns_ask_the_other_question_types_of_the_scene(shards):
+    """task.extra_turns: train samples become conversations whose later answers follow the scene's items (other
+    question types than the sample's own, the same on every read); val samples stay one question."""
+    import tarfile
+
+    from mmtok.mllm.data import questions_for
+    from mmtok.mllm.tasks import extra_turns
+
+    task = _task("mllm_stage2", extra_turns=3)
+    tok = task.model.tokenizer
+    out, _ = shards
+    ds_batch = _batch(task, shards, n=6)
+    n_answers = [int(((row != -100) & (row == tok.eos_token_id)).sum()) for row in ds_batch["labels"]]
+    assert max(n_answers) >= 3 and min(n_answers) >= 2  # every scene has >= 3 question types (count, colour, exists)
+    with tarfile.open(out / "train-000000.tar") as tar:
+        metas = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+        keys = [m.name[: -len(".json")] for m in tar.getmembers() if m.name.endswith(".json")]
+    for key, meta in zip(keys, metas):
+        more = extra_turns(meta, key, 3)
+        assert more == extra_turns(meta, key, 3)
+        items = meta["items"]
+        prefixes = {"count": "how many", "colour": "what colour", "exists": "is there", "left": "which item"}
+        assert not any(q.startswith(prefixes[meta["qtype"]]) for q, _ in more)  # other types than its own
+        for q, a in more:
+            if q.startswith("how many"):
+                assert meta["qtype"] != "count"
+                assert a == questions_for(items, np.random.default_rng(0))["count"][1]
+            elif q.startswith("what colour"):
+                cls = q[len("what colour is the ") : -2]
+                assert [it["colour"] for it in items if it["class_name"] == cls] == [a]
+            elif q.startswith("is there"):
+                cls = q.split(" ", 3)[3][:-2]
+                assert a == ("yes" if any(it["class_name"] == cls for it in items) else "no")
+            else:
+                assert a == min(items, key=lambda it: it["bbox"][0] + it["bbox"][2])["class_name"]
+    val = _batch(task, shards, split="val", n=4)
+    assert all(int(((row != -100) & (row == tok.eos_token_id)).sum()) == 1 for row in val["labels"])
+    task.train()
+    loss = task(ds_batch)["loss"]
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="extra_turns"):
+        _task("mllm_stage2", extra_turns=-1)
 
 
 def _task(name: str, **kw):

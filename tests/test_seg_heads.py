@@ -433,10 +433,11 @@ def test_grid_targets_area_share_and_stamp_reference_rule():
         )
 
 
-def test_seg_task_rejects_token_drop():
-    """token_drop is an answer-task option: every mask head reads every image token, so seg refuses it."""
-    with pytest.raises(ValueError, match="token_drop is not supported by segmentation"):
-        make_task(token_drop=0.5)
+@pytest.mark.parametrize("kw", [{"token_drop": 0.5}, {"extra_turns": 2}])
+def test_seg_task_rejects_answer_task_options(kw):
+    """token_drop / extra_turns are answer-task options: seg refuses them rather than ignoring them."""
+    with pytest.raises(ValueError, match="not supported by segmentation tasks"):
+        make_task(**kw)
 
 
 def test_cells_to_grid_is_a_pixel_shuffle_of_each_patch():

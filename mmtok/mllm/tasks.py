@@ -49,6 +49,9 @@ class MLLMTaskConfig:
     max_new_tokens: int = 6
     token_drop: float = 0.0  # share of training batches that see a random subset of the image tokens (0 = off)
     token_drop_keep: list[int] = field(default_factory=lambda: [64, 576])  # [min, max] kept per image, uniform
+    # train split: this many more questions about the same scene as later turns of one conversation (fashion-vqa
+    # samples: asked from the json's items, other question types than the sample's own; 0 = one question)
+    extra_turns: int = 0
 
 
 class TokenDrop(Pruner):
@@ -65,6 +68,28 @@ class TokenDrop(Pruner):
         k = self.budget(ctx.num_image_tokens)
         order = torch.rand(feats.shape[0], ctx.num_image_tokens).argsort(dim=1)
         return order[:, :k].sort(dim=1).values.to(feats.device)
+
+
+def extra_turns(meta: dict[str, Any], key: str, n: int) -> list[tuple[str, str]]:
+    """Up to ``n`` more (question, answer) turns about a fashion-vqa sample's scene, of other types than its own.
+
+    Asked from the json's ``items`` by the builder's :func:`~mmtok.mllm.data.questions_for`, drawn from a generator
+    seeded by the sample key (the same turns on every read). Samples without ``items`` get none.
+    """
+    import zlib
+
+    import numpy as np
+
+    from mmtok.mllm.data import questions_for
+
+    items = meta.get("items")
+    if not items or n <= 0:
+        return []
+    rng = np.random.default_rng(zlib.crc32(key.encode()))
+    qs = questions_for(items, rng)
+    others = [t for t in sorted(qs) if t != meta.get("qtype")]
+    order = rng.permutation(len(others))[:n]
+    return [qs[others[int(i)]] for i in order]
 
 
 def check_token_drop(config: MLLMTaskConfig) -> None:
@@ -96,6 +121,8 @@ class MLLMTask(Task):
         if config.stage not in (1, 2):
             raise ValueError(f"stage must be 1 (projector) or 2 (projector + LLM), not {config.stage}")
         check_token_drop(config)
+        if config.extra_turns < 0:
+            raise ValueError(f"task.extra_turns must be >= 0 (0 = one question per sample), got {config.extra_turns}")
         self.model.requires_grad_(False)
         self.model.projector.requires_grad_(True)
         self._lora = None
@@ -122,7 +149,7 @@ class MLLMTask(Task):
 
     # -- data -----------------------------------------------------------------------------------------------
     def sample_transform(self, split: str):
-        from mmtok.mllm.text import encode_training_pair
+        from mmtok.mllm.text import encode_conversation
 
         tok = self.model.tokenizer
 
@@ -130,8 +157,12 @@ class MLLMTask(Task):
             meta = sample["json"]
             if "question" not in meta or "answer" not in meta:
                 raise ValueError(f"sample {sample.get('__key__')} has no question/answer in its json")
-            ids, labels = encode_training_pair(tok, meta["question"], meta["answer"])
-            prompt_len = labels.count(IGNORE_INDEX)  # labels = [-100] * prompt + answer ids
+            turns = [(meta["question"], meta["answer"])]
+            if split == "train" and self.config.extra_turns:
+                turns += extra_turns(meta, str(sample.get("__key__", "")), self.config.extra_turns)
+            ids, labels = encode_conversation(tok, turns)
+            # the first question's prompt: labels = [-100] * prompt + its answer ids (+ later turns)
+            prompt_len = next(i for i, v in enumerate(labels) if v != IGNORE_INDEX)
             return {
                 "image": sample["image"],
                 "input_ids": ids,

@@ -182,6 +182,44 @@ def encode_training_pair(tokenizer: Any, question: str, answer: str) -> tuple[li
     return ids, labels
 
 
+def encode_conversation(tokenizer: Any, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+    """Token ids and labels of a conversation about one image: ``turns`` = ``[(question, answer), ...]``, the image
+    in the first question. Every answer (with its end-of-turn tokens) is learnt, every prompt masked (-100), as
+    LLaVA trains its multi-turn conversations. One turn is :func:`encode_training_pair`.
+
+    Earlier turns are rendered by the tokenizer's chat template (a question, then the assistant's answer), the last
+    one as :func:`chat_prompt` writes a training pair, so the text a model continues at inference (a generation
+    prompt after the conversation so far) is the text it was trained on.
+
+    Raises:
+        ValueError: the tokenizer has no chat template, or its tokens are not prefix-stable across the turns
+            (then labels cannot be aligned with answers).
+    """
+    if len(turns) == 1:
+        return encode_training_pair(tokenizer, *turns[0])
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("conversations of several turns need a tokenizer with a chat template")
+    eos = tokenizer.eos_token or ""
+    messages: list[dict[str, str]] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for t, (question, answer) in enumerate(turns):
+        messages.append({"role": "user", "content": f"<image>\n{question}" if t == 0 else question})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        messages.append({"role": "assistant", "content": answer})
+        if t == len(turns) - 1:
+            full = f"{prompt} {answer} {eos}".rstrip()
+        else:
+            full = tokenizer.apply_chat_template(messages, tokenize=False)
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        f_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        if p_ids[: len(ids)] != ids or f_ids[: len(p_ids)] != p_ids:
+            raise ValueError(f"turn {t + 1}: the tokenizer's ids are not prefix-stable across turns; use one turn")
+        labels += [-100] * (len(p_ids) - len(ids)) + f_ids[len(p_ids) :]
+        ids = f_ids
+    return ids, labels
+
+
 def decode_answers(tokenizer: Any, sequences: torch.Tensor) -> list[str]:
     """Generated ids ``[B, T]`` -> answer strings (cut at EOS, special tokens dropped, whitespace normalised)."""
     out = []

@@ -84,10 +84,10 @@ class SegTask(MLLMTask):
         for name in ("semantic_share", "qa_share"):
             if not 0.0 <= getattr(config, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(config, name)}")
-        if config.token_drop:
+        if config.token_drop or config.extra_turns:
             raise ValueError(
-                "task.token_drop is not supported by segmentation tasks (every mask head reads every image token); "
-                "leave it at 0"
+                "task.token_drop and task.extra_turns are answer-task options, not supported by segmentation tasks "
+                "(every mask head reads every image token; a sample is one expression): leave them at 0"
             )
         config.model_overrides = {**config.model_overrides, "seg_heads": dict(config.heads)}
         super().__init__(config)
