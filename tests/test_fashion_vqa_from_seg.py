@@ -27,12 +27,13 @@ def test_config_is_stage2_on_the_seg_export():
     run = load_run_config([CONFIG])
     text = Path(CONFIG).read_text()
     assert run.task["name"] == "mllm_stage2" and run.task["train_tower"]
-    assert run.task["init"] == "runs/seg_scenes_cpu_15m/export"
-    # the header's stage-1 command trains the seg recipe into the folder init reads
-    assert "--config configs/mllm/seg_scenes_cpu.yaml" in text and "output_dir=runs/seg_scenes_cpu_15m" in text
+    # stage 1 is the seg recipe as it is: init reads the folder its run exports
+    seg = load_run_config(["configs/mllm/seg_scenes_cpu.yaml"])
+    assert run.task["init"] == f"{seg.output_dir}/export"
+    assert "--config configs/mllm/seg_scenes_cpu.yaml\n" in text
     assert run.data.train.startswith("data/fashion-vqa64/") and "--out data/fashion-vqa64 canvas=64" in text
     assert f"--model {run.output_dir}/export" in text  # the header's eval command reads this run's export
-    assert run.train.max_seconds == 900  # stage 2 is the second half of a 30-minute budget
+    assert run.train.max_seconds == 900  # stage 2: 15 minutes after the seg recipe's 30
 
 
 def test_fashion_vqa_at_64_px_speaks_the_seg_vocabulary(fmnist_dir):
