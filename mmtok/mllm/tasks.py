@@ -13,6 +13,10 @@ any conversation shard with those fields) and an image. ``stage2`` with ``lora_r
 image's tokens (a fresh subset per sample, its size drawn uniformly from ``token_drop_keep``; kept tokens keep
 their position ids, exactly as a pre-LLM pruner at inference leaves them), so the LLM learns to answer from
 incomplete grids. Off by default; evaluation always sees every token.
+
+``extra_turns`` > 0 makes each train sample a conversation: more questions about the same scene (from its json
+``items``, other types than its own) as later turns, every answer learnt (:func:`~mmtok.mllm.text.encode_conversation`);
+validation and test samples stay one question.
 """
 
 from __future__ import annotations
@@ -97,7 +101,8 @@ def check_token_drop(config: MLLMTaskConfig) -> None:
     p, keep = config.token_drop, list(config.token_drop_keep)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"task.token_drop is the share of training batches with dropped tokens, in [0, 1]; got {p}")
-    if len(keep) != 2 or not all(isinstance(v, int) and v >= 1 for v in keep) or keep[0] > keep[1]:
+    ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in keep)
+    if len(keep) != 2 or not ints or keep[0] > keep[1]:
         raise ValueError(
             f"task.token_drop_keep must be [min, max] image tokens kept per image, integers with 1 <= min <= max; "
             f"got {config.token_drop_keep}"
@@ -162,7 +167,7 @@ class MLLMTask(Task):
                 turns += extra_turns(meta, str(sample.get("__key__", "")), self.config.extra_turns)
             ids, labels = encode_conversation(tok, turns)
             # the first question's prompt: labels = [-100] * prompt + its answer ids (+ later turns)
-            prompt_len = next(i for i, v in enumerate(labels) if v != IGNORE_INDEX)
+            prompt_len = next((i for i, v in enumerate(labels) if v != IGNORE_INDEX), len(labels))
             return {
                 "image": sample["image"],
                 "input_ids": ids,
