@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import copy
 import logging
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from mmtok.mllm.data import normalise_answer
+from mmtok.mllm.data import normalise_answer, questions_for
 from mmtok.mllm.modeling import IGNORE_INDEX, MLLM
 from mmtok.mllm.pruning.base import PruneContext, Pruner, PrunerConfig
 from mmtok.registries import TASKS
@@ -80,12 +82,6 @@ def extra_turns(meta: dict[str, Any], key: str, n: int) -> list[tuple[str, str]]
     Asked from the json's ``items`` by the builder's :func:`~mmtok.mllm.data.questions_for`, drawn from a generator
     seeded by the sample key (the same turns on every read). Samples without ``items`` get none.
     """
-    import zlib
-
-    import numpy as np
-
-    from mmtok.mllm.data import questions_for
-
     items = meta.get("items")
     if not items or n <= 0:
         return []
