@@ -253,3 +253,21 @@ def test_finetune_cli_options_map_onto_finetune():
     argv = ["--finetune-layer-decay", "0.75", "--finetune-no-flip", "--finetune-shift", "2", "--finetune-seed", "3"]
     kwargs = finetune_kwargs(p.parse_args(argv))
     assert (kwargs["layer_decay"], kwargs["flip"], kwargs["shift"], kwargs["seed"]) == (0.75, False, 2, 3)
+
+
+def test_finetune_ema_scores_the_averaged_weights():
+    """``ema``: the averaged copy is scored beside the live weights. A decay near 0 follows the live weights (same
+    score); a decay near 1 stays at the first step's weights, which have not learnt the task yet."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 600)
+    imgs = (rng.random((600, 28, 28)) * 60).astype(np.uint8)
+    for i, c in enumerate(y):
+        imgs[i, 6:22, (2 if c == 0 else 16) : (12 if c == 0 else 26)] += 180
+    kw = dict(num_classes=2, epochs=4, batch_size=50, lr=3e-3, flip=False, time_budget_s=60.0)
+    follow = finetune(_tiny_encoder(depth=2), imgs[:500], y[:500], imgs[500:], y[500:], ema=1e-6, **kw)
+    assert follow["accuracy"] > 0.9 and follow["accuracy_ema"] == follow["accuracy"] and follow["ema"] == 1e-6
+    frozen = finetune(_tiny_encoder(depth=2), imgs[:500], y[:500], imgs[500:], y[500:], ema=0.999999, **kw)
+    assert frozen["accuracy"] > 0.9 and frozen["accuracy_ema"] < 0.75
+    assert "accuracy_ema" not in finetune(_tiny_encoder(depth=2), imgs[:50], y[:50], imgs[:50], y[:50], **kw)
+    with pytest.raises(ValueError, match="ema"):
+        finetune(_tiny_encoder(depth=2), imgs[:10], y[:10], imgs[:10], y[:10], num_classes=2, ema=1.0)

@@ -263,9 +263,14 @@ def bench_quality(args, device: torch.device) -> dict:
             load_start = os.getloadavg()
             ft = finetune(start, xtr, ytr, xte, yte, **recipe)
             out[key] = {**ft, "load_avg_start": load_start, "load_avg_end": os.getloadavg()}
+            ema = (
+                f", EMA {ft['accuracy_ema']:.4f} / flip TTA {ft['accuracy_ema_flip_tta']:.4f}"
+                if "accuracy_ema" in ft
+                else ""
+            )
             print(
                 f"  fine-tune ({'MAE' if which == 'mae' else 'random-init'} encoder): {ft['accuracy']:.4f} "
-                f"(flip TTA {ft['accuracy_flip_tta']:.4f}, late train {ft['train_accuracy']:.4f}) after "
+                f"(flip TTA {ft['accuracy_flip_tta']:.4f}{ema}, late train {ft['train_accuracy']:.4f}) after "
                 f"{ft['epochs_done']:.2f} epochs ({ft['steps']} steps) in {ft['seconds']:.0f} s",
                 flush=True,
             )
