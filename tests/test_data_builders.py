@@ -254,3 +254,26 @@ def test_cli_shards(tmp_path, fmnist_dir):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["splits"]["train"]["scenes"] == 4
     assert (tmp_path / "train-000000.tar").is_file()
+
+
+def test_shards_cli_build_record_tells_stale_shards(tmp_path, fmnist_dir):
+    """`mmtok shards` writes build.json (builder, options, code fingerprint); stale_reason says when a folder is not
+    what the same command would build now (the quickstart rebuilds such folders instead of reusing them)."""
+    from mmtok.cli import shards as cli
+
+    out = tmp_path / "data" / "scenes"
+    opts = ["train=4", "val=0", "test=2", f"root={fmnist_dir}"]
+    assert "missing" in cli.stale_reason("fashion-scenes", str(out), opts)
+    assert cli.main(["fashion-scenes", "--out", str(out), *opts]) == 0
+    record = json.loads((out / "build.json").read_text())
+    assert record["builder"] == "fashion-scenes" and record["options"]["train"] == 4 and "out" not in record["options"]
+    assert record["summary"]["splits"]["test"]["scenes"] == 2 and len(record["code"]) == 16
+    assert cli.stale_reason("fashion-scenes", str(out), opts) is None
+    assert "other options (repeat_class, train)" in cli.stale_reason(
+        "fashion-scenes", str(out), ["train=8", "val=0", "test=2", "repeat_class=0.25", f"root={fmnist_dir}"]
+    )
+    assert "other builder" in cli.stale_reason("fashion-vqa", str(out), [])
+    (out / "build.json").write_text(json.dumps({**record, "code": "0" * 16}))
+    assert "other code" in cli.stale_reason("fashion-scenes", str(out), opts)
+    # a failed build leaves no record (it is removed before the builder starts)
+    assert cli.main(["fashion-scenes", "--out", str(out), "canvas=8"]) == 2 and not (out / "build.json").exists()

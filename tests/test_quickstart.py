@@ -210,3 +210,17 @@ def test_force_sets_a_training_folder_aside_so_the_rerun_starts_fresh(tmp_path, 
     quickstart._set_aside(out, "[12/14] seg")
     assert sorted(p.name for p in (tmp_path / "runs/quickstart/seg.previous").iterdir()) == ["export"]
     quickstart._set_aside(out, "[12/14] seg")  # nothing there: nothing to do
+
+
+def test_shard_steps_rebuild_stale_shards(tmp_path, fmnist_dir, monkeypatch):
+    """A shard folder from another build (here a --tiny one, seen from a full run) is rebuilt, not reused."""
+    from mmtok.cli import shards as cli
+
+    opts = ["train=4", "val=0", "test=2", f"root={fmnist_dir}"]
+    step = next(s for s in quickstart.STEPS if s.argv[:2] == ["shards", "fashion-scenes"])
+    monkeypatch.setattr(step, "tiny", opts)
+    assert quickstart._stale_shards(step, tmp_path, tiny=False) is None  # not built yet: a first build, not stale
+    assert cli.main(["fashion-scenes", "--out", str(tmp_path / step.argv[3]), *opts]) == 0
+    assert quickstart._stale_shards(step, tmp_path, tiny=True) is None
+    assert "other options" in quickstart._stale_shards(step, tmp_path, tiny=False)
+    assert all(quickstart._stale_shards(s, tmp_path, tiny=False) is None for s in quickstart.STEPS if s is not step)

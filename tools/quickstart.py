@@ -100,6 +100,17 @@ def _train(key: str, title: str, config: list[str], out: str, overrides: list[st
     )
 
 
+def _stale_shards(step: Step, cwd: Path, tiny: bool) -> str | None:
+    """For a shard step whose folder exists: why its shards are not what the step would build now (another
+    builder version, other options, e.g. a ``--tiny`` build, or no build record), or None. Other steps: None."""
+    if step.argv[:1] != ["shards"] or not (cwd / step.done).parent.is_dir():
+        return None
+    from mmtok.cli.shards import stale_reason
+
+    name, out, options = step.argv[1], str(cwd / step.argv[3]), [*step.argv[4:], *(step.tiny if tiny else [])]
+    return stale_reason(name, out, options)
+
+
 def _set_aside(out: Path, head: str) -> None:
     """``--force`` on a training step: a fresh run, not a resume of the checkpoints already in ``out`` (which may
     come from another version of the recipe). The old folder is kept as ``<out>.previous`` (one generation)."""
@@ -147,7 +158,7 @@ STEPS: list[Step] = [
         "fmnist_shards",
         "Fashion-MNIST shards (70k real images)",
         ["shards", "fashion-mnist", "--out", "data/fashion-mnist"],
-        "data/fashion-mnist/train.json",
+        "data/fashion-mnist/build.json",
         tiny=TINY_SHARDS["fashion-mnist"],
     ),
     _train(
@@ -202,7 +213,7 @@ STEPS: list[Step] = [
         "vqa_shards",
         "fashion-vqa shards (96x96 scenes -> 576 image tokens, templated questions)",
         ["shards", "fashion-vqa", "--out", "data/fashion-vqa"],
-        "data/fashion-vqa/test.json",
+        "data/fashion-vqa/build.json",
         needs="mmtok.mllm",
         tiny=TINY_SHARDS["fashion-vqa"],
     ),
@@ -238,7 +249,7 @@ STEPS: list[Step] = [
         "scenes_shards",
         "fashion-scenes shards (64x64 scenes, referring expressions and masks; 10k/1k/1k)",
         ["shards", "fashion-scenes", "--out", "data/scenes"],
-        "data/scenes/test.json",
+        "data/scenes/build.json",
         needs="mmtok.mllm.seg",
         tiny=TINY_SHARDS["fashion-scenes"],
     ),
@@ -368,10 +379,15 @@ def run_steps(args: argparse.Namespace, cwd: Path, env: dict, deadline: float) -
     timings["minutes"] = args.minutes
     spent = expected = 0.0  # steps without a budget so far: seconds taken and seconds expected when quiet
     todo = []
+    rebuilt: list[str] = []  # data folders rebuilt because they were stale
     for step in STEPS:
         if args.only and args.only.lower() not in f"{step.key} {step.title}".lower():
             continue
-        if step.done and (cwd / step.done).exists() and not args.force:
+        stale = _stale_shards(step, cwd, args.tiny) if step.done and not args.force else None
+        if stale:
+            print(f"[{STEPS.index(step) + 1}/{len(STEPS)}] {step.title}: rebuilding, {stale}", flush=True)
+            rebuilt.append(step.argv[3])
+        elif step.done and (cwd / step.done).exists() and not args.force:
             print(f"[{STEPS.index(step) + 1}/{len(STEPS)}] {step.title}: already done ({step.done})", flush=True)
             continue
         if not _available(step.needs):
@@ -382,6 +398,12 @@ def run_steps(args: argparse.Namespace, cwd: Path, env: dict, deadline: float) -
             )
             continue
         todo.append(step)
+    if rebuilt:
+        print(
+            f"note: {', '.join(rebuilt)} held shards from other code or options; models already trained on them are "
+            "kept (their steps count as done); `python tools/quickstart.py --force --only KEY` retrains one",
+            flush=True,
+        )
     for n, step in enumerate(todo):
         head = f"[{STEPS.index(step) + 1}/{len(STEPS)}] {step.title}"
         argv = [*step.argv]
