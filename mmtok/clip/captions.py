@@ -29,12 +29,12 @@ tower pools, ``pool_type="eos"``), right-padded with ``<pad>`` (id 0) to the mod
 
 from __future__ import annotations
 
-import zlib
 from typing import Any
 
 import numpy as np
 import torch
 
+from mmtok.data import transforms
 from mmtok.data.sources.fashion_mnist import CLASS_NAMES
 from mmtok.data.sources.scenes import position_phrase, position_word
 
@@ -64,8 +64,8 @@ def item_phrase(item: dict[str, Any], colour: bool = True) -> str:
 
 
 def key_seed(key: str, seed: int = 0) -> int:
-    """A stable 32-bit number from a sample key (``hash()`` differs between processes, CRC-32 does not)."""
-    return zlib.crc32(f"{seed}:{key}".encode())
+    """:func:`mmtok.data.transforms.key_seed` of the key under caption seed ``seed``."""
+    return transforms.key_seed(key, salt=f"{seed}:")
 
 
 def caption(items: list[dict[str, Any]], order_seed: Any = None, colour: bool = True) -> str:

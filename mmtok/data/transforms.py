@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +20,15 @@ import torch
 import torch.nn.functional as F
 
 Sample = dict[str, Any]
+
+
+def key_seed(key: str, salt: str = "") -> int:
+    """A stable 32-bit seed from a sample key (CRC-32 of ``salt + key``; ``hash()`` differs between processes).
+
+    For choices that belong to the sample itself, not to its place in the stream (a flip, a caption's order, a
+    sampled question): the same on every read and every resume, whatever the shuffle.
+    """
+    return zlib.crc32(f"{salt}{key}".encode())
 
 
 def sample_generator(sample: Sample) -> torch.Generator:

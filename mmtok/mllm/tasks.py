@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmtok.data.transforms import key_seed
 from mmtok.mllm.data import normalise_answer, questions_for
 from mmtok.mllm.modeling import IGNORE_INDEX, MLLM
 from mmtok.mllm.pruning.base import PruneContext, Pruner, PrunerConfig
@@ -85,7 +85,7 @@ def extra_turns(meta: dict[str, Any], key: str, n: int) -> list[tuple[str, str]]
     items = meta.get("items")
     if not items or n <= 0:
         return []
-    rng = np.random.default_rng(zlib.crc32(key.encode()))
+    rng = np.random.default_rng(key_seed(key))
     qs = questions_for(items, rng)
     others = [t for t in sorted(qs) if t != meta.get("qtype")]
     order = rng.permutation(len(others))[:n]

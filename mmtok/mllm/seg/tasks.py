@@ -29,7 +29,6 @@ mask tokens, the others do not); the loss is the sample-weighted mean of the gro
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmtok.data.transforms import key_seed
 from mmtok.mllm.modeling import IGNORE_INDEX
 from mmtok.mllm.seg import heads as H
 from mmtok.mllm.tasks import MLLMTask, MLLMTaskConfig, _left_pad
@@ -109,7 +109,7 @@ class SegTask(MLLMTask):
         def transform(sample: dict[str, Any]) -> dict[str, Any]:
             meta = sample["json"]
             key = str(sample.get("__key__", ""))
-            rng = np.random.default_rng(zlib.crc32(key.encode()))  # same choices for a sample on every read
+            rng = np.random.default_rng(key_seed(key))  # same choices for a sample on every read
             image = sample["image"]
             if image.shape[0] == 1:
                 image = image.expand(3, -1, -1)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import zlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from einops import reduce
 from torch import nn
 
 from mmtok.data.sources.scenes import PALETTE
+from mmtok.data.transforms import key_seed
 from mmtok.registries import TASKS, VISION_TOWERS
 from mmtok.train.task import Task
 
@@ -128,7 +128,7 @@ class DenseTowerTransform:
             inst = inst[idx][:, (np.arange(self.image_size) * inst.shape[1] / self.image_size).astype(np.int64)]
             image = F.interpolate(image[None], size=(self.image_size,) * 2, mode="bilinear", antialias=True)[0]
         # the flip is drawn from the sample's key: the same on every read, so a resumed run sees the same batches
-        if self.hflip and zlib.crc32(str(key).encode()) % 2:
+        if self.hflip and key_seed(str(key)) % 2:
             image, inst = image.flip(-1), inst[:, ::-1]
         items = sample["json"]["items"]
         out = {
