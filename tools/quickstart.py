@@ -362,10 +362,34 @@ def _load_timings(path: Path) -> dict:
         return {}
 
 
+def core_gflops(seconds: float = 0.5) -> float:
+    """One thread's float32 matmul speed (GFLOP/s, 512 x 512 products for about ``seconds``): what a
+    time-budgeted recipe gets per thread, so step counts and figures can be compared across machines."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(512, 512), torch.randn(512, 512)
+        a @ b
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            n += 1
+        return 2 * 512**3 * n / (time.perf_counter() - t0) / 1e9
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _machine() -> dict:
-    """CPU count and load when the run started (the figures depend on both)."""
+    """CPU count, load and one thread's matmul speed when the run started (the figures depend on all three)."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
-    return {"cpus": os.cpu_count(), "load_1min": round(load[0], 2), "load_5min": round(load[1], 2)}
+    return {
+        "cpus": os.cpu_count(),
+        "load_1min": round(load[0], 2),
+        "load_5min": round(load[1], 2),
+        "gflops_1thread": round(core_gflops(), 1),
+    }
 
 
 def run_steps(args: argparse.Namespace, cwd: Path, env: dict, deadline: float) -> int:

@@ -472,7 +472,8 @@ def write_report(runs: Path, base: dict[str, Any], figs: dict[str, str]) -> tupl
     if m:
         lines += [
             f"Machine at the start of the last run: {m.get('cpus')} CPUs, load average {m.get('load_1min')} "
-            f"(1 min). Budget scale {timings.get('scale', 1)}"
+            f"(1 min), one thread's float32 matmul {m.get('gflops_1thread', '?')} GFLOP/s (time-budgeted steps "
+            f"scale with it; README, 'Machines'). Budget scale {timings.get('scale', 1)}"
             + (" (tiny smoke run: figures mean nothing)." if timings.get("tiny") else "."),
             "",
         ]
