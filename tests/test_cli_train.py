@@ -27,6 +27,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
     (tmp / "list.yaml").write_text("- task\n- data\n")
     (tmp / "ds16.json").write_text('{"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 2}}')
     (tmp / "ds_bad.json").write_text('{"zero_optimization": ')
+    (tmp / "ds3.json").write_text('{"zero_optimization": {"stage": 3}}')
     run = f"output_dir={tmp / 'run'}"
     return {
         "negative_batch": ([*BASE, run, "data.batch_size=-4"], "data.batch_size must be >= 1"),
@@ -51,6 +52,11 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
             "train_micro_batch_size_per_gpu=16",
         ),
         "negative_budget": ([*BASE, run, "train.max_seconds=-5"], "train.max_seconds must be >= 0"),
+        "ema_decay_one": ([*BASE, run, "train.ema_decay=1.0"], "train.ema_decay must be in [0, 1)"),
+        "ema_under_zero3": (
+            [*BASE, run, f"deepspeed.config={tmp / 'ds3.json'}", "deepspeed.enabled=true", "train.ema_decay=0.99"],
+            "ZeRO-3 partitions",
+        ),
         "misspelled_key": ([*BASE, run, "train.stepz=3"], "'steps'"),
     }
 
@@ -72,6 +78,8 @@ CASES = [
     "ds_config_not_json",
     "ds_config_contradicts_run",
     "negative_budget",
+    "ema_decay_one",
+    "ema_under_zero3",
     "misspelled_key",
 ]
 

@@ -220,3 +220,33 @@ def test_cli_resume_auto_falls_back_past_damage(short_run, fmnist_shards, tmp_pa
         (run / "checkpoints" / step / ckpt.MODEL_NAME).unlink()
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=REPO, timeout=300)
     assert res.returncode == 2 and "no complete checkpoint" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_weight_average_resumes_exactly_and_is_what_eval_and_export_see(fmnist_shards, tmp_path):
+    """``train.ema_decay``: a SIGKILLed run resumes its weight average bit for bit (ema.safetensors in each
+    checkpoint); the export and the run's evaluation use the average, `mmtok eval run` too unless --weights live."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    extra = ["train.ema_decay=0.95", "train.steps=90"]
+    summary_full = _run(_cmd(fmnist_shards, full, *extra))
+    assert 0 < _kill_after_first_checkpoint(_cmd(fmnist_shards, killed, *extra), killed) < 90
+    summary = _run(_cmd(fmnist_shards, killed, *extra))
+    assert summary["resumed_from"] is not None and summary["eval"] == summary_full["eval"]
+    a, b = _weights(full / "export"), _weights(killed / "export")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    last = ckpt.find_latest(full / "checkpoints")
+    assert ckpt.read_state(last)["ema_updates"] == 90
+    average, live = load_file(str(last / "ema.safetensors")), _weights(last)
+    assert all(torch.equal(a[k], average[k]) for k in average)  # the export is the average...
+    assert any(not torch.equal(live[k], average[k]) for k in average)  # ...which is not the live weights
+
+    def eval_run(*flags: str) -> dict:
+        cmd = [sys.executable, "-m", "mmtok.cli.main", "eval", "run", "--run", str(full), "--batches", "5", *flags]
+        return _run(cmd)
+
+    auto, live_eval = eval_run(), eval_run("--weights", "live")
+    assert auto["weights"] == "ema" and live_eval["weights"] == "live"
+    assert auto["metrics"]["accuracy"] == pytest.approx(summary_full["eval"]["accuracy"], abs=1e-6)
+    assert live_eval["metrics"] != auto["metrics"]
+    # a damaged average makes the checkpoint unusable for a resume, like damaged weights
+    (last / "ema.safetensors").write_bytes((last / "ema.safetensors").read_bytes()[:-10])
+    assert "ema.safetensors" in ckpt.checkpoint_problem(last)

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from mmtok.hub import CheckpointError, _fsync_dir, atomic_write_text
+from mmtok.train.ema import EMA_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +190,10 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     problem = _safetensors_problem(folder / MODEL_NAME)
     if problem:
         return problem
+    if "ema_updates" in state:  # train.ema_decay: the weight average is part of the resume
+        problem = _safetensors_problem(folder / EMA_NAME)
+        if problem:
+            return problem
     if state.get("backend") == "deepspeed":
         files = sorted(folder.glob("*.pt"))
         if not any(f.name.endswith("model_states.pt") for f in files):

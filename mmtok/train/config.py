@@ -97,6 +97,10 @@ class TrainConfig:
     # with its step and epoch: an audit of the data split over nodes, processes and workers, and across resumes
     # (data read from data.train; batches passed to train() from Python carry no keys).
     log_keys: bool = False
+    # Exponential moving average of the weights (0 = off; e.g. 0.999 = a horizon of about 1,000 steps, with a
+    # warm-up over the first updates): evaluation and the export use the average, checkpoints keep both
+    # (mmtok/train/ema.py). Not with ZeRO-3.
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -117,6 +121,8 @@ class TrainConfig:
             raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         if not self.max_seconds >= 0 or not math.isfinite(self.max_seconds):
             raise ConfigError(f"train.max_seconds must be >= 0 (0 = no budget), got {self.max_seconds}")
+        if not (0.0 <= self.ema_decay < 1.0):
+            raise ConfigError(f"train.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         if self.schedule_by_time and not self.max_seconds:
             raise ConfigError("train.schedule_by_time needs a budget: set train.max_seconds > 0")
 

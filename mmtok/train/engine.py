@@ -67,6 +67,7 @@ from mmtok.train import checkpoint as ckpt
 from mmtok.train import distributed as dist_utils
 from mmtok.train.config import RunConfig
 from mmtok.train.distributed import DistInfo, DistributedSetupError
+from mmtok.train.ema import WeightEMA
 from mmtok.train.metrics import MetricsWriter
 from mmtok.train.optim import (
     build_optimizer,
@@ -554,7 +555,7 @@ def preflight(cfg: RunConfig) -> None:
             return  # the file is named but unused: that it exists and parses is enough
         # Resolve once now (the model width only sizes buckets) so contradictions surface before launch.
         cuda = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and torch.cuda.is_available())
-        dist_utils.resolve_ds_config(
+        resolved = dist_utils.resolve_ds_config(
             raw,
             micro_batch=cfg.data.batch_size,
             grad_accum=cfg.train.grad_accum,
@@ -568,6 +569,11 @@ def preflight(cfg: RunConfig) -> None:
         )
     except DistributedSetupError as e:
         raise ConfigError(str(e)) from e
+    if cfg.train.ema_decay and int(resolved.get("zero_optimization", {}).get("stage", 0)) == 3:
+        raise ConfigError(
+            "train.ema_decay averages whole parameters, which ZeRO-3 partitions across ranks: use ZeRO-1/2 "
+            "(deepspeed.stage=2) or set train.ema_decay=0"
+        )
     if cfg.train.schedule_by_time and "scheduler" in raw:
         raise ConfigError(
             f"train.schedule_by_time drives mmtok's own schedule, but {cfg.deepspeed.config} names a "
@@ -657,6 +663,7 @@ class _Run:
             )
         else:
             self.backend = TorchBackend(self.task, cfg, info, self.bf16)
+        self.ema = WeightEMA(self.task, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self._keys_file: Any = None
         self.step = 0
         self.last_train: dict[str, float] = {}
@@ -737,6 +744,11 @@ class _Run:
         if folder is None or state is None:
             return None, None
         self.backend.load(folder, state)
+        if self.ema is not None:
+            if "ema_updates" in state:
+                self.ema.load(folder, state["ema_updates"])
+            elif self.info.is_main:
+                logger.warning("%s holds no weight average (train.ema_decay was off): it starts from here", folder)
         self.step = int(state["step"])
         self.stream.epoch = int(state["epoch"])
         self._restore_data_position(state)
@@ -798,6 +810,10 @@ class _Run:
             ckpt.prepare_tmp(self.ckpt_root, self.step)
         dist_utils.barrier()
         extra = self.backend.save(self.ckpt_root, tmp)
+        if self.ema is not None:
+            extra["ema_updates"] = self.ema.updates
+            if self.info.is_main:
+                self.ema.save(tmp)
         if self.info.is_main:
             state = {
                 "step": self.step,
@@ -846,7 +862,11 @@ class _Run:
         rng = ckpt.capture_rng_state()  # evaluation must not change the training trajectory
         self.task.eval()
         try:
-            with torch.no_grad(), torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            with (
+                torch.no_grad(),
+                torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.bf16),
+                self._weights_shown(),
+            ):
                 metrics = self.task.evaluate(batches())
         finally:
             self.task.train()
@@ -923,6 +943,8 @@ class _Run:
                             sums[k] = sums.get(k, 0.0) + v.detach().float()
                     n_micro += 1
                 grad_norm = self.backend.optimizer_step()
+                if self.ema is not None:
+                    self.ema.update(self.task)
                 if cfg.train.schedule_by_time:
                     lr_used = cfg.optim.lr * factor
                 else:
@@ -997,11 +1019,15 @@ class _Run:
         self._keys_file.write(json.dumps(line) + "\n")
         self._keys_file.flush()  # a killed run still shows what it trained on
 
+    def _weights_shown(self) -> contextlib.AbstractContextManager:
+        """The weights evaluation and export see: the average with ``train.ema_decay``, else the live ones."""
+        return self.ema.applied(self.task) if self.ema is not None else contextlib.nullcontext()
+
     def _export(self) -> str | None:
         if not self.cfg.train.export:
             return None
         target = self.out / "export"
-        with self.backend.gathered():
+        with self.backend.gathered(), self._weights_shown():
             if self.info.is_main:
                 self.task.export(target)
         dist_utils.barrier()
