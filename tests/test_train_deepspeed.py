@@ -35,7 +35,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _cmd(launcher: str, stage: int, shards: Path, out: Path) -> list[str]:
+def _cmd(launcher: str, stage: int, shards: Path, out: Path, *extra: str) -> list[str]:
     port = str(free_port())
     if launcher == "deepspeed":
         head = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, "--module", "mmtok.train"]
@@ -62,6 +62,7 @@ def _cmd(launcher: str, stage: int, shards: Path, out: Path) -> list[str]:
         "train.progress=false",
         "train.device=cpu",
         "optim.warmup_steps=10",
+        *extra,
     ]
 
 
@@ -96,8 +97,10 @@ def _kill_group_after_first_checkpoint(cmd: list[str], out: Path) -> int:
 
 @pytest.mark.parametrize(("launcher", "stage"), [("deepspeed", 2), ("torchrun", 3)])
 def test_deepspeed_zero_kill_and_resume(fmnist_shards, tmp_path, launcher, stage):
+    """ZeRO-2 runs with a weight average (train.ema_decay), which ZeRO-3 refuses."""
     full, killed = tmp_path / "full", tmp_path / "killed"
-    _run(_cmd(launcher, stage, fmnist_shards, full))
+    ema = ["train.ema_decay=0.9"] if stage < 3 else []
+    _run(_cmd(launcher, stage, fmnist_shards, full, *ema))
 
     ds = json.loads((full / "ds_config.json").read_text())
     assert '"auto"' not in json.dumps(ds)
@@ -108,9 +111,9 @@ def test_deepspeed_zero_kill_and_resume(fmnist_shards, tmp_path, launcher, stage
     assert state["backend"] == "deepspeed" and state["world_size"] == 2 and state["step"] == STEPS
     assert [r["data"]["rank"] for r in state["ranks"]] == [0, 1]  # each rank's own stream position
 
-    killed_at = _kill_group_after_first_checkpoint(_cmd(launcher, stage, fmnist_shards, killed), killed)
+    killed_at = _kill_group_after_first_checkpoint(_cmd(launcher, stage, fmnist_shards, killed, *ema), killed)
     assert 0 < killed_at < STEPS
-    _run(_cmd(launcher, stage, fmnist_shards, killed))
+    _run(_cmd(launcher, stage, fmnist_shards, killed, *ema))
 
     a, b = (
         load_file(str(full / "export" / "model.safetensors")),
@@ -122,9 +125,15 @@ def test_deepspeed_zero_kill_and_resume(fmnist_shards, tmp_path, launcher, stage
     # the resumed run restored both ranks' data positions: its final positions equal the full run's
     resumed = ckpt.read_state(ckpt.find_latest(killed / "checkpoints"))
     assert [r["data"] for r in resumed["ranks"]] == [r["data"] for r in state["ranks"]]
-    # the model weights in a DeepSpeed checkpoint are plain safetensors (no DeepSpeed needed to read them)
-    last = load_file(str(ckpt.find_latest(full / "checkpoints") / "model.safetensors"))
-    assert all(torch.equal(last[k], a[k]) for k in a)
+    # the model weights in a DeepSpeed checkpoint are plain safetensors (no DeepSpeed needed to read them); the
+    # export holds them, or with train.ema_decay the weight average saved beside them
+    folder = ckpt.find_latest(full / "checkpoints")
+    last = load_file(str(folder / ("ema.safetensors" if ema else "model.safetensors")))
+    assert all(torch.equal(last[k], a[k]) for k in last)
+    if ema:
+        assert state["ema_updates"] == STEPS
+        live = load_file(str(folder / "model.safetensors"))
+        assert any(not torch.equal(live[k], a[k]) for k in a)
 
 
 def test_single_process_deepspeed_zero3_and_eval_run(fmnist_shards, tmp_path):
