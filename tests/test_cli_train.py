@@ -119,7 +119,7 @@ def toy_shards(tmp_path_factory):
     return out
 
 
-def test_train_budget_through_the_cli(toy_shards, tmp_path, monkeypatch, capsys):
+def test_train_budget_through_the_cli(toy_shards, tmp_path, monkeypatch, capsys, caplog):
     # No output_dir: the command picks runs/<task name> under the current folder and says so.
     monkeypatch.chdir(tmp_path)
     args = [
@@ -133,6 +133,7 @@ def test_train_budget_through_the_cli(toy_shards, tmp_path, monkeypatch, capsys)
         "task.width=8",
         "train.steps=500",
         "train.max_seconds=1e-6",  # spent during the first step
+        "train.reference_steps=400",  # the recipe's figures came from 400 steps: 1 step warns
         "train.eval_batches=2",
         "train.progress=false",
         "train.tensorboard=false",
@@ -146,6 +147,9 @@ def test_train_budget_through_the_cli(toy_shards, tmp_path, monkeypatch, capsys)
     assert summary["stopped_by"] == "max_seconds" and summary["steps"] == 1 and summary["planned_steps"] == 500
     assert summary["eval"] and (run / "export" / "model.safetensors").is_file()
     assert json.loads(captured.out)["stopped_by"] == "max_seconds"
+    assert summary["reference_steps"] == 400
+    warned = [r.getMessage() for r in caplog.records if "published figures" in r.getMessage()]
+    assert len(warned) == 1 and "made 1 steps" in warned[0] and "train.steps=400" in warned[0]
 
 
 # -- mmtok list ------------------------------------------------------------------------------------

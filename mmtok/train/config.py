@@ -101,6 +101,10 @@ class TrainConfig:
     # warm-up over the first updates): evaluation and the export use the average, checkpoints keep both
     # (mmtok/train/ema.py). Not with ZeRO-3.
     ema_decay: float = 0.0
+    # Steps the recipe's published figures were made with (0 = none given). A run that a wall-clock budget ends
+    # below 80% of them warns at its end (a slower host makes fewer steps in the same minutes, and some figures
+    # fall off a cliff), and run_summary.json records both counts.
+    reference_steps: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -112,7 +116,7 @@ class TrainConfig:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         if self.grad_clip < 0:
             raise ConfigError(f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
-        for key in ("log_every", "eval_every", "ckpt_every", "keep_last", "eval_batches"):
+        for key in ("log_every", "eval_every", "ckpt_every", "keep_last", "eval_batches", "reference_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if self.precision not in PRECISIONS:

@@ -989,6 +989,18 @@ class _Run:
                 total,
                 100.0 * self.step / total,
             )
+        short = stopped_by == "max_seconds" and self.step < 0.8 * cfg.train.reference_steps
+        if short and info.is_main:
+            logger.warning(
+                "this run made %d steps in its %g s, %.0f%% of the %d the recipe's published figures come from (a "
+                "slower or busier host): expect lower figures; to reproduce them here, run by steps: "
+                "train.max_seconds=0 train.schedule_by_time=false train.steps=%d",
+                self.step,
+                cfg.train.max_seconds,
+                100.0 * self.step / cfg.train.reference_steps,
+                cfg.train.reference_steps,
+                cfg.train.reference_steps,
+            )
         export = self._export()
         if not info.is_main:
             return None
@@ -999,6 +1011,7 @@ class _Run:
             "stopped_by": stopped_by,
             "elapsed_s": round(elapsed, 3),
             "max_seconds": cfg.train.max_seconds,
+            "reference_steps": cfg.train.reference_steps or None,
             "resumed_from": str(folder) if folder else None,
             "train": self.last_train,
             "eval": self.last_eval,
