@@ -61,3 +61,17 @@ def test_applied_swaps_in_the_average_and_restores_every_bit(tmp_path):
     assert torch.equal(fresh[2].weight, inside["0.weight"]) and torch.equal(fresh[2].bias, inside["2.bias"])
     with pytest.raises(CheckpointError, match="does not match the model"):
         load_average_into(nn.Linear(3, 4), tmp_path)
+
+
+def test_frozen_parameters_are_not_copied():
+    """A frozen part (a LoRA run's base model) never changes: the average keeps no copy of it and leaves it alone."""
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    m[0].requires_grad_(False)
+    ema = WeightEMA(m, decay=0.9)
+    assert set(ema.shadow) == {"1.weight", "1.bias"}
+    with torch.no_grad():
+        m[1].weight.add_(1.0)
+    ema.update(m)
+    frozen = m[0].weight.clone()
+    with ema.applied(m):
+        assert torch.equal(m[0].weight, frozen)

@@ -4,7 +4,7 @@ After every optimizer step the average moves towards the live weights: ``avg += 
 ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` earlier updates, so the first updates follow the weights closely
 and the average forgets the initial weights within tens of steps instead of ``1 / (1 - decay)`` (the warm-up of
 TensorFlow's ``ExponentialMovingAverage(num_updates=...)``, also timm's ``ModelEmaV3`` option). The average is kept
-in float32 for every floating-point parameter and buffer (one copy of the model), on the model's device.
+in float32 for every trainable parameter and floating-point buffer (one copy of what trains), on the model's device.
 
 The live weights train, checkpoint and resume as before; the average is saved beside them in each checkpoint
 (``ema.safetensors``, with the update count in ``trainer_state.json``) so a resumed run continues it exactly, and
@@ -28,8 +28,9 @@ EMA_NAME = "ema.safetensors"
 
 
 def _tracked(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Floating-point parameters (tied ones once) and buffers by name: what the average follows."""
-    out = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
+    """Trainable parameters (tied ones once) and floating-point buffers by name: what the average follows. Frozen
+    parameters never change, so their average is themselves: a LoRA run keeps no copy of its frozen base model."""
+    out = {n: p for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()}
     out.update({n: b for n, b in model.named_buffers() if b.is_floating_point()})
     return out
 
