@@ -46,6 +46,22 @@ def test_write_shards_splits_by_count_and_size(tmp_path):
         write_shards([{"__key__": "a", "weird": object()}], tmp_path / "d")
 
 
+def test_rewriting_a_shard_set_removes_the_leftovers_of_a_larger_one(tmp_path):
+    """A rebuild with fewer shards must not leave the old build's later shards for a `train-*.tar` glob to read."""
+    samples = [{"__key__": f"k{i}", "json": {"i": i}} for i in range(10)]
+    write_shards(samples, tmp_path, prefix="train", maxcount=2)
+    write_shards(samples, tmp_path, prefix="val", maxcount=2)
+    (tmp_path / "train-notes.tar").write_bytes(b"")  # not a shard name: kept
+    assert len(write_shards(samples[:3], tmp_path, prefix="train", maxcount=2)) == 2
+    assert sorted(p.name for p in tmp_path.glob("train-*.tar")) == [
+        "train-000000.tar",
+        "train-000001.tar",
+        "train-notes.tar",
+    ]
+    assert len(list(tmp_path.glob("val-*.tar"))) == 5  # another prefix in the same folder is untouched
+    assert sum(1 for _ in ShardDataset(str(tmp_path / "train-00000{0..1}.tar"))) == 3
+
+
 def test_fashion_mnist_loader_and_builder(tmp_path, fmnist_dir):
     x, y = load_fashion_mnist("test", fmnist_dir)
     assert x.shape == (10000, 28, 28) and x.dtype == np.uint8 and y.shape == (10000,) and set(y) == set(range(10))

@@ -12,7 +12,10 @@ reference implementation github.com/webdataset/webdataset) stores each sample as
 - the index also describes each shard's samples (how many carry each field, the usual shape of
   ``codes.npy``), so the reader can tell a sample that lacks a field or holds an odd-shaped array from
   its siblings (a field list alone is an intersection: it cannot say that one sample lost its mask).
-  Fields that are optional on purpose are declared with ``optional=``.
+  Fields that are optional on purpose are declared with ``optional=``;
+- writing a shard set removes the shards of an earlier, larger set of the same prefix in the same folder
+  (``<prefix>-NNNNNN.tar`` past the new last one), so a glob such as ``train-*.tar`` never mixes a rebuild with
+  leftovers of the build before it.
 """
 
 from __future__ import annotations
@@ -228,8 +231,26 @@ def write_shards(
     tmp = out / f".{prefix}.json.tmp"
     tmp.write_text(json.dumps(index, indent=1))
     tmp.replace(out / f"{prefix}.json")  # atomic: a reader never sees half an index
+    _remove_leftover_shards(out, prefix, len(paths))
     logger.info("wrote %d samples in %d shards to %s/%s-*.tar", index["total"], len(paths), out, prefix)
     return paths
+
+
+def _remove_leftover_shards(out: Path, prefix: str, count: int) -> None:
+    """Delete ``<prefix>-NNNNNN.tar`` with N >= ``count``: shards of an earlier build of this set that the new one
+    did not overwrite (a shard pattern would otherwise read them as part of it)."""
+    name = re.compile(rf"^{re.escape(prefix)}-(\d{{6}})\.tar$")
+    leftovers = sorted(p for p in out.iterdir() if (m := name.match(p.name)) and int(m.group(1)) >= count)
+    for p in leftovers:
+        p.unlink()
+    if leftovers:
+        logger.warning(
+            "removed %d shard(s) of an earlier, larger %r set in %s (%s ...): they are not part of this build",
+            len(leftovers),
+            prefix,
+            out,
+            leftovers[0].name,
+        )
 
 
 def _npy_shape(value: Any, data: bytes) -> tuple[int, ...]:
