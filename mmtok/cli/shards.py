@@ -75,7 +75,7 @@ def stale_reason(name: str, out: str, options: list[str]) -> str | None:
             if key == "options" and isinstance(have.get(key), dict):
                 diff = sorted(k for k in set(have[key]) | set(want[key]) if have[key].get(k) != want[key].get(k))
                 return f"{path}: built with other options ({', '.join(diff)})"
-            return f"{path}: built by other {'code' if key == 'code' else key} ({have.get(key)} vs {want[key]})"
+            return f"{path}: built by other {key} ({have.get(key)} vs {want[key]})"
     return None
 
 
@@ -100,8 +100,9 @@ def main(argv: list[str]) -> int:
             return 0
         if not args.out:
             p.error("--out is required")
-        if any("=" not in o for o in args.options):
-            p.error(f"options must be key=value, got {next(o for o in args.options if '=' not in o)!r}")
+        bad = [o for o in args.options if "=" not in o]
+        if bad:
+            p.error(f"options must be key=value, got {bad[0]!r}")
         cfg = builder_config(entry.name, args.out, args.options)
     except RegistryError as e:
         print(f"mmtok shards: {e}", file=sys.stderr)
