@@ -497,7 +497,6 @@ def with_drop_path(encoder: ViTEncoder, drop_path: float) -> ViTEncoder:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def _test_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, in_chans: int) -> tuple[float, float]:
     """Test accuracy of the plain prediction and of the mean logits over the image and its mirror image."""
     model.eval()
@@ -560,8 +559,8 @@ def finetune(
       anneals fully.
     - ``ema`` 0 (off). Above 0, an exponential moving average of the weights (``torch.optim.swa_utils``,
       decay ``ema`` per step, buffers included) is kept beside them and scored too (``accuracy_ema``); the
-      returned encoder keeps the live weights. Weight averaging is the usual brake on a fine-tune that fits its
-      training set faster than it generalises (DeiT and BEiT fine-tunes keep one).
+      returned encoder keeps the live weights. DeiT-style fine-tunes keep one; here (30 minutes, cosine to 0,
+      decay 0.998) it moved test accuracy by +-0.001 (README, "Masked image modeling").
 
     With these defaults the loop is the one from before the options existed (only the head's initial draw is
     now seeded).
