@@ -8,6 +8,7 @@ heads frozen; and ``mmtok train`` on the YAML runs and exports a folder that loa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -96,7 +97,9 @@ def test_the_100k_variant_differs_only_in_its_data_and_stage_1():
     base, big = load_run_config([CONFIG]), load_run_config(["configs/mllm/fashion_vqa_from_seg100k.yaml"])
     text = Path("configs/mllm/fashion_vqa_from_seg100k.yaml").read_text()
     assert {k: v for k, v in big.task.items() if k != "init"} == {k: v for k, v in base.task.items() if k != "init"}
-    assert big.optim == base.optim and big.train == base.train and big.data.batch_size == base.data.batch_size
+    # the same training settings; only the base recipe names the steps of its published figure
+    same_train = dataclasses.replace(big.train, reference_steps=0) == dataclasses.replace(base.train, reference_steps=0)
+    assert big.optim == base.optim and same_train and big.data.batch_size == base.data.batch_size
     assert big.data.train.startswith("data/fashion-vqa64big/")
     assert "--out data/fashion-vqa64big canvas=64 train=100000" in text and "--out data/scenes100k train=100000" in text
     # the header's stage-1 command writes the folder init reads; its eval command reads this run's export
