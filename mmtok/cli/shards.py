@@ -100,10 +100,10 @@ def main(argv: list[str]) -> int:
             return 0
         if not args.out:
             p.error("--out is required")
-        bad = [o for o in args.options if "=" not in o]
-        if bad:
-            p.error(f"options must be key=value, got {bad[0]!r}")
-        cfg = builder_config(entry.name, args.out, args.options)
+        try:
+            cfg = builder_config(entry.name, args.out, args.options)
+        except ValueError as e:  # an option without "=": a usage error, like a missing --out
+            p.error(str(e))
     except RegistryError as e:
         print(f"mmtok shards: {e}", file=sys.stderr)
         return 2

@@ -35,6 +35,13 @@ def _tracked(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+@torch.no_grad()
+def _copy_into(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Overwrite ``model``'s tracked tensors with ``values`` (same names; cast to each tensor's dtype)."""
+    for name, t in _tracked(model).items():
+        t.copy_(values[name])
+
+
 class WeightEMA:
     """The average of ``model``'s weights (see the module docstring)."""
 
@@ -56,23 +63,15 @@ class WeightEMA:
             self.shadow[name].lerp_(t.detach().float(), weight)
         self.updates += 1
 
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        """Overwrite ``model``'s weights with the average (cast to each tensor's dtype)."""
-        for name, t in _tracked(model).items():
-            t.copy_(self.shadow[name])
-
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[None]:
         """``model`` holds the averaged weights inside the block and its own ones again after it (bit for bit)."""
         backup = {n: t.detach().clone() for n, t in _tracked(model).items()}
         try:
-            self.copy_to(model)
+            _copy_into(model, self.shadow)
             yield
         finally:
-            with torch.no_grad():
-                for name, t in _tracked(model).items():
-                    t.copy_(backup[name])
+            _copy_into(model, backup)
 
     def save(self, folder: Path) -> None:
         from safetensors.torch import save_file
@@ -105,9 +104,6 @@ def read_average(folder: Path, like: dict[str, torch.Tensor]) -> dict[str, torch
     return saved
 
 
-@torch.no_grad()
 def load_average_into(model: nn.Module, folder: Path) -> None:
     """Overwrite ``model``'s weights with the average saved in checkpoint ``folder`` (``mmtok eval run``)."""
-    tracked = _tracked(model)
-    for name, t in read_average(folder, tracked).items():
-        tracked[name].copy_(t)
+    _copy_into(model, read_average(folder, _tracked(model)))
