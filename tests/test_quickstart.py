@@ -35,10 +35,11 @@ def test_every_training_step_has_a_budget_and_a_time_schedule():
         cfg = load_run_config([ROOT / f for f in files], overrides)  # the real config loader: keys must exist
         assert cfg.train.max_seconds == pytest.approx(quickstart.BUDGETS[step.key] * 1.5)
         assert cfg.train.schedule_by_time is True and cfg.train.reference_steps == 0  # short runs do not warn
+        assert cfg.train.min_steps == quickstart.MIN_STEPS[step.key] < cfg.train.steps  # a floor, not the plan
         assert cfg.output_dir.startswith(quickstart.Q + "/")
         assert step.done == f"{cfg.output_dir}/export"
         tiny = load_run_config([ROOT / f for f in files], overrides + quickstart.train_overrides(step, 1.0, True))
-        assert tiny.train.max_seconds == 2.0
+        assert tiny.train.max_seconds == 2.0 and tiny.train.min_steps == 0  # smoke runs have no floor
     others = [s for s in quickstart.STEPS if not s.budget]
     assert others and all(quickstart.train_overrides(s, 1.0, False) == [] for s in others)
 
@@ -77,10 +78,33 @@ def test_deadline_shrinks_budgets_when_the_machine_is_slow():
     assert left >= quickstart.EXPECTED_S["screenshots"] + quickstart.EXPECTED_S["report"] - 1
 
 
+def test_one_thread_only_when_other_processes_keep_a_core_busy(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(quickstart.os, "cpu_count", lambda: 2)
+    # the load average still counts the step that just ended; the CPU use sampled now does not
+    monkeypatch.setattr(quickstart.os, "getloadavg", lambda: (2.5, 2.0, 1.0))
+    monkeypatch.setattr(quickstart, "busy_cpus", lambda seconds=0.5: 0.1)
+    assert quickstart._threads_env({}) == ({}, "default")
+    monkeypatch.setattr(quickstart, "busy_cpus", lambda seconds=0.5: 1.6)
+    env, threads = quickstart._threads_env({})
+    assert env["OMP_NUM_THREADS"] == "1" and threads == "1 (machine busy)"
+    monkeypatch.setattr(quickstart, "busy_cpus", lambda seconds=0.5: None)  # no /proc/stat: the load average
+    assert quickstart._threads_env({})[1] == "1 (machine busy)"
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice wins
+    assert quickstart._threads_env({}) == ({}, "2")
+    monkeypatch.undo()  # the real reader on this machine
+    real = quickstart.busy_cpus(0.2)
+    assert real is None or 0.0 <= real <= (os.cpu_count() or 1) + 0.05
+
+
 def test_budget_note_says_when_the_budget_cut_a_run_short():
     cut = quickstart.budget_note({"stopped_by": "max_seconds", "max_seconds": 90, "steps": 150, "planned_steps": 1500})
     assert "cut this step short" in cut and "150 of 1500" in cut and "(10%)" in cut
     assert "cut" not in quickstart.budget_note({"stopped_by": "steps", "steps": 300, "planned_steps": 300})
+    floor = {"stopped_by": "max_seconds", "max_seconds": 60, "steps": 400, "planned_steps": 1500, "min_steps": 400}
+    carried = quickstart.budget_note({**floor, "budget_spent_at_step": 39, "elapsed_s": 610.2})
+    assert "ran out at step 39" in carried and "floor of 400 steps" in carried and "610 s" in carried
+    assert "cut this step short" in quickstart.budget_note({**floor, "budget_spent_at_step": 400})
 
 
 def test_thumbnail_baseline_orders_resolutions():
@@ -126,10 +150,12 @@ def _fake_runs(tmp_path: Path) -> Path:
         "steps": {
             "vq": {"title": "VQ", "seconds": 100.0, "budget_s": 90.0, "stopped_by": "max_seconds", "steps": 150},
             "mae": {"title": "MAE", "seconds": 60.0, "budget_s": 150.0, "stopped_by": "steps", "steps": 3000},
+            "mllm": {"title": "MLLM", "seconds": 300.0, "budget_s": 61.0, "stopped_by": "max_seconds", "steps": 400},
         },
     }
     timings["steps"]["vq"]["planned_steps"] = 1500
     timings["steps"]["mae"]["planned_steps"] = 3000
+    timings["steps"]["mllm"] |= {"planned_steps": 3000, "min_steps": 400, "budget_spent_at_step": 39}
     (q / "timings.json").write_text(json.dumps(timings))
     baselines = {
         "vq_thumbnail": {"psnr": 18.0, "fid_mobilenetv2": 80.0},
@@ -163,7 +189,8 @@ def test_report_writer_on_a_fake_runs_folder(tmp_path, monkeypatch):
     assert rows["MLLM: accuracy, dart at 64"][2] == "yes"
     assert rows["segmentation: cIoU, allmask head (100 test scenes; 16x16 oracle 0.900)"][2] == "yes"
     assert not any("dart" in k and "segmentation" in k for k in rows)  # pruned seg rows stay in eval.json
-    assert "Steps cut short by their budget: vq." in text and "| 150 / 1500 |" in text
+    assert "Steps cut short by their budget: vq, mllm." in text and "| 150 / 1500 |" in text
+    assert "| 61 | 400 | 39 | max_seconds | 400 / 3000 |" in text and "mllm (39 -> 400 steps)" in text
     assert "fid_mobilenetv2" in text and "lower is better" in text
     for fig in ("figures/tokenizer_recon.png", "figures/mae_recon.png", "figures/pruning.png"):
         assert f"]({fig})" in text and (q / fig).is_file()

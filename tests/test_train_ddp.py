@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "configs" / "toy" / "fmnist_classifier.yaml"
 
 
-def _run(shards: Path, out: Path) -> None:
+def _run(shards: Path, out: Path, *extra: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -52,6 +52,7 @@ def _run(shards: Path, out: Path) -> None:
         "train.progress=false",
         "train.device=cpu",
         "train.deterministic=true",
+        *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("DS_ACCELERATOR", None)
@@ -71,3 +72,15 @@ def test_ddp_two_processes_resume_bitwise(fmnist_shards, tmp_path):
     a = load_file(str(full / "export" / "model.safetensors"))
     b = load_file(str(resumed / "export" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_budget_with_a_floor_ends_every_rank_at_the_floor(fmnist_shards, tmp_path):
+    # The budget (1 ms) is spent during the first step; the ranks read the clock for the rate every step and
+    # must agree on it and on where to stop: no hang, both at step 6, and the rate annealed to the floor.
+    out = tmp_path / "floor"
+    budget = ["train.max_seconds=0.001", "train.schedule_by_time=true", "train.min_steps=6", "train.log_every=1"]
+    _run(fmnist_shards, out, *budget, "train.ckpt_every=0", "optim.warmup_steps=0", "optim.min_lr_ratio=0")
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["stopped_by"] == "max_seconds" and summary["budget_spent_at_step"] == 1
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"lr"' in line]
+    assert len(lrs) == 6 and lrs[-1] == pytest.approx(0.0) and all(a > b for a, b in zip(lrs, lrs[1:]))

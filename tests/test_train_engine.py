@@ -287,6 +287,10 @@ def test_blocks_validate_in_python_as_in_yaml():
         TrainConfig(schedule_by_time=True)
     with pytest.raises(ConfigError, match="max_seconds must be >= 0"):
         TrainConfig(max_seconds=-1)
+    with pytest.raises(ConfigError, match="min_steps is a floor under a wall-clock budget"):
+        TrainConfig(min_steps=10)
+    with pytest.raises(ConfigError, match="min_steps must be >= 0"):
+        TrainConfig(min_steps=-1, max_seconds=5)
 
 
 def test_blocks_edited_in_place_are_checked_again(tmp_path):
@@ -345,6 +349,28 @@ def test_schedule_by_time_follows_the_clock(tmp_path):
     delta = math.sqrt(sum(float(((after[k] - before[k]).double() ** 2).sum()) for k in after))
     assert delta == pytest.approx(0.25 * clip, rel=1e-3)
     assert read_metrics(out)[0]["lr"] == pytest.approx(0.25)
+
+
+def test_min_steps_is_a_floor_under_the_budget_and_the_schedule_anneals_by_it(tmp_path):
+    # The budget (1 us) runs out during the first step; the floor carries the run on to step 4, and the time
+    # schedule follows the floor's steps instead of sitting at its minimum from the second step on.
+    opts = ["optim.name=sgd", "optim.betas=[0.0,0.0]", "optim.lr=1.0", "optim.warmup_steps=0", "optim.min_lr_ratio=0"]
+    timed = ["train.steps=50", "train.max_seconds=1e-6", "train.schedule_by_time=true", "train.log_every=1"]
+    out = tmp_path / "floor"
+    summary = train(_cfg(out, *opts, *timed, "train.min_steps=4"), train_data=ListLoader())
+    assert summary["steps"] == 4 and summary["stopped_by"] == "max_seconds" and summary["planned_steps"] == 50
+    assert summary["min_steps"] == 4 and summary["budget_spent_at_step"] == 1
+    lrs = [r["lr"] for r in read_metrics(out) if "split" not in r]
+    assert lrs == pytest.approx([1.0, 0.75, 0.25, 0.0])  # cosine over steps 0..3 of the floor: 0, 1/3, 2/3, 1
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step-00000004"]
+    # a floor above train.steps stops at train.steps
+    capped = train(_cfg(tmp_path / "capped", *timed, "train.steps=3", "train.min_steps=10"), train_data=ListLoader())
+    assert capped["steps"] == 3 and capped["stopped_by"] == "steps" and capped["min_steps"] == 3
+    # a generous budget: the floor changes nothing (the clock, not the floor, drives the rate)
+    free = train(
+        _cfg(tmp_path / "free", "train.steps=5", "train.max_seconds=3600", "train.min_steps=2"), train_data=ListLoader()
+    )
+    assert free["steps"] == 5 and free["stopped_by"] == "steps" and free["budget_spent_at_step"] is None
 
 
 # -- DeepSpeed config resolution ---------------------------------------------------------------------

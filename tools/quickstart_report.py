@@ -493,17 +493,21 @@ def write_report(runs: Path, base: dict[str, Any], figs: dict[str, str]) -> tupl
     if sources:
         lines += ["", "Full-budget figures: " + "; ".join(sources) + "."]
     lines += ["", "About `fid_mobilenetv2`: " + FID_NOTE, "", SEG_NOTE, ""]
-    lines += ["## Steps and their budgets", "", "| step | seconds | budget s | stopped by | steps / planned |"]
-    lines += ["|---|---:|---:|---|---:|"]
-    cut = []
+    lines += ["## Steps and their budgets", ""]
+    lines += ["| step | seconds | budget s | floor (steps) | budget ran out at step | stopped by | steps / planned |"]
+    lines += ["|---|---:|---:|---:|---:|---|---:|"]
+    cut, carried = [], []
     for key, s in steps.items():
         stopped = s.get("stopped_by") or "–"
         if stopped == "max_seconds":
             cut.append(key)
+        spent_at = s.get("budget_spent_at_step")
+        if spent_at is not None and s.get("steps") is not None and spent_at < s["steps"]:
+            carried.append(f"{key} ({spent_at} -> {s['steps']} steps)")
         done = f"{s['steps']} / {s['planned_steps']}" if s.get("steps") is not None else "–"
         lines.append(
             f"| {key}: {s.get('title', '')} | {s.get('seconds', 0):.0f} | {_f(s.get('budget_s'), 'g')} "
-            f"| {stopped} | {done} |"
+            f"| {s.get('min_steps') or '–'} | {spent_at if spent_at is not None else '–'} | {stopped} | {done} |"
         )
     if timings.get("last_run_steps_s") is not None:
         text = f"The steps of the last `make demo` took {timings['last_run_steps_s'] / 60:.1f} min, this report not "
@@ -519,6 +523,14 @@ def write_report(runs: Path, base: dict[str, Any], figs: dict[str, str]) -> tupl
         " within the budget (`train.schedule_by_time=true`); the commands below train the full recipes.",
         "",
     ]
+    if carried:
+        lines += [
+            "Steps whose budget ran out before their floor of steps (`train.min_steps`, a slow or busy host: the run "
+            "took longer than planned rather than leave a model too short to beat its baseline): "
+            + ", ".join(carried)
+            + ".",
+            "",
+        ]
     if figs:
         lines += ["## Figures", ""]
         for title, rel in figs.items():

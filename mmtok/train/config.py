@@ -93,6 +93,12 @@ class TrainConfig:
     # its floor when the budget ends even if train.steps is never reached (warm-up stays in steps).
     # A resumed run then no longer repeats the uninterrupted one bit for bit.
     schedule_by_time: bool = False
+    # With a budget: the fewest steps the run makes even when the budget runs out first (0 = none; at most
+    # train.steps count). The budget then stops the run at this step, and under schedule_by_time the cosine
+    # follows whichever of the clock and the step count towards this floor lags, so it anneals by the floor on
+    # a slow host and by the budget on a fast one. For short runs (the quickstart) that must stay useful on a
+    # slow or busy host: past a point a model made of too few steps is worth nothing, however little time it took.
+    min_steps: int = 0
     # Append the __key__ of every training sample to output_dir/keys/rank-XXXXX.jsonl, one line per micro-batch
     # with its step and epoch: an audit of the data split over nodes, processes and workers, and across resumes
     # (data read from data.train; batches passed to train() from Python carry no keys).
@@ -116,7 +122,15 @@ class TrainConfig:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         if self.grad_clip < 0:
             raise ConfigError(f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
-        for key in ("log_every", "eval_every", "ckpt_every", "keep_last", "eval_batches", "reference_steps"):
+        for key in (
+            "log_every",
+            "eval_every",
+            "ckpt_every",
+            "keep_last",
+            "eval_batches",
+            "reference_steps",
+            "min_steps",
+        ):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if self.precision not in PRECISIONS:
@@ -129,6 +143,11 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         if self.schedule_by_time and not self.max_seconds:
             raise ConfigError("train.schedule_by_time needs a budget: set train.max_seconds > 0")
+        if self.min_steps and not self.max_seconds:
+            raise ConfigError(
+                "train.min_steps is a floor under a wall-clock budget: set train.max_seconds > 0, or train.steps "
+                "alone to run a fixed number of steps"
+            )
 
 
 @dataclass

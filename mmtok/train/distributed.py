@@ -168,18 +168,24 @@ def all_reduce_mean(values: dict[str, float], weight: float = 1.0) -> dict[str, 
     return {k: float(t[i]) / total for i, k in enumerate(keys)}
 
 
+def all_reduce_max(value: float) -> float:
+    """The largest of every rank's ``value``, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return float(value)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is True on any rank.
 
     Decisions that end a loop (a wall-clock budget read from each rank's own clock) must be taken by
-    all ranks together, or the ranks that go on wait forever in their next collective.
+    all ranks together, or the ranks that go on wait forever in their next collective. For the same reason a
+    rate read from the clock (``train.schedule_by_time``) comes from :func:`all_reduce_max` of it.
     """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return bool(flag)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return all_reduce_max(1.0 if flag else 0.0) > 0
 
 
 def broadcast_object(obj: Any) -> Any:

@@ -18,7 +18,9 @@ out and ends as a finished run does (evaluation, checkpoint, export); it logs th
 the planned ``train.steps`` and writes ``run_summary.json`` with ``stopped_by: "max_seconds"`` (or
 ``"steps"``). The clock covers the training loop with its periodic evaluations and checkpoints, not the
 final ones; time spent before a resume counts (it is saved in each checkpoint). A fresh run always takes
-at least one step. All ranks stop at the same step (the decision is reduced over ranks).
+at least one step, and with ``train.min_steps`` at least that many (a floor for short runs on slow hosts; the
+time schedule then anneals by whichever of the budget and the floor comes last). All ranks stop at the same
+step and take the same rate (the clock is reduced over ranks).
 
 Exact resume: a checkpoint holds the model, optimizer and scheduler states, every rank's RNG states
 and data-stream position, and the step/epoch counters. On CPU in fp32 with
@@ -677,10 +679,27 @@ class _Run:
         """Seconds of training this run has used, across resumes."""
         return self._elapsed_before + time.perf_counter() - self._clock
 
+    def _floor(self) -> int:
+        """Steps a budget cannot cut: ``train.min_steps``, at most ``train.steps`` (0 = none)."""
+        return min(self.cfg.train.min_steps, self.cfg.train.steps)
+
     def _over_budget(self) -> bool:
-        """True on every rank once any rank's clock has passed ``train.max_seconds`` (0 = never)."""
+        """True on every rank once any rank's clock has passed ``train.max_seconds`` (0 = never) and the run has
+        made its ``train.min_steps``."""
         budget = self.cfg.train.max_seconds
-        return bool(budget) and dist_utils.any_rank(self.elapsed() >= budget)
+        if not budget or self.step < self._floor():
+            return False
+        return dist_utils.any_rank(self.elapsed() >= budget)
+
+    def _clock_progress(self) -> float:
+        """The schedule's outside clock under ``train.schedule_by_time``: the share of the budget used, or, with
+        ``train.min_steps``, the lesser of it and the share of the floor's post-warm-up steps taken (so the cosine
+        ends at the floor when the budget ran out first). Every rank computes it from the same reduced clock."""
+        progress = dist_utils.all_reduce_max(self.elapsed()) / self.cfg.train.max_seconds
+        floor, warmup = self._floor(), self.cfg.optim.warmup_steps
+        if floor:
+            progress = min(progress, (self.step - warmup) / max(1, floor - warmup - 1))
+        return progress
 
     # -- resume ------------------------------------------------------------------------------
     def _find_resume(self, resume: str) -> tuple[Path | None, dict[str, Any] | None]:
@@ -922,13 +941,14 @@ class _Run:
         n_micro = samples = 0
         busy = 0.0  # seconds spent in training steps since the last log line (not eval/checkpoints)
         first_step = self.step
+        spent_at: int | None = None  # the step at which the budget ran out, when train.min_steps carried the run on
         # A fresh run always takes a step; a resumed one may find its budget already spent.
         out_of_time = state is not None and self._over_budget()
         try:
             while self.step < total and not out_of_time:
                 t0 = time.perf_counter()
                 if cfg.train.schedule_by_time:
-                    factor = lr_factor(self.step, cfg.optim, total, self.elapsed() / cfg.train.max_seconds)
+                    factor = lr_factor(self.step, cfg.optim, total, self._clock_progress())
                     self.backend.set_lr_factor(factor)
                 for micro in range(cfg.train.grad_accum):
                     batch = self.stream.next()
@@ -953,6 +973,8 @@ class _Run:
                 busy += time.perf_counter() - t0
                 bar.update(1)
                 out_of_time = self._over_budget()
+                if spent_at is None and cfg.train.max_seconds and self.elapsed() >= cfg.train.max_seconds:
+                    spent_at = self.step  # this rank's clock; for the log and run_summary.json only
                 last = self.step == total or out_of_time  # a spent budget ends the run like its last step
                 if (cfg.train.log_every and self.step % cfg.train.log_every == 0) or last or self.step == 1:
                     values = {k: float(v) / n_micro for k, v in sums.items()}
@@ -989,6 +1011,13 @@ class _Run:
                 total,
                 100.0 * self.step / total,
             )
+            if spent_at is not None and spent_at < self.step:
+                logger.info(
+                    "the budget ran out at step %d; train.min_steps=%d carried the run on to step %d",
+                    spent_at,
+                    cfg.train.min_steps,
+                    self.step,
+                )
         short = stopped_by == "max_seconds" and self.step < 0.8 * cfg.train.reference_steps
         if short and info.is_main:
             logger.warning(
@@ -1012,6 +1041,8 @@ class _Run:
             "elapsed_s": round(elapsed, 3),
             "max_seconds": cfg.train.max_seconds,
             "reference_steps": cfg.train.reference_steps or None,
+            "min_steps": self._floor() or None,
+            "budget_spent_at_step": spent_at,
             "resumed_from": str(folder) if folder else None,
             "train": self.last_train,
             "eval": self.last_eval,
