@@ -251,3 +251,16 @@ def test_shard_steps_rebuild_stale_shards(tmp_path, fmnist_dir, monkeypatch):
     assert quickstart._stale_shards(step, tmp_path, tiny=True) is None
     assert "other options" in quickstart._stale_shards(step, tmp_path, tiny=False)
     assert all(quickstart._stale_shards(s, tmp_path, tiny=False) is None for s in quickstart.STEPS if s is not step)
+
+
+def test_blind_baseline_follows_the_model_not_the_cache(tmp_path, monkeypatch):
+    """A rerun (or --force) trains a new MLLM: its blind accuracy comes from its own evaluation, never from the
+    baselines cached for the model before it; model-independent baselines stay cached."""
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs" / "quickstart"
+    (runs / "mllm_fashion_vqa" / "export").mkdir(parents=True)
+    (runs / "baselines.json").write_text(json.dumps({"vq_thumbnail": {"psnr": 15.5}, "mllm_blind": 0.17}))
+    (runs / "mllm_fashion_vqa" / "pruning.json").write_text(json.dumps({"n": 400, "blind": {"acc": 0.255}}))
+    base = report.compute_baselines(Path("runs/quickstart"))
+    assert base["mllm_blind"] == 0.255 and base["vq_thumbnail"] == {"psnr": 15.5}
+    assert json.loads((runs / "baselines.json").read_text())["mllm_blind"] == 0.255
