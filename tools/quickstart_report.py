@@ -541,8 +541,8 @@ def write_report(runs: Path, base: dict[str, Any], figs: dict[str, str]) -> tupl
         "",
         "Steps cut short by their budget: "
         + (", ".join(cut) if cut else "none")
-        + ". Their learning rate still annealed"
-        " within the budget (`train.schedule_by_time=true`); the commands below train the full recipes.",
+        + ". Their learning rate still annealed (`train.schedule_by_time=true`), within the budget or by the"
+        " floor; the commands below train the full recipes.",
         "",
     ]
     if carried:
