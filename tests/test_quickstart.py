@@ -202,6 +202,7 @@ def test_report_writer_on_a_fake_runs_folder(tmp_path, monkeypatch):
         margin = np.asarray(im.convert("L"))[:, :100]
     assert (margin < 128).sum() > 50  # row labels were drawn in the left margin
     assert "DOES NOT beat random-init encoder" in printed and "cut short by their time budget: vq" in printed
+    assert "carried past their budget to their floor of steps (a slow or busy host): mllm (39 -> 400 steps)" in printed
     assert str(tmp_path) not in printed and str(tmp_path) not in text  # no absolute paths
 
 

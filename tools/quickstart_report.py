@@ -597,6 +597,15 @@ def print_summary(path: Path, rows: list[dict[str, Any]], runs: Path) -> None:
     cut = [k for k, s in timings.get("steps", {}).items() if s.get("stopped_by") == "max_seconds"]
     if cut:
         print(f"  cut short by their time budget: {', '.join(cut)} (see {path} for steps reached)")
+    carried = [
+        f"{k} ({s['budget_spent_at_step']} -> {s['steps']} steps)"
+        for k, s in timings.get("steps", {}).items()
+        if s.get("budget_spent_at_step") is not None
+        and s.get("steps") is not None
+        and s["budget_spent_at_step"] < s["steps"]
+    ]
+    if carried:
+        print(f"  carried past their budget to their floor of steps (a slow or busy host): {', '.join(carried)}")
 
 
 def main(argv: list[str] | None = None) -> int:
