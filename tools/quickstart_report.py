@@ -390,6 +390,17 @@ def _f(x: Any, fmt: str = ".3f") -> str:
     return "–" if x is None else format(float(x), fmt)
 
 
+def carried_steps(steps: dict[str, Any]) -> list[str]:
+    """``key (A -> B steps)`` for each step of timings.json whose budget ran out at step A and whose floor of steps
+    (``train.min_steps``) carried it on to step B."""
+    out = []
+    for key, s in steps.items():
+        spent_at, done = s.get("budget_spent_at_step"), s.get("steps")
+        if spent_at is not None and done is not None and spent_at < done:
+            out.append(f"{key} ({spent_at} -> {done} steps)")
+    return out
+
+
 def figure_rows(runs: Path, base: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per quickstart figure: what, value, baseline, whether it beats it, and the full-budget figure."""
     rows: list[dict[str, Any]] = []
@@ -518,14 +529,12 @@ def write_report(runs: Path, base: dict[str, Any], figs: dict[str, str]) -> tupl
     lines += ["## Steps and their budgets", ""]
     lines += ["| step | seconds | budget s | floor (steps) | budget ran out at step | stopped by | steps / planned |"]
     lines += ["|---|---:|---:|---:|---:|---|---:|"]
-    cut, carried = [], []
+    cut, carried = [], carried_steps(steps)
     for key, s in steps.items():
         stopped = s.get("stopped_by") or "–"
         if stopped == "max_seconds":
             cut.append(key)
         spent_at = s.get("budget_spent_at_step")
-        if spent_at is not None and s.get("steps") is not None and spent_at < s["steps"]:
-            carried.append(f"{key} ({spent_at} -> {s['steps']} steps)")
         done = f"{s['steps']} / {s['planned_steps']}" if s.get("steps") is not None else "–"
         lines.append(
             f"| {key}: {s.get('title', '')} | {s.get('seconds', 0):.0f} | {_f(s.get('budget_s'), 'g')} "
@@ -597,13 +606,7 @@ def print_summary(path: Path, rows: list[dict[str, Any]], runs: Path) -> None:
     cut = [k for k, s in timings.get("steps", {}).items() if s.get("stopped_by") == "max_seconds"]
     if cut:
         print(f"  cut short by their time budget: {', '.join(cut)} (see {path} for steps reached)")
-    carried = [
-        f"{k} ({s['budget_spent_at_step']} -> {s['steps']} steps)"
-        for k, s in timings.get("steps", {}).items()
-        if s.get("budget_spent_at_step") is not None
-        and s.get("steps") is not None
-        and s["budget_spent_at_step"] < s["steps"]
-    ]
+    carried = carried_steps(timings.get("steps", {}))
     if carried:
         print(f"  carried past their budget to their floor of steps (a slow or busy host): {', '.join(carried)}")
 
