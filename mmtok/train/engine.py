@@ -941,7 +941,7 @@ class _Run:
         n_micro = samples = 0
         busy = 0.0  # seconds spent in training steps since the last log line (not eval/checkpoints)
         first_step = self.step
-        spent_at: int | None = None  # the step at which the budget ran out, when train.min_steps carried the run on
+        spent_at: int | None = None  # the step during which the budget ran out (past it only under train.min_steps)
         # A fresh run always takes a step; a resumed one may find its budget already spent.
         out_of_time = state is not None and self._over_budget()
         try:
