@@ -507,7 +507,8 @@ def run_steps(args: argparse.Namespace, cwd: Path, env: dict, deadline: float) -
             if seconds < nominal:
                 print(
                     f"{head}: budget {seconds:g} s instead of {nominal:g} s, to end within {args.minutes:g} min "
-                    f"(the steps so far ran {slowdown:.1f}x slower than on a quiet machine)",
+                    f"(the steps so far ran {slowdown:.1f}x slower than on a quiet machine); it still makes at least "
+                    f"{MIN_STEPS[step.budget]} steps (train.min_steps), so a slow machine may run past the deadline",
                     flush=True,
                 )
         argv += train_overrides(step, args.scale, args.tiny, seconds)
