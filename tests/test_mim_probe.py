@@ -11,7 +11,10 @@ import torch
 
 from mmtok.mim.probe import (
     add_finetune_args,
+    attentive_probe,
     augment_batch,
+    extract_features,
+    extract_tokens,
     finetune,
     finetune_kwargs,
     fit_logistic,
@@ -271,3 +274,59 @@ def test_finetune_ema_scores_the_averaged_weights():
     assert "accuracy_ema" not in finetune(_tiny_encoder(depth=2), imgs[:50], y[:50], imgs[:50], y[:50], **kw)
     with pytest.raises(ValueError, match="ema"):
         finetune(_tiny_encoder(depth=2), imgs[:10], y[:10], imgs[:10], y[:10], num_classes=2, ema=1.0)
+
+
+# -- the attentive probe ---------------------------------------------------------------------------
+def _marked_tokens(n: int, rng: np.random.Generator, length: int = 8, k: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Sets of ``length`` tokens, each naming a random class (one-hot in channels 1..k, plus noise); the label is
+    the class of the one token whose channel 0 is raised. A mean over the set holds the marked token's class at
+    weight 1 / length among the distractors' and cannot tell which one was marked; attention on channel 0 can."""
+    x = np.zeros((n, length, k + 4), np.float32)
+    cls = rng.integers(0, k, (n, length))
+    x[np.arange(n)[:, None], np.arange(length)[None], 1 + cls] = 1.0
+    marked = rng.integers(0, length, n)
+    x[np.arange(n), marked, 0] = 3.0
+    x += rng.normal(0, 0.1, x.shape).astype(np.float32)
+    return x, cls[np.arange(n), marked]
+
+
+def test_attentive_probe_reads_the_marked_token_where_mean_pooling_cannot():
+    rng = np.random.default_rng(0)
+    xtr, ytr = _marked_tokens(1500, rng)
+    xte, yte = _marked_tokens(500, rng)
+    r = attentive_probe(xtr, ytr, xte, yte, epochs=30, batch_size=64, lr=3e-3, heads=2)
+    lin = linear_probe(xtr.mean(1), ytr, xte.mean(1), yte)
+    assert r.accuracy >= 0.9, r
+    assert lin.accuracy < 0.6, lin.accuracy  # same sets, pooled first: the marked token is lost
+    assert 0.8 <= r.val_accuracy <= 1.0 and r.train_accuracy >= 0.9
+    assert r.steps == 30 * int(np.ceil(1500 / 64)) and r.predictions.shape == (500,)
+    again = attentive_probe(xtr, ytr, xte, yte, epochs=30, batch_size=64, lr=3e-3, heads=2)
+    assert np.array_equal(again.predictions, r.predictions)  # seeded: the same probe twice
+
+
+def test_attentive_probe_rejects_bad_input():
+    rng = np.random.default_rng(0)
+    x, y = _marked_tokens(40, rng)
+    with pytest.raises(ValueError, match=r"tokens \[N, L, D\]"):
+        attentive_probe(x.mean(1), y, x.mean(1), y)
+    with pytest.raises(ValueError, match="differ in length"):
+        attentive_probe(x, y[:-1], x, y)
+    with pytest.raises(ValueError, match="epochs"):
+        attentive_probe(x, y, x, y, epochs=0)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        attentive_probe(x, np.zeros_like(y), x, y)
+    with pytest.raises(ValueError, match="divisible"):
+        attentive_probe(x, y, x, y, heads=3)
+
+
+def test_extract_tokens_are_the_final_norm_patch_tokens():
+    enc = ViTEncoder(ViTConfig(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2)).eval()
+    images = np.random.default_rng(0).integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    tokens = extract_tokens(enc, images, batch_size=4)
+    assert tokens.shape == (6, 16, 32) and tokens.dtype == torch.float16
+    pooled = torch.from_numpy(extract_features(enc, images))
+    torch.testing.assert_close(tokens.float().mean(1), pooled, atol=2e-3, rtol=2e-3)
+    first = extract_tokens(enc, images, layer=1)  # after block 1 of 2: not the last block's tokens
+    assert not torch.allclose(first.float(), tokens.float(), atol=1e-2)
+    with pytest.raises(ValueError, match="layer must index"):
+        extract_tokens(enc, images, layer=5)

@@ -148,14 +148,15 @@ def test_mmtok_train_mae_end_to_end(tmp_path, masker):
     enc = ViTEncoder.from_pretrained(out / "export" / "encoder")
     assert enc.forward_features(torch.rand(2, 1, 28, 28))[0].shape == (2, 17, 32)
     res = subprocess.run(
-        [str(BIN / "mmtok"), "eval", "mim", "--model", str(out), "--limit-train", "600", "--limit-test", "200"],
+        [str(BIN / "mmtok"), "eval", "mim", "--model", str(out), "--limit-train", "600", "--limit-test", "200"]
+        + ["--attentive", "--attentive-epochs", "2"],
         capture_output=True,
         text=True,
         timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "probe_accuracy" in res.stdout
+    assert "probe_accuracy" in res.stdout and '"attentive_probe_accuracy"' in res.stdout
 
 
 @pytest.mark.slow
@@ -230,10 +231,13 @@ def test_eval_mim_video_probe_on_moving_fashion_shards(tmp_path):
     out = tmp_path / "m.json"
     args = ["--model", str(tmp_path / "vmae"), "--out", str(out), "--figure", str(tmp_path / "v.png")]
     args += ["--video-train", f"{tmp_path}/mv/train-*.tar", "--video-test", f"{tmp_path}/mv/test-*.tar"]
+    args += ["--attentive", "--attentive-epochs", "2", "--attentive-layer", "-2"]
     assert main(args) == 0
     metrics = json.loads(out.read_text())
     assert metrics["train_clips"] == 24 and metrics["test_clips"] == 12
     assert 0.0 <= metrics["video_probe_accuracy"] <= 1.0
+    assert 0.0 <= metrics["video_attentive_probe_accuracy"] <= 1.0
+    assert metrics["video_attentive_probe_layer"] == -2 and metrics["video_attentive_probe_epochs"] == 2
     assert (tmp_path / "v.png").is_file()
 
 

@@ -107,13 +107,39 @@ def fmnist_probe(encoder: ViTEncoder, args: argparse.Namespace) -> dict[str, Any
     ftr = extract_features(_fit_images(encoder), xtr, pool=args.pool, layers=args.probe_layers)
     fte = extract_features(_fit_images(encoder), xte, pool=args.pool, layers=args.probe_layers)
     r = linear_probe(ftr, ytr, fte, yte, Cs=tuple(args.probe_c))
-    return {
+    out = {
         "probe_accuracy": r.accuracy,
         "probe_C": r.C,
         "probe_val_accuracy": r.val_accuracy,
         "probe_converged": r.all_converged,
         "probe_C_at_edge": r.C_at_edge,
         "features": ftr.shape[1],
+    }
+    if getattr(args, "attentive", False):
+        out.update(_attentive(encoder, xtr, ytr, xte, yte, args, prefix="attentive_probe"))
+    return out
+
+
+def _attentive(
+    encoder: ViTEncoder, xtr: Any, ytr: np.ndarray, xte: Any, yte: np.ndarray, args: argparse.Namespace, prefix: str
+) -> dict[str, Any]:
+    """The attentive probe's figures (``--attentive``, ``--attentive-layer``, ``--attentive-epochs``)."""
+    from mmtok.mim.probe import attentive_probe, extract_tokens
+
+    layer = args.attentive_layer
+    r = attentive_probe(
+        extract_tokens(encoder, xtr, layer=layer),
+        ytr,
+        extract_tokens(encoder, xte, layer=layer),
+        yte,
+        epochs=args.attentive_epochs,
+    )
+    return {
+        f"{prefix}_accuracy": r.accuracy,
+        f"{prefix}_val_accuracy": r.val_accuracy,
+        f"{prefix}_train_accuracy": r.train_accuracy,
+        f"{prefix}_layer": layer,
+        f"{prefix}_epochs": r.epochs,
     }
 
 
@@ -126,17 +152,25 @@ def _fit_images(encoder: ViTEncoder) -> ViTEncoder:
     return encoder
 
 
-def video_probe(encoder: ViTEncoder, train: str, test: str, limit: int = 0, pool: str = "mean") -> dict[str, Any]:
-    """Linear probe on clip labels from two shard patterns (``video`` [C, T, H, W] + ``label``)."""
+def video_probe(
+    encoder: ViTEncoder,
+    train: str,
+    test: str,
+    limit: int = 0,
+    pool: str = "mean",
+    attentive: argparse.Namespace | None = None,
+) -> dict[str, Any]:
+    """Linear probe on clip labels from two shard patterns (``video`` [C, T, H, W] + ``label``); with
+    ``attentive`` (the CLI's arguments) also the attentive probe on the same clips."""
     from mmtok.data import ShardDataset
-    from mmtok.mim.probe import linear_probe
+    from mmtok.mim.probe import extract_features, linear_probe
     from mmtok.mim.tasks import MIMSampleTransform
 
     c = encoder.config
     tf = MIMSampleTransform(True, c.in_chans, c.img_size, c.num_frames, hflip=False)
 
-    def feats(pattern: str) -> tuple[np.ndarray, np.ndarray]:
-        xs, ys, out = [], [], []
+    def clips(pattern: str) -> tuple[torch.Tensor, np.ndarray]:
+        xs, ys = [], []
         for i, s in enumerate(ShardDataset(pattern, transform=tf, on_error="raise")):
             if limit and i >= limit:
                 break
@@ -144,19 +178,16 @@ def video_probe(encoder: ViTEncoder, train: str, test: str, limit: int = 0, pool
                 raise ValueError(f"clip {s.get('__key__')!r} has no label; the video probe needs labelled clips")
             xs.append(s["x"])
             ys.append(s["label"])
-            if len(xs) == 64:
-                out.append(encoder.pooled_features(torch.stack(xs), pool=pool))
-                xs = []
-        if xs:
-            out.append(encoder.pooled_features(torch.stack(xs), pool=pool))
-        if not out:
+        if not xs:
             raise ValueError(f"no samples in {pattern}")
-        return torch.cat(out).numpy(), np.asarray(ys)
+        return torch.stack(xs), np.asarray(ys)
 
-    ftr, ytr = feats(train)
-    fte, yte = feats(test)
+    xtr, ytr = clips(train)
+    xte, yte = clips(test)
+    ftr = extract_features(encoder, xtr, batch_size=64, pool=pool)
+    fte = extract_features(encoder, xte, batch_size=64, pool=pool)
     r = linear_probe(ftr, ytr, fte, yte)
-    return {
+    out = {
         "video_probe_accuracy": r.accuracy,
         "video_probe_C": r.C,
         "video_probe_converged": r.all_converged,
@@ -164,6 +195,9 @@ def video_probe(encoder: ViTEncoder, train: str, test: str, limit: int = 0, pool
         "train_clips": len(ytr),
         "test_clips": len(yte),
     }
+    if attentive is not None:
+        out.update(_attentive(encoder, xtr, ytr, xte, yte, attentive, prefix="video_attentive_probe"))
+    return out
 
 
 @torch.no_grad()
@@ -216,6 +250,13 @@ def main(argv: list[str]) -> int:
         default=list(DEFAULT_CS),
         help="starting C grid of the probe, extended while the best C sits at an edge; one value = no tuning",
     )
+    p.add_argument(
+        "--attentive",
+        action="store_true",
+        help="also an attentive probe (a learned query over one block's tokens, then linear) beside the linear one",
+    )
+    p.add_argument("--attentive-layer", type=int, default=-1, help="the attentive probe's block (-1 = the last)")
+    p.add_argument("--attentive-epochs", type=int, default=30, help="the attentive probe's training epochs")
     p.add_argument("--limit-train", type=int, default=0)
     p.add_argument("--limit-test", type=int, default=0)
     p.add_argument("--finetune", action="store_true", help="also fine-tune on Fashion-MNIST (options: --finetune-*)")
@@ -277,7 +318,10 @@ def _eval_encoder(model: torch.nn.Module, args: argparse.Namespace) -> dict[str,
         out["figure"] = str(recon_figure(model, imgs, args.figure, masker=masker, mask_ratio=args.mask_ratio))
     if video:
         if args.video_train and args.video_test:
-            out.update(video_probe(encoder, args.video_train, args.video_test, limit=args.limit, pool=args.pool))
+            attentive = args if args.attentive else None
+            out.update(
+                video_probe(encoder, args.video_train, args.video_test, args.limit, args.pool, attentive=attentive)
+            )
         return out
     if not args.no_probe:
         out.update(fmnist_probe(encoder, args))

@@ -41,7 +41,15 @@ import torch
 
 from mmtok import registries
 from mmtok.mim.masking import MaskContext
-from mmtok.mim.probe import add_finetune_args, extract_features, finetune, finetune_kwargs, linear_probe
+from mmtok.mim.probe import (
+    add_finetune_args,
+    attentive_probe,
+    extract_features,
+    extract_tokens,
+    finetune,
+    finetune_kwargs,
+    linear_probe,
+)
 
 RATIOS = (0.5, 0.75, 0.9, 0.95)
 FMNIST_MODEL = {"model": "mae_tiny_p4", "model_args": {}}
@@ -312,19 +320,51 @@ def make_clips(
     return np.stack(xs), np.asarray(ys), {"items": np.asarray(counts), "classes": classes, "crop": np.stack(crops)}
 
 
-def _video_probe(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, yte: np.ndarray, meta: dict) -> dict:
-    """The probe's JSON row plus its accuracy on one-item and two-item test clips, and how often its answer is
-    the class of *some* item in the clip (on two-item clips a pooled feature holds both items; the label is the
-    larger one's)."""
-    r = linear_probe(ftr, ytr, fte, yte)
-    row = _probe_row(r)
-    ok = r.predictions == yte
-    names_item = np.array([p in c for p, c in zip(r.predictions.tolist(), meta["classes"])])
+def _item_split(row: dict, predictions: np.ndarray, yte: np.ndarray, meta: dict) -> dict:
+    """``row`` plus the accuracy on one-item and two-item test clips and how often the answer is the class of
+    *some* item in the clip (on two-item clips a pooled feature holds both items; the label is the larger one's)."""
+    ok = predictions == yte
+    names_item = np.array([p in c for p, c in zip(predictions.tolist(), meta["classes"])])
     for k in (1, 2):
         sel = meta["items"] == k
         row[f"accuracy_{k}_item"] = float(ok[sel].mean()) if sel.any() else float("nan")
     row["names_an_item"] = float(names_item.mean())
     return row
+
+
+def _video_probe(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, yte: np.ndarray, meta: dict) -> dict:
+    """The linear probe's JSON row, split by items per clip (:func:`_item_split`)."""
+    r = linear_probe(ftr, ytr, fte, yte)
+    return _item_split(_probe_row(r), r.predictions, yte, meta)
+
+
+def _video_probes(enc, ptr: np.ndarray, pte: np.ndarray, xte: np.ndarray, yte: np.ndarray, meta: dict, args) -> dict:
+    """Every probe of ``--video-probe`` on one encoder: ``{"linear": row, "attentive": row}`` (those asked for).
+
+    Linear: mean-pooled final-norm tokens. Attentive: one learned query over the tokens of
+    ``--video-probe-layer`` (:func:`mmtok.mim.probe.attentive_probe`, ``--video-probe-epochs``)."""
+    rows = {}
+    if "linear" in args.video_probe:
+        rows["linear"] = _video_probe(extract_features(enc, ptr, 32), pte, extract_features(enc, xte, 32), yte, meta)
+    if "attentive" in args.video_probe:
+        layer = args.video_probe_layer
+        r = attentive_probe(
+            extract_tokens(enc, ptr, 32, layer=layer),
+            pte,
+            extract_tokens(enc, xte, 32, layer=layer),
+            yte,
+            epochs=args.video_probe_epochs,
+        )
+        row = {
+            "accuracy": r.accuracy,
+            "val_accuracy": r.val_accuracy,
+            "train_accuracy": r.train_accuracy,
+            "epochs": r.epochs,
+            "layer": layer,
+            "seconds": r.fit_seconds,
+        }
+        rows["attentive"] = _item_split(row, r.predictions, yte, meta)
+    return rows
 
 
 def _spread(values: list[float]) -> dict:
@@ -336,6 +376,9 @@ def _spread(values: list[float]) -> dict:
         "max": float(v.max()),
         "n": len(v),
     }
+
+
+_SUFFIX = {"linear": "", "attentive": "_attentive"}  # JSON keys: the linear rows keep their earlier names
 
 
 def bench_video(args, device: torch.device) -> dict:
@@ -384,8 +427,8 @@ def bench_video(args, device: torch.device) -> dict:
         report("raw_pixels", "pooled pixels", _video_probe(pooled(ptr), pte, pooled(xte), yte, meta))
         torch.manual_seed(0)
         enc = registries.get("task").create("mae", **task_spec).model.encoder
-        row = _video_probe(extract_features(enc, ptr, 32), pte, extract_features(enc, xte, 32), yte, meta)
-        report("random_init", "random-init encoder", row)
+        for kind, row in _video_probes(enc, ptr, pte, xte, yte, meta, args).items():
+            report("random_init" + _SUFFIX[kind], f"random-init encoder, {kind} probe", row)
         _, _, tr_meta = make_clips(n_probe, "train", 1, 0, meta=True)
         crops = tr_meta["crop"].reshape(n_probe, -1), meta["crop"].reshape(n_test, -1)
         report(
@@ -394,6 +437,17 @@ def bench_video(args, device: torch.device) -> dict:
             _video_probe(crops[0], pte, crops[1], yte, meta),
         )
         print("  (chance 0.10)", flush=True)
+    for folder in args.video_load:  # saved models (--save of an earlier run): probed, not pretrained again
+        from mmtok.mim.evaluate import load_model
+
+        rows = _video_probes(load_model(folder).encoder, ptr, pte, xte, yte, meta, args)
+        out.setdefault("loaded", []).append({"model": folder, **{"probe" + _SUFFIX[k]: r for k, r in rows.items()}})
+        for kind, r in rows.items():
+            print(
+                f"  {folder}: {kind} probe {r['accuracy']:.4f} (one item {r['accuracy_1_item']:.4f}, two "
+                f"{r['accuracy_2_item']:.4f})",
+                flush=True,
+            )
     ratios = {"random": 0.875, "tube": 0.875, "adaptive": 0.95}
     for masker in args.maskers:
         accs = []
@@ -405,23 +459,19 @@ def bench_video(args, device: torch.device) -> dict:
                 seed=seed,
             )
             task, log = pretrain_in_memory(xtr[:n_train], cfg)
-            enc = task.model.encoder
-            row = _video_probe(extract_features(enc, ptr, 32), pte, extract_features(enc, xte, 32), yte, meta)
+            rows = _video_probes(task.model.encoder, ptr, pte, xte, yte, meta, args)
+            row = rows[args.video_probe[0]]  # the first probe named is the one summarised over seeds
             accs.append(row["accuracy"])
-            out["runs"].append(
-                {
-                    "masker": masker,
-                    "mask_ratio": ratios[masker],
-                    "seed": seed,
-                    **log,
-                    "load_avg": os.getloadavg(),
-                    "probe": row,
-                }
+            run = {"masker": masker, "mask_ratio": ratios[masker], "seed": seed, **log, "load_avg": os.getloadavg()}
+            out["runs"].append(run | {"probe" + _SUFFIX[kind]: r for kind, r in rows.items()})
+            probed = ", ".join(
+                f"{kind} probe {r['accuracy']:.4f} (one item {r['accuracy_1_item']:.4f}, two "
+                f"{r['accuracy_2_item']:.4f})"
+                for kind, r in rows.items()
             )
             print(
                 f"  {masker:9s} seed {seed} {log['steps']:5d} steps {log['images_per_s']:6.1f} clips/s "
-                f"loss {log['loss_first']:.3f} -> {log['loss_last']:.3f} probe {row['accuracy']:.4f} "
-                f"(one item {row['accuracy_1_item']:.4f}, two {row['accuracy_2_item']:.4f})",
+                f"loss {log['loss_first']:.3f} -> {log['loss_last']:.3f} {probed}",
                 flush=True,
             )
             if args.save:
@@ -488,7 +538,20 @@ def main() -> int:
     p.add_argument("--video-test-clips", type=int, default=1000, help="video: probe test clips")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="video: training seeds per masker")
     p.add_argument(
-        "--maskers", nargs="+", default=["random", "tube", "adaptive"], choices=["random", "tube", "adaptive"]
+        "--video-probe",
+        nargs="+",
+        choices=["linear", "attentive"],
+        default=["linear"],
+        help="video: probes of every encoder (the first is summarised over seeds); attentive = one learned query "
+        "over the tokens of --video-probe-layer",
+    )
+    p.add_argument(
+        "--video-load", nargs="+", default=[], help="video: also probe these saved models (folders --save wrote)"
+    )
+    p.add_argument("--video-probe-layer", type=int, default=-1, help="video: the attentive probe's block (-1 = last)")
+    p.add_argument("--video-probe-epochs", type=int, default=30, help="video: the attentive probe's epochs")
+    p.add_argument(
+        "--maskers", nargs="*", default=["random", "tube", "adaptive"], choices=["random", "tube", "adaptive"]
     )
     p.add_argument(
         "--video-recipe",
