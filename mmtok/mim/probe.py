@@ -256,6 +256,19 @@ class ProbeResult:
     predictions: np.ndarray | None = None
 
 
+def class_indices(
+    train_y: np.ndarray, test_y: np.ndarray, device: str | torch.device = "cpu"
+) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """``(classes, train indices, test indices)`` for any integer labels: indices into the sorted train classes;
+    a test label unseen in train maps to -1 (it can never be predicted, so it counts as an error)."""
+    classes, ytr = np.unique(np.asarray(train_y), return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(f"the probe needs at least 2 classes in train_y, got {classes.tolist()}")
+    lookup = {c: i for i, c in enumerate(classes.tolist())}
+    yte = [lookup.get(c, -1) for c in np.asarray(test_y).tolist()]
+    return classes, torch.as_tensor(ytr, dtype=torch.long, device=device), torch.as_tensor(yte, device=device)
+
+
 def linear_probe(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -294,17 +307,11 @@ def linear_probe(
     cs = sorted({float(c) for c in Cs})
     if not cs or cs[0] <= 0:
         raise ValueError(f"Cs must be positive values, got {Cs}")
-    classes, ytr = np.unique(np.asarray(train_y), return_inverse=True)
+    classes, ytr_t, yte_t = class_indices(train_y, test_y, device)
     k = len(classes)
-    if k < 2:
-        raise ValueError(f"the probe needs at least 2 classes in train_y, got {classes.tolist()}")
     # float64 throughout: in float32 a strongly regularised fit stalls above the tolerance, because the objective
     # changes it still needs (~1e-11) are below float32's resolution of a loss near 0.7
     tx, vx = standardize(train_x, test_x, device=device)
-    ytr_t = torch.as_tensor(ytr, device=device)
-    # test labels unseen in train can never be predicted: map them to -1 so they count as errors
-    lookup = {c: i for i, c in enumerate(classes.tolist())}
-    yte_t = torch.as_tensor([lookup.get(c, -1) for c in np.asarray(test_y).tolist()], device=device)
 
     fits: dict[float, tuple[LogisticFit, float, float]] = {}
     grid_info: list[tuple[float, float, float, bool]] = []
@@ -579,13 +586,8 @@ def attentive_probe(
         )
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    classes, ytr_np = np.unique(np.asarray(train_y), return_inverse=True)
+    classes, ytr, yte = class_indices(train_y, test_y)
     k = len(classes)
-    if k < 2:
-        raise ValueError(f"the probe needs at least 2 classes in train_y, got {classes.tolist()}")
-    ytr = torch.as_tensor(ytr_np, dtype=torch.long)
-    lookup = {c: i for i, c in enumerate(classes.tolist())}
-    yte = torch.as_tensor([lookup.get(c, -1) for c in np.asarray(test_y).tolist()])  # unseen classes: errors
     flat = xtr.reshape(-1, xtr.shape[-1]).float()
     mean, std = flat.mean(0).to(device), (flat.std(0) + 1e-6).to(device)
     kw = dict(
