@@ -161,7 +161,8 @@ def video_probe(
     attentive: argparse.Namespace | None = None,
 ) -> dict[str, Any]:
     """Linear probe on clip labels from two shard patterns (``video`` [C, T, H, W] + ``label``); with
-    ``attentive`` (the CLI's arguments) also the attentive probe on the same clips."""
+    ``attentive`` (the CLI's arguments) also the attentive probe on the same clips. The decoded clips are held in
+    memory for both probes (float32: 4,000 clips of 8 x 64 x 64 take 1.6 GB; ``limit`` caps them)."""
     from mmtok.data import ShardDataset
     from mmtok.mim.probe import extract_features, linear_probe
     from mmtok.mim.tasks import MIMSampleTransform

@@ -17,7 +17,8 @@ Sections (all on by default; ``--only`` picks some):
               clip labels (4,000 probe clips, 1,000 test clips by default), each masker over ``--seeds``
               (mean, std, min, max), with the accuracy on one-item and two-item clips; baselines:
               time-averaged pooled pixels and the random-init encoder with the same probe, and a ceiling:
-              the labelled item cut out at its known position.
+              the labelled item cut out at its known position. ``--video-probe linear attentive`` adds the
+              attentive probe (a learned query over one block's tokens); ``--video-load DIR`` probes saved models.
 
   python tools/bench/mim.py --quick --json runs/bench/mim_quick.json
   python tools/bench/mim.py --only quality --budget 1800 --finetune-budget 600 --json runs/bench/mim_quality.json
